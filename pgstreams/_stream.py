@@ -1,0 +1,491 @@
+"""``Stream[T]``: a lazy, pull-based, single-use async iterator with composable operators.
+
+Guarantees a caller relies on:
+
+* Nothing is pulled from upstream before downstream asks for it, except by operators that
+  must look ahead (``buffer``, ``batch(within=)``, ``merge``, concurrent ``map``), and they
+  hold at most a bounded number of items.
+* Leaving early -- ``take``, ``first``, ``break`` inside ``async with stream``, an exception
+  or a cancellation -- closes the whole chain from the bottom up, so sources return their
+  connections, drop their LISTEN registrations and release unhanded leases.
+* An exception raised by a callback or a source propagates unchanged (never wrapped in an
+  ``ExceptionGroup``) after the chain has been closed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, Self, TypeAlias, TypeVar, Union, overload
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+from ._errors import EmptyStreamError, InvalidArgumentError
+
+__all__ = ["Stream", "merge"]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+U = TypeVar("U")
+
+MaybeAwaitable: TypeAlias = Union[U, Awaitable[U]]  # noqa: UP007
+
+
+async def _call(fn: Callable[[T], MaybeAwaitable[U]], item: T) -> U:
+    result = fn(item)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+@dataclass(slots=True)
+class _Failure:
+    error: BaseException
+
+
+class _Done:
+    pass
+
+
+_DONE = _Done()
+
+
+class Stream(Generic[T_co]):
+    """A lazy async stream; operators return new streams, terminals consume them.
+
+    A stream is single-use: iterate it once. Use ``async with stream:`` (or a terminal such
+    as ``for_each``/``drain``/``collect``/``first``) so that breaking out of a loop closes
+    the chain at once rather than when the garbage collector gets to it.
+    """
+
+    __slots__ = ("_factory", "_iterator", "_started")
+
+    def __init__(self, source: AsyncIterable[T_co] | Callable[[], AsyncIterable[T_co]]) -> None:
+        if callable(source) and not isinstance(source, AsyncIterable):
+            self._factory: Callable[[], AsyncIterable[T_co]] = source
+        else:
+            iterable = source
+            self._factory = lambda: iterable
+        self._iterator: AsyncIterator[T_co] | None = None
+        self._started = False
+
+    # -- iteration ---------------------------------------------------------------------
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> T_co:
+        if self._iterator is None:
+            if self._started:
+                raise StopAsyncIteration
+            self._started = True
+            self._iterator = aiter(self._factory())
+        return await anext(self._iterator)
+
+    async def aclose(self) -> None:
+        """Close the chain now; idempotent."""
+        self._started = True
+        iterator, self._iterator = self._iterator, None
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _pipe(self, op: Callable[[AsyncIterator[Any]], AsyncIterator[U]]) -> Stream[U]:
+        return Stream(lambda: op(self))
+
+    # -- operators ---------------------------------------------------------------------
+
+    @overload
+    def map(
+        self, fn: Callable[[T_co], Awaitable[U]], *, concurrency: int = 1, ordered: bool = True
+    ) -> Stream[U]: ...
+    @overload
+    def map(
+        self, fn: Callable[[T_co], U], *, concurrency: int = 1, ordered: bool = True
+    ) -> Stream[U]: ...
+    def map(
+        self, fn: Callable[[T_co], Any], *, concurrency: int = 1, ordered: bool = True
+    ) -> Stream[Any]:
+        """Apply ``fn`` (sync or async) to each item, up to ``concurrency`` at a time.
+
+        With ``ordered=True`` results come out in input order; otherwise as they finish.
+        """
+        _check_int("concurrency", concurrency)
+        if concurrency == 1:
+            return self._pipe(lambda src: _map_serial(src, fn))
+        return self._pipe(lambda src: _map_concurrent(src, fn, concurrency, ordered))
+
+    def filter(self, pred: Callable[[T_co], MaybeAwaitable[bool]]) -> Stream[T_co]:
+        """Keep the items for which ``pred`` (sync or async) is true."""
+
+        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
+            async with _closing(src):
+                async for item in src:
+                    if await _call(pred, item):
+                        yield item
+
+        return self._pipe(op)
+
+    def take(self, n: int) -> Stream[T_co]:
+        """The first ``n`` items; upstream is closed as soon as the n-th is handed on."""
+        _check_int("n", n, minimum=0)
+
+        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
+            async with _closing(src):
+                if n == 0:
+                    return
+                taken = 0
+                async for item in src:
+                    yield item
+                    taken += 1
+                    if taken >= n:
+                        return
+
+        return self._pipe(op)
+
+    def take_while(self, pred: Callable[[T_co], MaybeAwaitable[bool]]) -> Stream[T_co]:
+        """Items up to (not including) the first for which ``pred`` is false."""
+
+        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
+            async with _closing(src):
+                async for item in src:
+                    if not await _call(pred, item):
+                        return
+                    yield item
+
+        return self._pipe(op)
+
+    def skip(self, n: int) -> Stream[T_co]:
+        """Drop the first ``n`` items."""
+        _check_int("n", n, minimum=0)
+
+        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
+            async with _closing(src):
+                seen = 0
+                async for item in src:
+                    if seen < n:
+                        seen += 1
+                        continue
+                    yield item
+
+        return self._pipe(op)
+
+    def tap(self, fn: Callable[[T_co], MaybeAwaitable[object]]) -> Stream[T_co]:
+        """Call ``fn`` on each item for its side effect and pass the item on unchanged."""
+
+        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
+            async with _closing(src):
+                async for item in src:
+                    await _call(fn, item)
+                    yield item
+
+        return self._pipe(op)
+
+    def batch(self, size: int, *, within: float | None = None) -> Stream[list[T_co]]:
+        """Group items into lists of ``size``; with ``within``, a partial batch is emitted
+        once ``within`` seconds have passed since its first item. The last partial batch
+        is always emitted when upstream ends."""
+        _check_int("size", size)
+        if within is None:
+            return self._pipe(lambda src: _batch_plain(src, size))
+        if within <= 0 or math.isnan(within):
+            raise InvalidArgumentError(f"within must be positive, got {within!r}")
+        return self._pipe(lambda src: _batch_within(src, size, within))
+
+    def buffer(self, n: int) -> Stream[T_co]:
+        """Read ahead up to ``n`` items in a background task (decouples producer and consumer)."""
+        _check_int("n", n)
+        return self._pipe(lambda src: _buffer(src, n))
+
+    def throttle(self, per_second: float) -> Stream[T_co]:
+        """Emit at most ``per_second`` items per second (evenly spaced)."""
+        if not per_second > 0 or math.isinf(per_second):
+            raise InvalidArgumentError(f"per_second must be a positive number, got {per_second!r}")
+        interval = 1.0 / per_second
+
+        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
+            async with _closing(src):
+                next_at = anyio.current_time()
+                async for item in src:
+                    now = anyio.current_time()
+                    if now < next_at:
+                        await anyio.sleep(next_at - now)
+                    next_at = max(now, next_at) + interval
+                    yield item
+
+        return self._pipe(op)
+
+    def through(self, op: Callable[[Stream[T_co]], AsyncIterable[U]]) -> Stream[U]:
+        """Apply a stream-to-iterable function, e.g. ``ps.trigger(...)``."""
+        return Stream(lambda: op(self))
+
+    # -- terminals ---------------------------------------------------------------------
+
+    async def for_each(
+        self, fn: Callable[[T_co], MaybeAwaitable[object]], *, concurrency: int = 1
+    ) -> int:
+        """Call ``fn`` on every item (up to ``concurrency`` at once); returns the count."""
+        return await self.map(fn, concurrency=concurrency, ordered=False).drain()
+
+    async def drain(self) -> int:
+        """Consume the stream, discarding items; returns how many there were."""
+        count = 0
+        async with self:
+            async for _ in self:
+                count += 1
+        return count
+
+    async def collect(self) -> list[T_co]:
+        """Consume the stream into a list."""
+        async with self:
+            return [item async for item in self]
+
+    async def first(self) -> T_co:
+        """The first item; the rest of the chain is closed. Raises EmptyStreamError if none."""
+        async with self:
+            async for item in self:
+                return item
+        raise EmptyStreamError("the stream ended without producing an item")
+
+
+def merge(*streams: AsyncIterable[T]) -> Stream[T]:
+    """Interleave several streams as their items arrive; ends when all have ended.
+
+    The first error from any input closes all of them and propagates unchanged.
+    """
+
+    async def gen() -> AsyncIterator[T]:
+        send, receive = anyio.create_memory_object_stream[T | _Failure | _Done](0)
+        remaining = len(streams)
+
+        with send, receive:
+            async with _TaskScope() as tg:
+                for source in streams:
+                    tg.start_soon(_forward, source, send)
+                while remaining:
+                    msg = await receive.receive()
+                    if isinstance(msg, _Done):
+                        remaining -= 1
+                    elif isinstance(msg, _Failure):
+                        tg.fail(msg.error)
+                        return
+                    else:
+                        yield msg
+
+    return Stream(gen)
+
+
+# -- operator implementations ----------------------------------------------------------
+
+
+@asynccontextmanager
+async def _closing(iterator: AsyncIterator[Any]) -> AsyncIterator[None]:
+    """Close ``iterator`` on exit if it can be closed (async generators and streams can)."""
+    try:
+        yield
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _check_int(what: str, value: object, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{what} must be an integer >= {minimum}, got {value!r}")
+
+
+class _TaskScope:
+    """A task group that is always cancelled on exit, re-raising a child's error unwrapped.
+
+    Children report errors through ``fail()`` instead of raising, so the caller's exception
+    never arrives wrapped in an ExceptionGroup.
+    """
+
+    def __init__(self) -> None:
+        self._tg = anyio.create_task_group()
+        self._error: BaseException | None = None
+
+    async def __aenter__(self) -> _TaskScope:
+        await self._tg.__aenter__()
+        return self
+
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        self._tg.start_soon(fn, *args)
+
+    @property
+    def group(self) -> TaskGroup:
+        return self._tg
+
+    def fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool:
+        self._tg.cancel_scope.cancel()
+        if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+            # The host's own exception (GeneratorExit on aclose, an error) must not be
+            # handed to the task group, which would wrap it in an ExceptionGroup.
+            await self._tg.__aexit__(None, None, None)
+            return False
+        await self._tg.__aexit__(typ, exc, tb)
+        if self._error is not None and exc is None:
+            raise self._error
+        return False
+
+
+async def _forward(source: AsyncIterable[T], send: MemoryObjectSendStream[Any]) -> None:
+    """Copy ``source`` into ``send``, ending with _DONE or a _Failure (never raising)."""
+    try:
+        iterator = aiter(source)
+        async with _closing(iterator):
+            async for item in iterator:
+                await send.send(item)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception as exc:
+        await send.send(_Failure(exc))
+        return
+    await send.send(_DONE)
+
+
+async def _map_serial(src: AsyncIterator[T], fn: Callable[[T], Any]) -> AsyncIterator[Any]:
+    async with _closing(src):
+        async for item in src:
+            yield await _call(fn, item)
+
+
+async def _map_concurrent(
+    src: AsyncIterator[T], fn: Callable[[T], Any], concurrency: int, ordered: bool
+) -> AsyncIterator[Any]:
+    # A slot is taken when an item is pulled and given back when its result is yielded,
+    # so at most `concurrency` items are in flight or waiting to be yielded.
+    slots = anyio.Semaphore(concurrency)
+    send, receive = anyio.create_memory_object_stream[tuple[int, Any]](concurrency + 1)
+
+    async def work(index: int, item: T) -> None:
+        try:
+            result: Any = await _call(fn, item)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            result = _Failure(exc)
+        await send.send((index, result))
+
+    async def produce(scope: _TaskScope) -> None:
+        index = 0
+        try:
+            async with _closing(src):
+                while True:
+                    await slots.acquire()  # before pulling, so nothing is read ahead of a slot
+                    try:
+                        item = await anext(src)
+                    except StopAsyncIteration:
+                        break
+                    scope.start_soon(work, index, item)
+                    index += 1
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            await send.send((index, _Failure(exc)))
+            return
+        await send.send((index, _DONE))
+
+    with send, receive:
+        async with _TaskScope() as scope:
+            scope.start_soon(produce, scope)
+            pending: dict[int, Any] = {}
+            next_index = 0
+            end_index: int | None = None
+            while end_index is None or next_index < end_index:
+                index, result = await receive.receive()
+                if isinstance(result, _Failure):
+                    scope.fail(result.error)
+                    return
+                if isinstance(result, _Done):
+                    end_index = index
+                    continue
+                if not ordered:
+                    next_index += 1
+                    slots.release()
+                    yield result
+                    continue
+                pending[index] = result
+                while next_index in pending:
+                    ready = pending.pop(next_index)
+                    next_index += 1
+                    slots.release()
+                    yield ready
+
+
+async def _batch_plain(src: AsyncIterator[T], size: int) -> AsyncIterator[list[T]]:
+    async with _closing(src):
+        batch: list[T] = []
+        async for item in src:
+            batch.append(item)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+async def _batch_within(src: AsyncIterator[T], size: int, within: float) -> AsyncIterator[list[T]]:
+    # Upstream is read by a task so that waiting for the next item can time out without
+    # abandoning an item half-way through upstream's __anext__.
+    send, receive = anyio.create_memory_object_stream[T | _Failure | _Done](0)
+
+    with send, receive:
+        async with _TaskScope() as scope:
+            scope.start_soon(_forward, src, send)
+            batch: list[T] = []
+            deadline = math.inf
+            while True:
+                msg: T | _Failure | _Done | None = None
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                    msg = await receive.receive()
+                if msg is None:  # timed out with a partial batch
+                    yield batch
+                    batch, deadline = [], math.inf
+                    continue
+                if isinstance(msg, _Failure):
+                    scope.fail(msg.error)
+                    return
+                if isinstance(msg, _Done):
+                    if batch:
+                        yield batch
+                    return
+                if not batch:
+                    deadline = anyio.current_time() + within
+                batch.append(msg)
+                if len(batch) >= size:
+                    yield batch
+                    batch, deadline = [], math.inf
+
+
+async def _buffer(src: AsyncIterator[T], n: int) -> AsyncIterator[T]:
+    send, receive = anyio.create_memory_object_stream[T | _Failure | _Done](n)
+
+    with send, receive:
+        async with _TaskScope() as scope:
+            scope.start_soon(_forward, src, send)
+            while True:
+                msg = await receive.receive()
+                if isinstance(msg, _Failure):
+                    scope.fail(msg.error)
+                    return
+                if isinstance(msg, _Done):
+                    return
+                yield msg

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import pgstreams as ps
+
+from .pgserver import fresh_database, server
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    with server() as (dsn, _how):
+        yield dsn
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import os
+
+    if os.environ.get("PGSTREAMS_TEST_DSN"):
+        return "pgstreams: PostgreSQL from PGSTREAMS_TEST_DSN"
+    return "pgstreams: PostgreSQL from testcontainers if Docker answers, else embedded"
+
+
+@pytest.fixture(scope="module")
+def dsn(pg_admin_dsn: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database per test module."""
+    with fresh_database(pg_admin_dsn, request.module.__name__.rsplit(".", 1)[-1]) as url:
+        yield url
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[ps.Database]:
+    """A Database on the module's database; asserts nothing is left checked out of its pool."""
+    async with ps.connect(dsn, max_size=20) as database:
+        await database.migrate()
+        yield database
+        assert database.pool is not None
+        stats = database.pool.get_stats()
+        assert stats.get("pool_size", 0) - stats.get("pool_available", 0) == 0, stats
+        assert database.listener.subscriber_count() == 0

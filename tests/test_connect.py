@@ -1,0 +1,146 @@
+"""connect(), Database ownership, migrations and the shared LISTEN connection."""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+import pgstreams as ps
+from pgstreams._migrate import MIGRATIONS, migrate
+
+from .pgserver import count_backends, terminate_backends
+
+
+async def test_async_with_and_await_forms(dsn: str) -> None:
+    async with ps.connect(dsn) as db, db.connection() as conn:
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+    assert db.pool is not None and db.pool.closed
+    db2 = await ps.connect(dsn)
+    try:
+        async with db2.connection() as conn:
+            await conn.execute("SELECT 1")
+    finally:
+        await db2.close()
+    assert db2.pool is not None and db2.pool.closed
+
+
+async def test_connect_reads_environment(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGSTREAMS_DSN", dsn)
+    async with ps.connect() as db, db.connection() as conn:
+        cur = await conn.execute("SELECT current_database()")
+        row = await cur.fetchone()
+    assert row is not None and row[0] in dsn
+
+
+async def test_passed_pool_is_never_closed(dsn: str) -> None:
+    async with AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False) as pool:
+        async with ps.connect(pool) as db:
+            q = await ps.PgQueue.create(db, "owned_pool")
+            await q.publish(1)
+            assert await q.subscribe().first() == 1
+        assert not pool.closed
+        async with pool.connection() as conn:
+            # Connections we borrowed went back as we found them (not in autocommit).
+            assert conn.autocommit is False
+            await conn.execute("SELECT 1")
+
+
+async def test_passed_connection_is_never_closed(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        async with ps.connect(conn) as db:
+            q = await ps.PgQueue.create(db, "owned_conn")
+            await q.publish_batch([1, 2])
+            assert await q.subscribe(poll_interval=0.1).take(2).collect() == [1, 2]
+        assert not conn.closed
+        assert conn.autocommit is False
+        await conn.execute("SELECT 1")
+
+
+async def test_bad_dsn_is_a_database_error() -> None:
+    with pytest.raises(ps.DatabaseError):
+        async with ps.connect("postgresql://nobody@127.0.0.1:1/none", timeout=1.0):
+            pass
+
+
+async def test_migrate_is_idempotent(db: ps.Database) -> None:
+    await db.migrate()
+    await db.migrate()
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT version FROM pgstreams.schema_version ORDER BY 1")
+        assert [r[0] for r in await cur.fetchall()] == [m.version for m in MIGRATIONS]
+
+
+async def test_four_concurrent_migrators_apply_each_version_once(dsn: str) -> None:
+    schema = f"mig_{uuid.uuid4().hex[:8]}"
+    applied: list[list[int]] = []
+
+    async def run() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            applied.append(await migrate(conn, schema))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(run)
+    everything = sorted(v for versions in applied for v in versions)
+    assert everything == [m.version for m in MIGRATIONS]
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            psycopg.sql.SQL("SELECT count(*) FROM {}.schema_version").format(
+                psycopg.sql.Identifier(schema)
+            )
+        )
+        assert await cur.fetchone() == (len(MIGRATIONS),)
+
+
+async def test_schema_is_configurable(dsn: str) -> None:
+    async with ps.connect(dsn, schema="other_ns") as db:
+        q = await ps.PgQueue.create(db, "jobs")
+        await q.publish("x")
+        async with db.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM other_ns.q_jobs")
+            assert await cur.fetchone() == (1,)
+
+
+async def test_one_listen_connection_fans_out_to_many_subscribers(dsn: str) -> None:
+    async with ps.connect(dsn) as db:
+        async with (
+            db.wakeups("chan_a") as a1,
+            db.wakeups("chan_a") as a2,
+            db.wakeups("chan_b") as b,
+        ):
+            assert count_backends(dsn, application_name="pgstreams-listener") == 1
+            for w in (a1, a2, b):
+                w.arm()
+            async with db.connection() as conn:
+                await conn.execute("SELECT pg_notify('chan_a', '')")
+            assert await a1.wait(5) and await a2.wait(5)
+            assert not await b.wait(0.2)
+        assert db.listener.subscriber_count() == 0
+    assert count_backends(dsn, application_name="pgstreams-listener") == 0
+
+
+async def test_listener_reconnects_and_wakes_everyone(dsn: str) -> None:
+    async with ps.connect(dsn) as db, db.wakeups("chan_r") as w:
+        w.arm()
+        assert terminate_backends(dsn, application_name="pgstreams-listener") == 1
+        # Woken by the reconnect itself: a notification may have been missed meanwhile.
+        assert await w.wait(10)
+        assert db.listener.reconnects == 1
+        w.arm()
+        async with db.connection() as conn:
+            await conn.execute("SELECT pg_notify('chan_r', '')")
+        assert await w.wait(10)
+
+
+async def test_channel_names_are_quoted(dsn: str) -> None:
+    weird = 'Mixed."Case"; DROP TABLE x'
+    async with ps.connect(dsn) as db, db.wakeups(weird) as w:
+        w.arm()
+        async with db.connection() as conn:
+            await conn.execute("SELECT pg_notify(%s, '')", [weird])
+        assert await w.wait(5)

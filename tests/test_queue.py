@@ -1,0 +1,323 @@
+"""PgQueue on a real PostgreSQL: delivery, leases, dead letters, transactions, metrics."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+import pgstreams as ps
+
+from .pgserver import terminate_backends
+
+
+def qname() -> str:
+    return f"q_{uuid.uuid4().hex[:10]}"
+
+
+async def test_publish_then_auto_ack_subscribe(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    ids = await q.publish_batch([{"n": i} for i in range(5)])
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert await q.subscribe().take(5).collect() == [{"n": i} for i in range(5)]
+    m = await q.metrics()
+    assert (m.pending, m.processing, m.completed, m.dead, m.total) == (0, 0, 5, 0, 5)
+
+
+async def test_headers_and_envelope_fields(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    msg_id = await q.publish("hello", headers={"x-priority": "high"})
+    env = await q.subscribe_ack(visibility=10).first()
+    assert (env.id, env.value, env.headers, env.attempts) == (
+        msg_id,
+        "hello",
+        {"x-priority": "high"},
+        1,
+    )
+    assert env.enqueued_at.tzinfo is not None
+    assert await env.ack() is True
+    with pytest.raises(ps.InvalidArgumentError):
+        await env.ack()
+
+
+async def test_four_concurrent_ack_consumers_process_each_message_once(dsn: str) -> None:
+    total = 2000
+    async with ps.connect(dsn) as setup:
+        q = await ps.PgQueue.create(setup, qname())
+        for start in range(0, total, 500):
+            await q.publish_batch(list(range(start, start + 500)))
+    seen: Counter[int] = Counter()
+    done = anyio.Event()
+
+    async def consumer() -> None:
+        async with ps.connect(dsn) as db:
+            mine: ps.PgQueue[int] = ps.PgQueue(db, q.name)
+            async with mine.subscribe_ack(visibility=30, prefetch=7) as envs:
+                async for env in envs:
+                    seen[env.value] += 1
+                    assert await env.ack()
+                    await anyio.lowlevel.checkpoint()
+                    if sum(seen.values()) >= total:
+                        done.set()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(consumer)
+        with anyio.fail_after(60):
+            await done.wait()
+        tg.cancel_scope.cancel()
+    assert sorted(seen) == list(range(total))
+    assert set(seen.values()) == {1}
+    async with ps.connect(dsn) as check:
+        m = await ps.PgQueue(check, q.name).metrics()
+    assert (m.pending, m.processing, m.completed, m.dead) == (0, 0, total, 0)
+
+
+async def test_consumer_whose_connection_dies_mid_lease_is_redelivered(
+    db: ps.Database, dsn: str
+) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    await q.publish({"job": 1})
+    app = f"doomed-{uuid.uuid4().hex[:6]}"
+    async with ps.connect(make_conninfo(dsn, application_name=app)) as doomed_db:
+        doomed: ps.PgQueue[Any] = ps.PgQueue(doomed_db, q.name)
+        env = await doomed.subscribe_ack(visibility=1.0).first()
+        assert env.attempts == 1
+        assert terminate_backends(dsn, application_name=app) >= 1
+        with pytest.raises(ps.DatabaseError):
+            await env.ack()
+    # The lease is still held: nobody else may see the message until it runs out.
+    m = await q.metrics()
+    assert (m.pending, m.processing) == (0, 1)
+    with anyio.fail_after(10):
+        again = await q.subscribe_ack(visibility=5).first()
+    assert (again.id, again.attempts) == (env.id, 2)
+    assert await again.ack()
+
+
+async def test_consumer_cancelled_mid_lease_is_redelivered(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    await q.publish("work")
+    got: list[ps.Envelope[Any]] = []
+
+    async def handler(env: ps.Envelope[Any]) -> None:
+        got.append(env)
+        await anyio.sleep_forever()
+
+    with anyio.move_on_after(0.3):
+        await q.subscribe_ack(visibility=0.8).for_each(handler)
+    assert len(got) == 1 and not got[0].settled
+    assert (await q.metrics()).processing == 1
+    with anyio.fail_after(10):
+        again = await q.subscribe_ack(visibility=5).first()
+    assert (again.id, again.attempts) == (got[0].id, 2)
+    # The first consumer's lease is gone: its late ack must not delete the redelivered one.
+    assert await got[0].ack() is False
+    assert (await q.metrics()).processing == 1
+    assert await again.ack()
+
+
+async def test_poison_message_goes_dead_and_can_be_requeued(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname(), max_attempts=3)
+    await q.publish({"poison": True})
+    for attempt in (1, 2, 3):
+        env = await q.subscribe_ack(visibility=10).first()
+        assert env.attempts == attempt
+        assert await env.nack(error=f"boom {attempt}")
+    m = await q.metrics()
+    assert (m.pending, m.processing, m.dead) == (0, 0, 1)
+    [dead] = await q.dead_letters()
+    assert (dead.value, dead.attempts, dead.last_error) == ({"poison": True}, 3, "boom 3")
+    with anyio.move_on_after(0.3):
+        await q.subscribe_ack(visibility=10).first()
+        pytest.fail("a dead message was delivered")
+    assert await q.requeue_dead() == 1
+    env = await q.subscribe_ack(visibility=10).first()
+    assert (env.value, env.attempts) == ({"poison": True}, 1)
+    assert await env.ack()
+
+
+async def test_expired_lease_on_last_attempt_goes_dead(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname(), max_attempts=1)
+    await q.publish("slow")
+    env = await q.subscribe_ack(visibility=0.2).first()
+    assert env.attempts == 1
+    await anyio.sleep(0.3)
+    with anyio.move_on_after(0.3):
+        await q.subscribe_ack(visibility=10).first()
+        pytest.fail("delivered past max_attempts")
+    [dead] = await q.dead_letters()
+    assert dead.last_error == "visibility timeout expired"
+
+
+async def test_nack_with_delay_backs_off(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    await q.publish("retry me")
+    env = await q.subscribe_ack(visibility=10).first()
+    assert await env.nack(delay=0.5, error="try later")
+    m = await q.metrics()
+    assert (m.pending, m.processing) == (1, 0)
+    start = anyio.current_time()
+    with anyio.fail_after(10):
+        again = await q.subscribe_ack(visibility=10).first()
+    assert anyio.current_time() - start >= 0.4
+    assert again.attempts == 2
+    assert await again.ack()
+
+
+async def test_delayed_publish_becomes_visible_later(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    await q.publish("later", delay=0.5)
+    await q.publish("now")
+    assert await q.subscribe().first() == "now"
+    with anyio.fail_after(10):
+        assert await q.subscribe(poll_interval=30).first() == "later"
+
+
+async def test_extend_keeps_lease_and_lost_lease_is_reported(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    await q.publish("x")
+    env = await q.subscribe_ack(visibility=0.3).first()
+    await env.extend(30)
+    await anyio.sleep(0.4)
+    assert (await q.metrics()).processing == 1
+    await env.extend(0.1)
+    await anyio.sleep(0.2)
+    stolen = await q.subscribe_ack(visibility=30).first()
+    assert stolen.attempts == 2
+    with pytest.raises(ps.LeaseLostError):
+        await env.extend(10)
+    assert await env.nack() is False
+    assert await stolen.ack()
+
+
+async def test_read_ahead_leases_are_released_on_close(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    await q.publish_batch(list(range(5)))
+    taken = await q.subscribe_ack(visibility=30, prefetch=5).take(2).collect()
+    assert [e.value for e in taken] == [0, 1]
+    m = await q.metrics()
+    assert (m.pending, m.processing) == (3, 2)
+    rest = await q.subscribe_ack(visibility=30, prefetch=5).take(3).collect()
+    assert [(e.value, e.attempts) for e in rest] == [(2, 1), (3, 1), (4, 1)]
+    assert await q.ack_many([*taken, *rest]) == 5
+
+
+async def test_auto_ack_read_ahead_is_put_back_on_close(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    ids = await q.publish_batch([{"i": i} for i in range(5)], headers={"h": 1})
+    assert await q.subscribe(prefetch=5).take(2).collect() == [{"i": 0}, {"i": 1}]
+    m = await q.metrics()
+    assert (m.pending, m.completed, m.total) == (3, 2, 5)
+    rest = await q.subscribe_ack(prefetch=3).take(3).collect()
+    assert [(e.id, e.value, e.headers) for e in rest] == [
+        (ids[i], {"i": i}, {"h": 1}) for i in (2, 3, 4)
+    ]
+    assert await q.ack_many(rest) == 3
+
+
+async def test_transactional_publish_commit_and_rollback(db: ps.Database, dsn: str) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    received: list[Any] = []
+    arrived = anyio.Event()
+
+    async def consume() -> None:
+        async with q.subscribe(poll_interval=60) as stream:
+            received.append(await anext(stream))
+            arrived.set()
+
+    class Rollback(Exception):
+        pass
+
+    async def publish_then_roll_back(conn: psycopg.AsyncConnection[Any]) -> None:
+        async with conn.transaction():
+            await q.publish({"rolled": "back"}, conn=conn)
+            raise Rollback
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            with pytest.raises(Rollback):
+                await publish_then_roll_back(conn)
+            async with conn.transaction():
+                await q.publish({"committed": True}, conn=conn)
+                await anyio.sleep(0.3)
+                assert received == []  # not visible before commit
+        with anyio.fail_after(10):
+            await arrived.wait()
+    assert received == [{"committed": True}]
+    m = await q.metrics()
+    assert (m.pending, m.completed, m.total) == (0, 1, 1)
+
+
+async def test_listener_killed_mid_stream_loses_nothing(db: ps.Database, dsn: str) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    received: list[int] = []
+    first = anyio.Event()
+
+    async def consume() -> None:
+        # A poll interval far beyond the test's length: only LISTEN can deliver in time.
+        async with q.subscribe(poll_interval=3600) as stream:
+            async for value in stream:
+                received.append(value)
+                first.set()
+                if len(received) == 20:
+                    return
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await anyio.sleep(0.1)
+            await q.publish(0)
+            await first.wait()
+            assert terminate_backends(dsn, application_name="pgstreams-listener") == 1
+            for i in range(1, 20):
+                await q.publish(i)
+    assert sorted(received) == list(range(20))
+    assert db.listener.reconnects >= 1
+
+
+async def test_metrics_exact_after_mixed_workload(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname(), max_attempts=1)
+    await q.publish_batch(list(range(8)))
+    await q.publish_batch([100, 101], delay=3600)
+    envs = await q.subscribe_ack(visibility=60, prefetch=6).take(6).collect()
+    assert [e.value for e in envs] == list(range(6))
+    assert await q.ack_many(envs[:3]) == 3  # 3 completed
+    assert await envs[3].nack(error="bad")  # attempts == max → dead
+    assert await envs[4].nack(delay=3600) is True  # max reached → dead as well
+    # envs[5] stays leased; 6 and 7 pending; 100 and 101 pending (delayed)
+    assert await q.subscribe().take(1).collect() == [6]  # auto-ack → completed
+    m = await q.metrics()
+    assert (m.pending, m.processing, m.completed, m.dead, m.total) == (3, 1, 4, 2, 10)
+    assert await q.purge() == 6
+    m = await q.metrics()
+    assert (m.pending, m.processing, m.dead, m.completed) == (0, 0, 0, 4)
+
+
+async def test_create_is_idempotent_and_drop_removes_queue(db: ps.Database) -> None:
+    name = qname()
+    q = await ps.PgQueue.create(db, name, max_attempts=2)
+    await q.publish(1)
+    again = await ps.PgQueue.create(db, name, max_attempts=4)
+    assert (await again.metrics()).pending == 1
+    await again.drop()
+    with pytest.raises(ps.DatabaseError):
+        await q.metrics()
+
+
+async def test_create_races_are_safe(dsn: str) -> None:
+    name = qname()
+
+    async def create() -> None:
+        async with ps.connect(dsn) as db:
+            await ps.PgQueue.create(db, name)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(create)
