@@ -60,6 +60,8 @@ class Database:
             self.dsn = make_conninfo(conn.info.dsn, password=conn.info.password or None)
             kwargs = {}
         self.listener = Listener(self.dsn, kwargs)
+        self.connections_in_use = 0
+        """Connections lent out by ``connection()`` right now (0 when every stream is closed)."""
         self._migrated = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -91,11 +93,19 @@ class Database:
         with translate_errors():
             if self.pool is not None:
                 async with self.pool.connection() as conn, _autocommit(conn):
-                    yield conn
+                    self.connections_in_use += 1
+                    try:
+                        yield conn
+                    finally:
+                        self.connections_in_use -= 1
             else:
                 assert self._conn is not None
                 async with self._conn_lock, _autocommit(self._conn):
-                    yield self._conn
+                    self.connections_in_use += 1
+                    try:
+                        yield self._conn
+                    finally:
+                        self.connections_in_use -= 1
 
     @asynccontextmanager
     async def wakeups(self, channel: str) -> AsyncIterator[Wakeup]:

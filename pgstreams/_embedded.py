@@ -9,7 +9,6 @@ import glob
 import hashlib
 import math
 import os
-import pwd
 import queue
 import shutil
 import signal
@@ -23,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Self, TypedDict
+from typing import Self, TypeAlias, TypedDict
 
 import anyio
 import anyio.to_thread
@@ -36,7 +35,11 @@ __all__ = ["EmbeddedPostgres", "find_bindir"]
 _ENV_BINDIR = "PGSTREAMS_PG_BINDIR"
 _START_TIMEOUT = 30.0
 _PORT_ATTEMPTS = 4  # the first try plus three retries after losing a race for the port
-_SHUTDOWN_STEPS = ((signal.SIGINT, 10.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, math.inf))
+# getattr: Windows has no SIGQUIT/SIGKILL, and the module should still import there.
+_SHUTDOWN_STEPS = [
+    (getattr(signal, name, signal.SIGTERM), grace)
+    for name, grace in (("SIGINT", 10.0), ("SIGQUIT", 5.0), ("SIGKILL", math.inf))
+]
 _SETTINGS = {
     "listen_addresses": "127.0.0.1",
     "unix_socket_directories": "",
@@ -51,7 +54,8 @@ _SETTINGS = {
     "shared_buffers": "128MB",
 }
 _LIVE: set[EmbeddedPostgres] = set()
-_spawner: tuple[int, queue.SimpleQueue[tuple[Callable[[], None], Future[None]]]] | None = None
+_Job: TypeAlias = tuple[Callable[[], None], Future[None]]
+_spawner: tuple[int, queue.SimpleQueue[_Job]] | None = None
 _spawner_lock = threading.Lock()
 
 
@@ -163,7 +167,7 @@ def _free_port() -> int:
 
 
 def _pdeathsig_hook() -> Callable[[], None] | None:
-    """A preexec_fn making the child die with the thread that spawns it (Linux only)."""
+    """A preexec_fn making the child die with the *thread* that spawns it (Linux only)."""
     if sys.platform != "linux":
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
@@ -171,7 +175,7 @@ def _pdeathsig_hook() -> Callable[[], None] | None:
 
     def hook() -> None:
         # subprocess calls this after switching uid, which would have cleared the setting.
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
@@ -183,7 +187,7 @@ def _on_lifelong_thread(fn: Callable[[], None]) -> None:
     global _spawner
     with _spawner_lock:
         if _spawner is None or _spawner[0] != os.getpid():  # a forked child has no such thread
-            jobs: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = queue.SimpleQueue()
+            jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
             threading.Thread(target=_serve, args=(jobs,), daemon=True).start()
             _spawner = (os.getpid(), jobs)
     done: Future[None] = Future()
@@ -191,7 +195,7 @@ def _on_lifelong_thread(fn: Callable[[], None]) -> None:
     done.result()
 
 
-def _serve(jobs: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]]) -> None:
+def _serve(jobs: queue.SimpleQueue[_Job]) -> None:
     while True:
         fn, done = jobs.get()
         try:
@@ -215,7 +219,7 @@ class EmbeddedPostgres:
     Once start()/astart() returns, `dsn` accepts superuser connections (trust auth, TCP on
     127.0.0.1 only) with wal_level=logical. stop()/astop() are idempotent and delete the
     cluster. The server also goes away at interpreter exit and, on Linux, when the process is
-    killed (for astart: when the event-loop thread ends).
+    killed (for astart: when the event-loop thread ends). As root it runs as `nobody`.
     """
 
     def __init__(
@@ -242,7 +246,9 @@ class EmbeddedPostgres:
     def _prepare(self) -> list[str]:
         """Make the temp dir and return the initdb command line."""
         self._bindir = self._bindir or find_bindir()
-        if os.geteuid() == 0:  # initdb refuses to run as root, so the cluster is nobody's
+        if sys.platform != "win32" and os.geteuid() == 0:
+            import pwd  # initdb refuses to run as root, so the cluster will be nobody's
+
             pw = pwd.getpwnam("nobody")
             self._run_as = (pw.pw_uid, pw.pw_gid)
             self._bindir = _public_bindir(self._bindir)
@@ -304,20 +310,25 @@ class EmbeddedPostgres:
         data = os.path.realpath(self._path("data"))
         return row is not None and os.path.realpath(str(row[0])) == data
 
-    def _check_fresh(self) -> None:
+    def _refuse_if_started(self) -> None:
         if self._tmpdir is not None:
             raise EmbeddedPostgresError("EmbeddedPostgres is already started")
 
     def start(self) -> None:
-        """Create the cluster and block until it accepts connections."""
-        self._check_fresh()
+        """Create the cluster and block until it accepts connections.
+
+        Raises EmbeddedPostgresError with initdb's output or the server log's tail; a failed
+        or interrupted start leaves no process or files behind.
+        """
+        self._refuse_if_started()
         try:
             cmd = self._prepare()
             opts = self._child_options()
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **opts)
             _check_initdb(done)
             for attempt in range(_PORT_ATTEMPTS):
-                # The caller's thread may be a short-lived worker; see _pdeathsig_hook.
+                # The caller may be a short-lived worker thread, whose exit would fire the
+                # parent-death signal long before the process dies.
                 _on_lifelong_thread(self._spawn)
                 deadline = time.monotonic() + _START_TIMEOUT
                 while self._starting(deadline, attempt):
@@ -335,14 +346,15 @@ class EmbeddedPostgres:
 
     async def astart(self) -> None:
         """Async start(); the server is spawned from the calling (event-loop) thread."""
-        self._check_fresh()
+        self._refuse_if_started()
         try:
             cmd = await anyio.to_thread.run_sync(self._prepare)
             opts = self._child_options()
             done = await anyio.run_process(cmd, stderr=subprocess.STDOUT, check=False, **opts)
             _check_initdb(done)
             for attempt in range(_PORT_ATTEMPTS):
-                # Here and not in a worker thread: parent-death fires when the spawner exits.
+                # On this thread, not a worker's: parent-death fires when the spawning thread
+                # exits, and the event loop's thread lives as long as the caller's interest.
                 self._spawn()
                 deadline = time.monotonic() + _START_TIMEOUT
                 while self._starting(deadline, attempt):

@@ -182,9 +182,10 @@ class Listener:
             try:
                 conn.add_notify_handler(lambda n: self._dispatch(n.channel))
                 self.backend_pid = conn.info.backend_pid
-                self._sync_channels(conn)
                 if connected_before:
                     self.reconnects += 1
+                self._sync_channels(conn)
+                if connected_before:
                     self._wake_all()
                 connected_before = True
                 backoff = _BACKOFF_MIN

@@ -41,7 +41,5 @@ async def db(dsn: str) -> AsyncIterator[ps.Database]:
     async with ps.connect(dsn, max_size=20) as database:
         await database.migrate()
         yield database
-        assert database.pool is not None
-        stats = database.pool.get_stats()
-        assert stats.get("pool_size", 0) - stats.get("pool_available", 0) == 0, stats
+        assert database.connections_in_use == 0
         assert database.listener.subscriber_count() == 0

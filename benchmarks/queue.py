@@ -1,0 +1,399 @@
+"""PgQueue throughput against a "floor": the same SQL work written by hand on psycopg.
+
+Run::
+
+    python benchmarks/queue.py [--dsn DSN] [--messages N] [--embedded]
+
+The floor is one autocommit ``psycopg.AsyncConnection`` running hand-written statements on
+a table of the same shape as a PgQueue table (same columns, same partial ready index):
+publish = INSERT with ``pg_notify`` in the same statement; consume = ``UPDATE ... FROM
+(SELECT ... FOR UPDATE SKIP LOCKED LIMIT n) RETURNING`` to lease; ack = DELETE by id. It
+does not keep PgQueue's completed counter (one ``queue_stats`` row update per ack
+statement): that is the extra server-side work PgQueue does.
+
+Each row is measured for both in the same run, interleaved (floor, PgQueue, floor, ...),
+after an untimed warm-up; every run starts from a truncated table (prefilled and vacuumed
+for the consume rows). The table reports the best run of each.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this folder is first on sys.path, where this file would shadow the
+# standard library's ``queue`` (imported by pgstreams, psycopg_pool, asyncio's executor).
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
+
+import argparse
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import psycopg
+from _common import (
+    Contender,
+    add_server_options,
+    fresh_database,
+    interleaved,
+    markdown_table,
+    server,
+    server_facts,
+)
+from psycopg.rows import TupleRow
+
+import pgstreams as ps
+
+Conn = psycopg.AsyncConnection[TupleRow]
+
+BATCH = 100
+VISIBILITY = 30.0
+QUEUE = "bench"
+QUEUE_TABLE = f"pgstreams.q_{QUEUE}"
+QUEUE_STATS = "pgstreams.queue_stats"
+FLOOR_TABLE = "public.floor_queue"
+FLOOR_CHANNEL = "bench.floor_queue"
+BODY = "lorem ipsum dolor sit amet, consectetur adipiscing elit"
+
+
+def message(seq: int) -> dict[str, Any]:
+    """The payload every benchmark publishes (the prefill builds the same one in SQL)."""
+    return {"seq": seq, "kind": "bench", "body": BODY}
+
+
+PREFILL = """
+INSERT INTO {table} (payload)
+SELECT jsonb_build_object('seq', g, 'kind', 'bench', 'body', %s::text)
+FROM generate_series(1, %s) AS g
+"""
+
+# -- the floor: hand-written statements on a same-shaped table -----------------------------
+
+FLOOR_CREATE = """
+CREATE TABLE public.floor_queue (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    payload      jsonb       NOT NULL,
+    headers      jsonb       NOT NULL DEFAULT '{}',
+    enqueued_at  timestamptz NOT NULL DEFAULT now(),
+    visible_at   timestamptz NOT NULL DEFAULT now(),
+    attempts     integer     NOT NULL DEFAULT 0,
+    leased_at    timestamptz,
+    dead_at      timestamptz,
+    last_error   text
+);
+CREATE INDEX floor_queue_ready ON public.floor_queue (visible_at, id) WHERE dead_at IS NULL;
+"""
+
+FLOOR_PUBLISH = """
+WITH ins AS (
+    INSERT INTO public.floor_queue (payload, headers) VALUES (%s::jsonb, %s::jsonb)
+    RETURNING id
+)
+SELECT id, pg_notify(%s, '') FROM ins
+"""
+
+FLOOR_PUBLISH_BATCH = """
+WITH ins AS (
+    INSERT INTO public.floor_queue (payload, headers)
+    SELECT p, %s::jsonb FROM unnest(%s::jsonb[]) AS u(p)
+    RETURNING id
+)
+SELECT array_agg(id), pg_notify(%s, '') FROM ins
+"""
+
+FLOOR_LEASE = """
+UPDATE public.floor_queue AS t
+SET attempts = t.attempts + 1,
+    leased_at = now(),
+    visible_at = now() + %s * interval '1 second'
+FROM (
+    SELECT id FROM public.floor_queue
+    WHERE dead_at IS NULL AND visible_at <= now()
+    ORDER BY visible_at, id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+) AS picked
+WHERE t.id = picked.id
+RETURNING t.id, t.payload, t.headers, t.attempts, t.enqueued_at
+"""
+
+FLOOR_ACK = "DELETE FROM public.floor_queue WHERE id = %s"
+
+FLOOR_ACK_MANY = "DELETE FROM public.floor_queue WHERE id = ANY(%s::bigint[])"
+
+FLOOR_POP = """
+DELETE FROM public.floor_queue AS t
+USING (
+    SELECT id FROM public.floor_queue
+    WHERE dead_at IS NULL AND visible_at <= now()
+    ORDER BY visible_at, id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+) AS picked
+WHERE t.id = picked.id
+RETURNING t.id, t.payload, t.headers, t.attempts, t.enqueued_at
+"""
+
+
+class Floor:
+    """The floor's side of every row, on its own autocommit connection."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.values: list[dict[str, Any]] = []
+
+    async def publish(self, n: int) -> None:
+        conn = self.conn
+        for value in self.values:
+            cur = await conn.execute(FLOOR_PUBLISH, (json.dumps(value), "{}", FLOOR_CHANNEL))
+            await cur.fetchone()
+
+    async def publish_batch(self, n: int) -> None:
+        conn = self.conn
+        values = self.values
+        for start in range(0, n, BATCH):
+            payloads = [json.dumps(v) for v in values[start : start + BATCH]]
+            cur = await conn.execute(FLOOR_PUBLISH_BATCH, ("{}", payloads, FLOOR_CHANNEL))
+            await cur.fetchone()
+
+    async def consume_ack(self, n: int) -> None:
+        conn = self.conn
+        done = 0
+        while done < n:
+            cur = await conn.execute(FLOOR_LEASE, (VISIBILITY, 1))
+            for row in await cur.fetchall():
+                await conn.execute(FLOOR_ACK, (row[0],))
+                done += 1
+
+    async def consume_ack_batch(self, n: int) -> None:
+        conn = self.conn
+        done = 0
+        while done < n:
+            cur = await conn.execute(FLOOR_LEASE, (VISIBILITY, BATCH))
+            rows = await cur.fetchall()
+            await conn.execute(FLOOR_ACK_MANY, ([r[0] for r in rows],))
+            done += len(rows)
+
+    async def pop(self, n: int) -> None:
+        conn = self.conn
+        done = 0
+        while done < n:
+            cur = await conn.execute(FLOOR_POP, (BATCH,))
+            done += len(await cur.fetchall())
+
+
+# -- PgQueue: the same work through the public API -----------------------------------------
+
+
+class Queue:
+    """PgQueue's side of every row."""
+
+    def __init__(self, queue: ps.PgQueue[Any]) -> None:
+        self.q = queue
+        self.values: list[dict[str, Any]] = []
+
+    async def publish(self, n: int) -> None:
+        q = self.q
+        for value in self.values:
+            await q.publish(value)
+
+    async def publish_batch(self, n: int) -> None:
+        q = self.q
+        values = self.values
+        for start in range(0, n, BATCH):
+            await q.publish_batch(values[start : start + BATCH])
+
+    async def consume_ack(self, n: int) -> None:
+        done = 0
+        async with self.q.subscribe_ack(visibility=VISIBILITY) as stream:
+            async for env in stream:
+                await env.ack()
+                done += 1
+                if done >= n:
+                    break
+
+    async def consume_ack_batch(self, n: int) -> None:
+        q = self.q
+        done = 0
+        async with q.subscribe_ack(visibility=VISIBILITY, prefetch=BATCH).batch(BATCH) as stream:
+            async for batch in stream:
+                await q.ack_many(batch)
+                done += len(batch)
+                if done >= n:
+                    break
+
+    async def pop(self, n: int) -> None:
+        done = 0
+        async with self.q.subscribe(prefetch=BATCH) as stream:
+            async for _ in stream:
+                done += 1
+                if done >= n:
+                    break
+
+
+# -- rows ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    label: str
+    n: int
+    warmup: int
+    consume: bool
+    """True: each run starts with ``n`` messages waiting and must leave none."""
+    floor: Callable[[int], Awaitable[None]]
+    pgqueue: Callable[[int], Awaitable[None]]
+    informational: bool = False
+
+
+class Bench:
+    def __init__(self, maint: Conn, floor: Floor, queue: Queue) -> None:
+        self.maint = maint
+        self.floor = floor
+        self.queue = queue
+
+    async def _reset(self, table: str, prefill: int, extra_vacuum: str | None) -> None:
+        m = self.maint
+        await m.execute(f"TRUNCATE {table} RESTART IDENTITY")  # type: ignore[arg-type,unused-ignore]
+        if prefill:
+            await m.execute(PREFILL.format(table=table), (BODY, prefill))  # type: ignore[arg-type,unused-ignore]
+            await m.execute(f"VACUUM (ANALYZE) {table}")  # type: ignore[arg-type,unused-ignore]
+        if extra_vacuum:
+            await m.execute(f"VACUUM {extra_vacuum}")  # type: ignore[arg-type,unused-ignore]
+
+    async def _expect(self, table: str, rows: int) -> None:
+        cur = await self.maint.execute(f"SELECT count(*) FROM {table}")  # type: ignore[arg-type,unused-ignore]
+        got = await cur.fetchone()
+        if got is None or got[0] != rows:
+            raise RuntimeError(f"{table}: expected {rows} rows after the run, found {got}")
+
+    def contenders(self, row: Row) -> tuple[Contender, Contender]:
+        def side(
+            name: str,
+            table: str,
+            holder: Floor | Queue,
+            run: Callable[[int], Awaitable[None]],
+            extra_vacuum: str | None,
+        ) -> Contender:
+            async def prepare(n: int) -> None:
+                await self._reset(table, n if row.consume else 0, extra_vacuum)
+                holder.values = [] if row.consume else [message(i) for i in range(n)]
+
+            async def check(n: int) -> None:
+                await self._expect(table, 0 if row.consume else n)
+
+            return Contender(name, prepare, run, check)
+
+        # The floor has no counter table; PgQueue's counter rows are vacuumed like its table.
+        return (
+            side("floor", FLOOR_TABLE, self.floor, row.floor, None),
+            side("PgQueue", QUEUE_TABLE, self.queue, row.pgqueue, QUEUE_STATS),
+        )
+
+
+def rows(floor: Floor, queue: Queue, n: int) -> list[Row]:
+    single = n // 10
+    return [
+        Row("1. single publish", single, 50, False, floor.publish, queue.publish),
+        Row(
+            f"2. publish_batch ×{BATCH}",
+            n,
+            10 * BATCH,
+            False,
+            floor.publish_batch,
+            queue.publish_batch,
+        ),
+        Row("3. consume+ack one at a time", single, 50, True, floor.consume_ack, queue.consume_ack),
+        Row(
+            f"4. consume+ack batches of {BATCH}",
+            n,
+            10 * BATCH,
+            True,
+            floor.consume_ack_batch,
+            queue.consume_ack_batch,
+        ),
+        Row(
+            f"5. auto-ack consume, prefetch {BATCH} (info)",
+            n,
+            10 * BATCH,
+            True,
+            floor.pop,
+            queue.pop,
+            informational=True,
+        ),
+    ]
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_server_options(parser)
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="messages per run of the batched rows (a multiple of 100); "
+        "the one-message-per-statement rows use N/10 (default: 20000)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per row (default 3)")
+    parser.add_argument("--verbose", action="store_true", help="print every run's rate")
+    args = parser.parse_args(argv)
+    if args.messages < 10 * BATCH or args.messages % BATCH:
+        parser.error(f"--messages must be a multiple of {BATCH} and at least {10 * BATCH}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+async def main(args: argparse.Namespace) -> None:
+    async with (
+        server(args.dsn, embedded=args.embedded) as srv,
+        fresh_database(srv.dsn, "pgstreams_bench") as dsn,
+    ):
+        facts = await server_facts(dsn)
+        async with (
+            ps.connect(dsn) as db,
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as maint,
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as floor_conn,
+        ):
+            await maint.execute(FLOOR_CREATE)
+            queue = Queue(await ps.PgQueue.create(db, QUEUE))
+            bench = Bench(maint, Floor(floor_conn), queue)
+            table: list[list[str]] = []
+            for row in rows(bench.floor, queue, args.messages):
+                floor_rates, queue_rates = await interleaved(
+                    bench.contenders(row), n=row.n, warmup=row.warmup, rounds=args.rounds
+                )
+                if args.verbose:
+                    runs = "  ".join(
+                        f"{rate(f)}/{rate(q)}" for f, q in zip(floor_rates, queue_rates, strict=True)
+                    )
+                    print(f"{row.label}: floor/PgQueue per round: {runs}", file=sys.stderr)
+                best_floor, best_queue = max(floor_rates), max(queue_rates)
+                table.append(
+                    [row.label, rate(best_floor), rate(best_queue), f"{best_queue / best_floor:.2f}"]
+                )
+    header = ["operation", "floor msgs/s", "PgQueue msgs/s", "ratio"]
+    print(markdown_table(header, table, numeric_from=1))
+    print()
+    print(
+        f"{facts} ({srv.label}); N={args.messages:,} msgs per run of rows 2/4/5, "
+        f"{args.messages // 10:,} of rows 1/3; best of {args.rounds} interleaved rounds "
+        "(floor, PgQueue) after a warm-up; ratio = PgQueue/floor; the floor skips PgQueue's "
+        "completed counter (one queue_stats row update per ack statement), the extra work "
+        "PgQueue does."
+    )
+
+
+if __name__ == "__main__":
+    anyio.run(main, parse_args())
