@@ -1,8 +1,8 @@
 """Plumbing shared by the benchmarks in this folder: which server, a throwaway database,
 interleaved timing rounds and a markdown table.
 
-The benchmarks are scripts (``python benchmarks/NAME.py``), so this module is imported as
-the top-level module ``_common`` from the script's own folder.
+Benchmarks are scripts (``python benchmarks/NAME.py``) that import this module as
+``benchmarks._common`` after putting the repository root first on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ async def fresh_database(admin_dsn: str, prefix: str) -> AsyncIterator[str]:
                 # FORCE (PostgreSQL 13+) ends sessions a failed run may have left behind.
                 force = admin.info.server_version >= 130000
                 drop = "DROP DATABASE IF EXISTS {} WITH (FORCE)" if force else "DROP DATABASE {}"
-                await admin.execute(sql.SQL(drop).format(ident))  # type: ignore[arg-type,unused-ignore]
+                await admin.execute(sql.SQL(drop).format(ident))
 
 
 async def server_facts(dsn: str) -> str:
@@ -159,7 +159,5 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric
         ]
         return "| " + " | ".join(padded) + " |"
 
-    rule = [
-        "-" * (w - 1) + ":" if i >= numeric_from else "-" * w for i, w in enumerate(widths)
-    ]
+    rule = ["-" * (w - 1) + ":" if i >= numeric_from else "-" * w for i, w in enumerate(widths)]
     return "\n".join([line(header), line(rule), *(line(r) for r in rows)])

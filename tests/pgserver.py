@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,15 +20,24 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 
 def _docker_answers() -> bool:
+    """True if a Docker daemon answers ``GET /_ping`` within ~2 s (unix socket or tcp)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     try:
-        import docker
-
-        client = docker.from_env(timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
+        if host.startswith("unix://"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: Any = host[len("unix://") :]
+        elif host.startswith("tcp://"):
+            name, _, port = host[len("tcp://") :].partition(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            address = (name, int(port or 2375))
+        else:
+            return False
+        with sock:
+            sock.settimeout(2)
+            sock.connect(address)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in sock.recv(1024)
+    except (OSError, ValueError):
         return False
 
 

@@ -76,8 +76,9 @@ def test_killed_parent_takes_the_server_with_it() -> None:
             child.stdout.close()
 
 
-def test_bindir_override_must_hold_binaries(monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_bindir_override_must_hold_binaries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("PGSTREAMS_PG_BINDIR", str(tmp_path))
     with pytest.raises(ps.EmbeddedPostgresError):
         find_bindir()
