@@ -6,12 +6,14 @@ Run::
 
 The floor is one autocommit ``psycopg.AsyncConnection`` running hand-written statements on
 a table of the same shape as a PgQueue table (same columns, same partial ready index):
-publish = INSERT with ``pg_notify`` in the same statement; consume = ``UPDATE ... FROM
-(SELECT ... FOR UPDATE SKIP LOCKED LIMIT n) RETURNING`` to lease; ack = DELETE by id;
-auto-ack consume = ``DELETE ... USING (SELECT ... SKIP LOCKED LIMIT n) RETURNING payload``.
-JSON goes in as text parameters cast with ``::jsonb`` and comes out decoded, as with
-PgQueue. The floor does not keep PgQueue's completed counter (one ``queue_stats`` row
-update per ack or pop statement): that is the extra server-side work PgQueue does.
+publish = INSERT with ``pg_notify`` in the same statement; consume = ``UPDATE ... WHERE id =
+ANY(ARRAY(SELECT ... FOR UPDATE SKIP LOCKED LIMIT n)) RETURNING`` to lease (the same
+cheap-to-plan shape PgQueue uses); ack = DELETE by id and attempts (the lease) for one
+message, by ``id = ANY(...)`` alone for a batch; auto-ack consume = ``DELETE ... WHERE id =
+ANY(ARRAY(SELECT ... SKIP LOCKED LIMIT n)) RETURNING payload``. JSON goes in as text
+parameters cast with ``::jsonb`` and comes out decoded, as with PgQueue. The floor does not
+keep PgQueue's completed counter (one ``queue_stats`` row update per ack or pop statement):
+that is the extra server-side work PgQueue does.
 
 Each row is measured for both in the same run, interleaved (floor, PgQueue, floor, ...),
 after an untimed warm-up; every run starts from a truncated table (prefilled and vacuumed
@@ -108,36 +110,35 @@ SELECT array_agg(id), pg_notify(%s, '') FROM ins
 """
 
 FLOOR_LEASE = """
-UPDATE public.floor_queue AS t
-SET attempts = t.attempts + 1,
+UPDATE public.floor_queue
+SET attempts = attempts + 1,
     leased_at = now(),
     visible_at = now() + %s * interval '1 second'
-FROM (
+WHERE id = ANY(ARRAY(
     SELECT id FROM public.floor_queue
     WHERE dead_at IS NULL AND visible_at <= now()
     ORDER BY visible_at, id
     LIMIT %s
     FOR UPDATE SKIP LOCKED
-) AS picked
-WHERE t.id = picked.id
-RETURNING t.id, t.payload, t.headers, t.attempts, t.enqueued_at
+))
+RETURNING id, payload, headers, attempts, enqueued_at
 """
 
-FLOOR_ACK = "DELETE FROM public.floor_queue WHERE id = %s"
+# A lease-checked ack, as any visibility-timeout queue needs: (id, attempts) names the lease.
+FLOOR_ACK = "DELETE FROM public.floor_queue WHERE id = %s AND attempts = %s"
 
 FLOOR_ACK_MANY = "DELETE FROM public.floor_queue WHERE id = ANY(%s::bigint[])"
 
 FLOOR_POP = """
-DELETE FROM public.floor_queue AS t
-USING (
+DELETE FROM public.floor_queue
+WHERE id = ANY(ARRAY(
     SELECT id FROM public.floor_queue
     WHERE dead_at IS NULL AND visible_at <= now()
     ORDER BY visible_at, id
     LIMIT %s
     FOR UPDATE SKIP LOCKED
-) AS picked
-WHERE t.id = picked.id
-RETURNING t.payload
+))
+RETURNING payload
 """
 
 
@@ -174,7 +175,7 @@ class Floor:
         while done < n:
             cur = await conn.execute(FLOOR_LEASE, (VISIBILITY, 1))
             rows = _some(await cur.fetchall())
-            await conn.execute(FLOOR_ACK, (rows[0][0],))
+            await conn.execute(FLOOR_ACK, (rows[0][0], rows[0][3]))
             done += 1
 
     async def consume_ack_batch(self, n: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Generator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Self
 
 import anyio
@@ -87,25 +87,22 @@ class Database:
 
     # -- connections -------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+    def connection(self) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
         """Lend an autocommit connection; driver errors surface as ``DatabaseError``."""
+        if self.pool is not None:
+            return _PoolLoan(self, self.pool)
+        return self._single_connection()
+
+    @asynccontextmanager
+    async def _single_connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        assert self._conn is not None
         with translate_errors():
-            if self.pool is not None:
-                async with self.pool.connection() as conn, _autocommit(conn):
-                    self.connections_in_use += 1
-                    try:
-                        yield conn
-                    finally:
-                        self.connections_in_use -= 1
-            else:
-                assert self._conn is not None
-                async with self._conn_lock, _autocommit(self._conn):
-                    self.connections_in_use += 1
-                    try:
-                        yield self._conn
-                    finally:
-                        self.connections_in_use -= 1
+            async with self._conn_lock, _autocommit(self._conn):
+                self.connections_in_use += 1
+                try:
+                    yield self._conn
+                finally:
+                    self.connections_in_use -= 1
 
     @asynccontextmanager
     async def wakeups(self, channel: str) -> AsyncIterator[Wakeup]:
@@ -127,6 +124,47 @@ class Database:
     async def ensure_migrated(self) -> None:
         if not self._migrated:
             await self.migrate()
+
+
+class _PoolLoan:
+    """A pool connection lent in autocommit mode (class-based: this is on every hot path)."""
+
+    __slots__ = ("_conn", "_db", "_pool", "_restore")
+
+    def __init__(self, db: Database, pool: AsyncConnectionPool[Any]) -> None:
+        self._db = db
+        self._pool = pool
+        self._conn: AsyncConnection[Any] | None = None
+        self._restore = False
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        with translate_errors():
+            conn: AsyncConnection[Any] = await self._pool.getconn()
+            try:
+                if not conn.autocommit:  # a caller's pool: lend it in autocommit, then restore
+                    await conn.set_autocommit(True)
+                    self._restore = True
+            except BaseException:
+                await self._pool.putconn(conn)
+                raise
+        self._conn = conn
+        self._db.connections_in_use += 1
+        return conn
+
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        conn = self._conn
+        assert conn is not None
+        self._db.connections_in_use -= 1
+        with translate_errors():
+            try:
+                if self._restore and not conn.closed:
+                    await conn.set_autocommit(False)
+            finally:
+                await self._pool.putconn(conn)
+        if isinstance(exc, psycopg.Error):
+            raise DatabaseError(str(exc).strip() or type(exc).__name__) from exc
 
 
 @asynccontextmanager

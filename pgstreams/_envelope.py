@@ -30,7 +30,16 @@ class Envelope(Generic[T]):
     return False when that has already happened and another consumer holds it now.
     """
 
-    __slots__ = ("_queue", "_settled", "attempts", "enqueued_at", "headers", "id", "value")
+    __slots__ = (
+        "_lease",
+        "_queue",
+        "_settled",
+        "attempts",
+        "enqueued_at",
+        "headers",
+        "id",
+        "value",
+    )
 
     def __init__(
         self,
@@ -41,8 +50,10 @@ class Envelope(Generic[T]):
         headers: Mapping[str, Any],
         attempts: int,
         enqueued_at: datetime,
+        lease: int = 0,
     ) -> None:
         self._queue = queue
+        self._lease = lease
         self._settled = False
         self.id = id
         self.value = value

@@ -77,6 +77,11 @@ class DeadMessage:
     last_error: str | None
 
 
+def _headers(text: str) -> Any:
+    # Most messages carry no headers: skip the JSON parser for them.
+    return {} if text == "{}" else json.loads(text)
+
+
 def channel_for(schema: str, kind: str, name: str) -> str:
     """The NOTIFY channel of an object; hashed when it would exceed 63 bytes."""
     channel = f"pgstreams.{schema}.{kind}.{name}"
@@ -247,7 +252,7 @@ class PgQueue(Generic[T]):
             self._sql["ACK_MANY"],
             {
                 "ids": [e.id for e in envelopes],
-                "attempts": [e.attempts for e in envelopes],
+                "leases": list({e._lease for e in envelopes}),
                 "queue": self.name,
             },
         )
@@ -284,7 +289,7 @@ class PgQueue(Generic[T]):
                     await wakeup.wait(await self._idle_wait(poll))
                     continue
                 rows.sort(key=lambda r: r[0])
-                envelopes = [self._envelope(row) for row in rows]
+                envelopes = [self._envelope(row) for row in rows if not row[5]]
                 handed = 0
                 try:
                     for env in envelopes:
@@ -299,9 +304,10 @@ class PgQueue(Generic[T]):
             self,
             id=row[0],
             value=json.loads(row[1]),
-            headers=json.loads(row[2]),
+            headers=_headers(row[2]),
             attempts=row[3],
             enqueued_at=row[4],
+            lease=row[6],
         )
 
     async def _idle_wait(self, poll: float) -> float:
@@ -324,7 +330,7 @@ class PgQueue(Generic[T]):
         await self._cleanup(self._sql["UNPOP"], params, "put back unread messages")
 
     async def _release(self, envelopes: Sequence[Envelope[T]]) -> None:
-        params = {"ids": [e.id for e in envelopes], "attempts": [e.attempts for e in envelopes]}
+        params = {"ids": [e.id for e in envelopes], "leases": list({e._lease for e in envelopes})}
         await self._cleanup(self._sql["RELEASE"], params, "release unread leases")
 
     async def _cleanup(self, query: bytes, params: Mapping[str, Any], what: str) -> None:
@@ -341,14 +347,14 @@ class PgQueue(Generic[T]):
 
     async def _ack(self, env: Envelope[Any]) -> bool:
         row = await self._fetchone(
-            self._sql["ACK"], {"id": env.id, "att": env.attempts, "queue": self.name}
+            self._sql["ACK"], {"id": env.id, "lease": env._lease, "queue": self.name}
         )
         return row is not None
 
     async def _nack(self, env: Envelope[Any], delay: float, error: str | None) -> bool:
         params = {
             "id": env.id,
-            "att": env.attempts,
+            "lease": env._lease,
             "delay": delay,
             "error": error,
             "max": self._max,
@@ -356,9 +362,9 @@ class PgQueue(Generic[T]):
         return await self._fetchone(self._sql["NACK"], params) is not None
 
     async def _extend(self, env: Envelope[Any], seconds: float) -> None:
-        params = {"id": env.id, "att": env.attempts, "seconds": seconds}
+        params = {"id": env.id, "lease": env._lease, "seconds": seconds}
         if await self._fetchone(self._sql["EXTEND"], params) is None:
-            raise LeaseLostError(f"message {env.id}: lease {env.attempts} is no longer held")
+            raise LeaseLostError(f"message {env.id}: attempt {env.attempts}'s lease is lost")
 
     # -- administration ----------------------------------------------------------------
 
@@ -378,7 +384,7 @@ class PgQueue(Generic[T]):
             cur = await conn.execute(self._sql["DEAD"], {"limit": limit})
             rows = await cur.fetchall()
         return [
-            DeadMessage(r[0], json.loads(r[1]), json.loads(r[2]), r[3], r[4], r[5], r[6])
+            DeadMessage(r[0], json.loads(r[1]), _headers(r[2]), r[3], r[4], r[5], r[6])
             for r in rows
         ]
 

@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     enqueued_at  timestamptz NOT NULL DEFAULT now(),
     visible_at   timestamptz NOT NULL DEFAULT now(),
     attempts     integer     NOT NULL DEFAULT 0,
-    leased_at    timestamptz,
+    lease        bigint,
     dead_at      timestamptz,
     last_error   text
 );
@@ -58,15 +58,16 @@ SELECT array_agg(id ORDER BY id), pg_notify(%(channel)s, '') FROM m
 # Auto-ack: delete what is read. Payloads come back as text so that messages read ahead
 # and never handed downstream can be put back byte for byte.
 POP = f"""
-WITH picked AS (
-    SELECT id FROM {{table}}
-    WHERE dead_at IS NULL AND visible_at <= now()
-    ORDER BY visible_at, id
-    LIMIT %(n)s
-    FOR UPDATE SKIP LOCKED
-), d AS (
-    DELETE FROM {{table}} t USING picked WHERE t.id = picked.id
-    RETURNING t.id, t.payload, t.headers, t.attempts, t.enqueued_at
+WITH d AS (
+    DELETE FROM {{table}}
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM {{table}}
+        WHERE dead_at IS NULL AND visible_at <= now()
+        ORDER BY visible_at, id
+        LIMIT %(n)s
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING id, payload, headers, attempts, enqueued_at
 ), s AS (
     UPDATE {{stats}} SET completed = completed + (SELECT count(*) FROM d)
     WHERE queue = %(queue)s AND shard = {_SHARD}
@@ -87,43 +88,40 @@ UPDATE {{stats}} SET completed = completed - (SELECT count(*) FROM r)
 WHERE queue = %(queue)s AND shard = {_SHARD}
 """
 
-# Manual ack: lease up to n messages. A message already delivered max_attempts times
-# whose lease ran out goes to the dead set instead of being delivered again.
+# Manual ack: lease up to n messages in one UPDATE. A message already delivered
+# max_attempts times whose lease ran out goes to the dead set instead; it comes back with
+# is_dead set and is not delivered. The candidates are picked in an ARRAY() subquery so
+# that PostgreSQL can plan the statement cheaply every time.
 CLAIM = """
-WITH picked AS (
-    SELECT id, attempts, leased_at FROM {table}
+UPDATE {table} SET
+    attempts   = CASE WHEN attempts < %(max)s THEN attempts + 1 ELSE attempts END,
+    lease      = CASE WHEN attempts < %(max)s THEN pg_current_xact_id()::text::bigint END,
+    dead_at    = CASE WHEN attempts < %(max)s THEN NULL ELSE now() END,
+    visible_at = CASE WHEN attempts < %(max)s
+                      THEN now() + %(vis)s * interval '1 second' ELSE visible_at END,
+    last_error = CASE WHEN lease IS NOT NULL
+                      THEN 'visibility timeout expired' ELSE last_error END
+WHERE id = ANY(ARRAY(
+    SELECT id FROM {table}
     WHERE dead_at IS NULL AND visible_at <= now()
     ORDER BY visible_at, id
     LIMIT %(n)s
     FOR UPDATE SKIP LOCKED
-), dead AS (
-    UPDATE {table} t
-    SET dead_at = now(), leased_at = NULL,
-        last_error = CASE WHEN p.leased_at IS NOT NULL
-                          THEN 'visibility timeout expired' ELSE t.last_error END
-    FROM picked p WHERE t.id = p.id AND p.attempts >= %(max)s
-)
-UPDATE {table} t
-SET attempts = t.attempts + 1,
-    leased_at = now(),
-    visible_at = now() + %(vis)s * interval '1 second',
-    last_error = CASE WHEN p.leased_at IS NOT NULL
-                      THEN 'visibility timeout expired' ELSE t.last_error END
-FROM picked p WHERE t.id = p.id AND p.attempts < %(max)s
-RETURNING t.id, t.payload::text, t.headers::text, t.attempts, t.enqueued_at
+))
+RETURNING id, payload::text, headers::text, attempts, enqueued_at, dead_at IS NOT NULL, lease
 """
 
 # Hand back leases that were read ahead but never given to the consumer: as if unread.
 RELEASE = """
-UPDATE {table} t SET attempts = t.attempts - 1, leased_at = NULL, visible_at = now()
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, att)
-WHERE t.id = r.id AND t.attempts = r.att AND t.leased_at IS NOT NULL AND t.dead_at IS NULL
+UPDATE {table} SET attempts = attempts - 1, lease = NULL, visible_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND lease = ANY(%(leases)s::bigint[]) AND dead_at IS NULL
 """
 
-# (id, attempts) identifies a lease: every claim bumps attempts.
+# A lease is (id, lease) where lease is the claiming transaction's id: unique per claim
+# statement, so a set of envelopes is matched with two ANY() tests instead of a join.
 ACK = f"""
 WITH d AS (
-    DELETE FROM {{table}} WHERE id = %(id)s AND attempts = %(att)s RETURNING 1
+    DELETE FROM {{table}} WHERE id = %(id)s AND lease = %(lease)s RETURNING 1
 )
 UPDATE {{stats}} SET completed = completed + 1
 WHERE queue = %(queue)s AND shard = {_SHARD} AND EXISTS (SELECT FROM d)
@@ -132,10 +130,9 @@ RETURNING 1
 
 ACK_MANY = f"""
 WITH d AS (
-    DELETE FROM {{table}} t
-    USING unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, att)
-    WHERE t.id = r.id AND t.attempts = r.att
-    RETURNING t.id
+    DELETE FROM {{table}}
+    WHERE id = ANY(%(ids)s::bigint[]) AND lease = ANY(%(leases)s::bigint[])
+    RETURNING id
 ), n AS (SELECT count(*) AS c FROM d)
 UPDATE {{stats}} SET completed = completed + n.c FROM n
 WHERE queue = %(queue)s AND shard = {_SHARD}
@@ -144,17 +141,17 @@ RETURNING n.c
 
 NACK = """
 UPDATE {table}
-SET leased_at = NULL,
+SET lease = NULL,
     visible_at = now() + %(delay)s * interval '1 second',
     last_error = coalesce(%(error)s, last_error),
     dead_at = CASE WHEN attempts >= %(max)s THEN now() END
-WHERE id = %(id)s AND attempts = %(att)s AND leased_at IS NOT NULL AND dead_at IS NULL
+WHERE id = %(id)s AND lease = %(lease)s AND dead_at IS NULL
 RETURNING 1
 """
 
 EXTEND = """
 UPDATE {table} SET visible_at = now() + %(seconds)s * interval '1 second'
-WHERE id = %(id)s AND attempts = %(att)s AND leased_at IS NOT NULL AND dead_at IS NULL
+WHERE id = %(id)s AND lease = %(lease)s AND dead_at IS NULL
 RETURNING 1
 """
 
@@ -166,8 +163,8 @@ SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {table} WHERE de
 METRICS = """
 SELECT
     count(*) FILTER (WHERE dead_at IS NULL
-                     AND NOT (leased_at IS NOT NULL AND visible_at > now())),
-    count(*) FILTER (WHERE dead_at IS NULL AND leased_at IS NOT NULL AND visible_at > now()),
+                     AND NOT (lease IS NOT NULL AND visible_at > now())),
+    count(*) FILTER (WHERE dead_at IS NULL AND lease IS NOT NULL AND visible_at > now()),
     count(*) FILTER (WHERE dead_at IS NOT NULL),
     (SELECT coalesce(sum(completed), 0)::bigint FROM {stats} WHERE queue = %(queue)s)
 FROM {table}
@@ -175,7 +172,7 @@ FROM {table}
 
 REQUEUE_DEAD = """
 WITH r AS (
-    UPDATE {table} SET dead_at = NULL, leased_at = NULL, attempts = 0, visible_at = now()
+    UPDATE {table} SET dead_at = NULL, lease = NULL, attempts = 0, visible_at = now()
     WHERE dead_at IS NOT NULL
     RETURNING 1
 )

@@ -85,7 +85,7 @@ class Stream(Generic[T_co]):
                 raise StopAsyncIteration
             self._started = True
             self._iterator = aiter(self._factory())
-        return await anext(self._iterator)
+        return await self._iterator.__anext__()
 
     async def aclose(self) -> None:
         """Close the chain now; idempotent."""
