@@ -27,6 +27,8 @@ import anyio
 import psycopg
 from psycopg import sql
 
+from ._errors import PgStreamsError
+
 logger = logging.getLogger("pgstreams.listen")
 
 _BACKOFF_MIN = 0.05
@@ -105,7 +107,7 @@ class Listener:
         wakeup = Wakeup(channel)
         with self._lock:
             if self._stopping:
-                raise RuntimeError("the listener is closed")
+                raise PgStreamsError("the Database is closed")
             self._subs.setdefault(channel, set()).add(wakeup)
             ready = channel in self._active
             self._ensure_thread()

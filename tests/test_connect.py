@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import anyio
 import psycopg
@@ -144,3 +145,41 @@ async def test_channel_names_are_quoted(dsn: str) -> None:
         async with db.connection() as conn:
             await conn.execute("SELECT pg_notify(%s, '')", [weird])
         assert await w.wait(5)
+
+
+async def _catalog(conn: psycopg.AsyncConnection[Any], schema: str) -> list[tuple[Any, ...]]:
+    """Tables, columns, indexes and constraints of a schema, with the schema name erased."""
+    cur = await conn.execute(
+        """
+        SELECT 'column', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+               a.attnotnull::text, coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+        WHERE n.nspname = %(s)s
+        UNION ALL
+        SELECT 'index', tablename, indexname, replace(indexdef, %(s)s, 'S'), '', ''
+        FROM pg_indexes WHERE schemaname = %(s)s
+        UNION ALL
+        SELECT 'constraint', conrelid::regclass::text, conname,
+               replace(pg_get_constraintdef(oid), %(s)s, 'S'), '', ''
+        FROM pg_constraint WHERE connamespace = %(s)s::regnamespace
+        ORDER BY 1, 2, 3
+        """,
+        {"s": schema},
+    )
+    rows = await cur.fetchall()
+    return [tuple(str(v).replace(schema, "S") for v in row) for row in rows]
+
+
+async def test_upgraded_install_equals_fresh_install(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        fresh = f"fresh_{uuid.uuid4().hex[:8]}"
+        await migrate(conn, fresh)
+        expected = await _catalog(conn, fresh)
+        assert expected  # the catalog query sees the objects
+        for step in range(len(MIGRATIONS)):
+            upgraded = f"upg_{uuid.uuid4().hex[:8]}"
+            await migrate(conn, upgraded, MIGRATIONS[:step])  # an older release
+            await migrate(conn, upgraded)  # then this one
+            assert await _catalog(conn, upgraded) == expected
