@@ -18,7 +18,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from ._errors import DatabaseError, InvalidArgumentError
-from ._listen import Listener, Wakeup
+from ._listen import Listener, Wakeup, keepalive_defaults
 from ._validate import check_schema
 
 __all__ = ["Database", "connect", "embedded"]
@@ -164,12 +164,12 @@ class _PoolLoan:
             finally:
                 await self._pool.putconn(conn)
         if isinstance(exc, psycopg.Error):
-            raise DatabaseError(str(exc).strip() or type(exc).__name__) from exc
+            raise database_error(exc) from exc
 
 
 @asynccontextmanager
 async def _autocommit(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
-    """Run in autocommit unless the caller's connection is inside a transaction."""
+    """Lend the connection in autocommit mode; a caller's connection must be idle."""
     if conn.autocommit:
         yield
     elif conn.info.transaction_status == pq.TransactionStatus.IDLE:
@@ -180,8 +180,10 @@ async def _autocommit(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
             if not conn.closed:
                 await conn.set_autocommit(False)
     else:
-        async with conn.transaction():
-            yield
+        raise InvalidArgumentError(
+            "the connection given to connect() is inside a transaction; pgstreams needs it"
+            " idle between its own statements (use publish(..., conn=) to join a transaction)"
+        )
 
 
 class translate_errors:
@@ -192,7 +194,15 @@ class translate_errors:
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, psycopg.Error):
-            raise DatabaseError(str(exc).strip() or type(exc).__name__) from exc
+            raise database_error(exc) from exc
+
+
+def database_error(exc: psycopg.Error) -> DatabaseError:
+    """The library's error for a driver error (connection failures are ``transient``)."""
+    return DatabaseError(
+        str(exc).strip() or type(exc).__name__,
+        transient=isinstance(exc, psycopg.OperationalError),
+    )
 
 
 class _Connect:
@@ -217,7 +227,7 @@ class _Connect:
             return Database(conn=target, owned=False, schema=self._schema)
         dsn = target if target is not None else os.environ.get("PGSTREAMS_DSN", "")
         options = {"min_size": 1, "max_size": 10, **self._pool_kwargs}
-        conn_kwargs = {**options.pop("kwargs", {}), "autocommit": True}
+        conn_kwargs = {**keepalive_defaults(dsn), **options.pop("kwargs", {}), "autocommit": True}
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn, open=False, kwargs=conn_kwargs, **options
         )

@@ -66,15 +66,20 @@ class Envelope(Generic[T]):
         """True once ``ack`` or ``nack`` has been called."""
         return self._settled
 
-    def _settle(self) -> None:
+    def _check_unsettled(self) -> None:
         if self._settled:
             raise InvalidArgumentError(f"message {self.id} was already acked or nacked")
-        self._settled = True
 
     async def ack(self) -> bool:
-        """Mark the message done (it is removed); False if the lease had been lost."""
-        self._settle()
-        return await self._queue._ack(self)
+        """Mark the message done (it is removed); False if the lease had been lost.
+
+        If the call fails (the connection dropped, say) the envelope stays unsettled, so it
+        may be retried.
+        """
+        self._check_unsettled()
+        held = await self._queue._ack(self)
+        self._settled = True
+        return held
 
     async def nack(self, delay: float = 0, error: str | None = None) -> bool:
         """Give the message back, visible again after ``delay`` seconds, recording ``error``.
@@ -85,14 +90,15 @@ class Envelope(Generic[T]):
         seconds = check_seconds("delay", delay)
         if error is not None and not isinstance(error, str):
             raise InvalidArgumentError("error must be a str or None")
-        self._settle()
-        return await self._queue._nack(self, seconds, error)
+        self._check_unsettled()
+        held = await self._queue._nack(self, seconds, error)
+        self._settled = True
+        return held
 
     async def extend(self, seconds: float) -> None:
         """Push the lease's end to ``seconds`` from now; raises LeaseLostError if it is gone."""
         seconds = check_seconds("seconds", seconds, allow_zero=False)
-        if self._settled:
-            raise InvalidArgumentError(f"message {self.id} was already acked or nacked")
+        self._check_unsettled()
         await self._queue._extend(self, seconds)
 
     def __repr__(self) -> str:

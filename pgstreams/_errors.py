@@ -26,7 +26,15 @@ class PayloadError(PgStreamsError, TypeError):
 
 
 class DatabaseError(PgStreamsError):
-    """A failure reported by PostgreSQL or the driver; the original is in ``__cause__``."""
+    """A failure reported by PostgreSQL or the driver; the original is in ``__cause__``.
+
+    ``transient`` is True for connection-level failures (the server went away, the backend
+    was terminated, the pool timed out): retrying on a new connection may succeed.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class LeaseLostError(PgStreamsError):

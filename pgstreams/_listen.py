@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
+import selectors
 import threading
 import time
 from collections.abc import Mapping
@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from ._errors import PgStreamsError
 
@@ -35,6 +36,26 @@ _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 5.0
 _HEALTH_CHECK_EVERY = 10.0
 _REGISTER_WAIT = 5.0
+_JOIN_TIMEOUT = 10.0
+# A dead peer must not hang the listener: TCP keepalives and a send timeout bound how long a
+# silent network failure goes unnoticed (about 30 s), after which it reconnects.
+KEEPALIVE_OPTIONS: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+    "connect_timeout": 10,
+}
+
+
+def keepalive_defaults(conninfo: str) -> dict[str, Any]:
+    """KEEPALIVE_OPTIONS, less those the DSN sets itself (the caller's choice wins)."""
+    try:
+        present = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        present = {}
+    return {k: v for k, v in KEEPALIVE_OPTIONS.items() if k not in present}
 
 
 class Wakeup:
@@ -49,6 +70,8 @@ class Wakeup:
         self._loop = asyncio.get_running_loop()
         self._event = anyio.Event()
         self._ready = anyio.Event()
+        self.waiting = False
+        """True while the subscriber sleeps in ``wait()`` (it has read everything visible)."""
 
     def arm(self) -> None:
         if self._event.is_set():
@@ -56,10 +79,14 @@ class Wakeup:
 
     async def wait(self, seconds: float) -> bool:
         """Wait until woken or ``seconds`` pass; True if woken."""
-        with anyio.move_on_after(seconds):
-            await self._event.wait()
-            return True
-        return False
+        self.waiting = True
+        try:
+            with anyio.move_on_after(seconds):
+                await self._event.wait()
+                return True
+            return False
+        finally:
+            self.waiting = False
 
     def fire(self) -> None:
         """Wake the subscriber (event-loop thread only)."""
@@ -113,10 +140,14 @@ class Listener:
             self._ensure_thread()
         if ready:
             wakeup._ready.set()
-        else:
-            self._poke()
+            return wakeup
+        self._poke()
+        try:
             with anyio.move_on_after(_REGISTER_WAIT):
                 await wakeup._ready.wait()
+        except BaseException:  # cancelled while waiting: leave nothing registered
+            self.unregister(wakeup)
+            raise
         return wakeup
 
     def unregister(self, wakeup: Wakeup) -> None:
@@ -135,6 +166,11 @@ class Listener:
         with self._lock:
             return sum(len(s) for s in self._subs.values())
 
+    def idle_count(self) -> int:
+        """Subscribers asleep until a wake-up or their poll interval."""
+        with self._lock:
+            return sum(w.waiting for s in self._subs.values() for w in s)
+
     async def close(self) -> None:
         """Stop the thread and close its connection; waits for the thread to finish."""
         with self._lock:
@@ -142,7 +178,11 @@ class Listener:
             thread = self._thread
         self._poke()
         if thread is not None:
-            await anyio.to_thread.run_sync(thread.join)
+            # Bounded: a thread stuck on a dead network is a daemon and is left behind.
+            await anyio.to_thread.run_sync(thread.join, _JOIN_TIMEOUT, abandon_on_cancel=True)
+            if thread.is_alive():
+                logger.warning("listener thread did not stop within %.0fs", _JOIN_TIMEOUT)
+                return
         if self._pipe is not None:
             for fd in self._pipe:
                 os.close(fd)
@@ -170,13 +210,13 @@ class Listener:
         connected_before = False
         while not self._stopping:
             try:
-                conn = psycopg.connect(
-                    self._conninfo,
-                    autocommit=True,
-                    application_name="pgstreams-listener",
+                options = {
+                    **keepalive_defaults(self._conninfo),
                     **self._kwargs,
-                )
-            except psycopg.Error as exc:
+                    "application_name": "pgstreams-listener",
+                }
+                conn = psycopg.connect(self._conninfo, autocommit=True, **options)
+            except Exception as exc:
                 logger.warning("listener cannot connect (retry in %.2fs): %s", backoff, exc)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
@@ -195,6 +235,8 @@ class Listener:
             except psycopg.Error as exc:
                 if not self._stopping:
                     logger.warning("listener connection lost, reconnecting: %s", exc)
+            except Exception:  # a bug must not silently end every wake-up: log, reconnect
+                logger.exception("listener failed unexpectedly, reconnecting")
             finally:
                 self.backend_pid = None
                 with self._lock:
@@ -207,20 +249,24 @@ class Listener:
     def _serve(self, conn: psycopg.Connection[Any]) -> None:
         assert self._pipe is not None
         pipe_r = self._pipe[0]
-        while not self._stopping:
-            self._sync_channels(conn)
-            sock = conn.pgconn.socket
-            readable, _, _ = select.select([sock, pipe_r], [], [], _HEALTH_CHECK_EVERY)
-            if pipe_r in readable:
-                self._drain_pipe()
-            if sock in readable:
-                conn.pgconn.consume_input()
-                while (n := conn.pgconn.notifies()) is not None:
-                    self._dispatch(n.relname.decode())
-                if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
-                    raise psycopg.OperationalError("listener connection closed by the server")
-            elif not readable:
-                conn.execute("SELECT 1")  # detects a silently dead connection
+        sock = conn.pgconn.socket
+        # selectors, not select.select: file descriptors above 1024 are fine.
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_READ, "db")
+            selector.register(pipe_r, selectors.EVENT_READ, "pipe")
+            while not self._stopping:
+                self._sync_channels(conn)
+                ready = {key.data for key, _ in selector.select(_HEALTH_CHECK_EVERY)}
+                if "pipe" in ready:
+                    self._drain_pipe()
+                if "db" in ready:
+                    conn.pgconn.consume_input()
+                    while (n := conn.pgconn.notifies()) is not None:
+                        self._dispatch(n.relname.decode())
+                    if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+                        raise psycopg.OperationalError("listener connection closed by the server")
+                elif not ready:
+                    conn.execute("SELECT 1")  # detects a silently dead connection
 
     def _sync_channels(self, conn: psycopg.Connection[Any]) -> None:
         # A channel leaves _active before its UNLISTEN and joins only after its LISTEN, so
@@ -265,7 +311,8 @@ class Listener:
         """Sleep, but return early when poked (so close() is never delayed by a backoff)."""
         assert self._pipe is not None
         deadline = time.monotonic() + seconds
-        while not self._stopping and (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([self._pipe[0]], [], [], left)
-            if readable:
-                self._drain_pipe()
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._pipe[0], selectors.EVENT_READ)
+            while not self._stopping and (left := deadline - time.monotonic()) > 0:
+                if selector.select(left):
+                    self._drain_pipe()

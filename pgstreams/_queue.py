@@ -7,8 +7,12 @@ Delivery:
   runs out makes the message visible again by itself -- no janitor process -- and every
   delivery counts an attempt. A message delivered ``max_attempts`` times that is nacked or
   whose lease runs out moves to the dead set with its last error.
+* Messages read but never delivered -- read ahead by ``prefetch`` or by an operator such as
+  ``buffer`` or ``batch`` when the stream closes -- go back as if never read.
 * Publishing wakes idle subscribers with one NOTIFY per statement (PostgreSQL folds
   identical notifications of one transaction into one); polling is the fallback.
+* A subscriber outlives connection failures: it backs off and retries (a failed read took
+  nothing), while the shared listener reconnects on its own.
 """
 
 from __future__ import annotations
@@ -16,27 +20,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 from psycopg import AsyncConnection, sql
 
 from . import _queue_sql as Q
 from ._db import Database, translate_errors
 from ._envelope import Envelope
-from ._errors import DatabaseError, LeaseLostError
+from ._errors import DatabaseError, LeaseLostError, PayloadError
+from ._listen import Wakeup
 from ._migrate import advisory_key
 from ._stream import Stream
-from ._validate import (
-    check_name,
-    check_positive_int,
-    check_seconds,
-    headers_json,
-    to_json,
-)
+from ._validate import check_name, check_positive_int, check_seconds, headers_json, to_json
 
 __all__ = ["DeadMessage", "PgQueue", "QueueMetrics"]
 
@@ -44,9 +45,19 @@ T = TypeVar("T")
 logger = logging.getLogger("pgstreams.queue")
 
 DEFAULT_POLL_INTERVAL = 5.0
-_UNLIMITED = 2**31 - 1
 _MIN_IDLE_WAIT = 0.02
-_RELEASE_TIMEOUT = 10.0
+_CLEANUP_TIMEOUT = 10.0
+_IDLE_QUERY_TIMEOUT = 10.0
+_RETRY_MIN, _RETRY_MAX = 0.1, 5.0
+_HANDED_MEMORY = 4096
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +88,6 @@ class DeadMessage:
     last_error: str | None
 
 
-def _headers(text: str) -> Any:
-    # Most messages carry no headers: skip the JSON parser for them.
-    return {} if text == "{}" else json.loads(text)
-
-
 def channel_for(schema: str, kind: str, name: str) -> str:
     """The NOTIFY channel of an object; hashed when it would exceed 63 bytes."""
     channel = f"pgstreams.{schema}.{kind}.{name}"
@@ -90,19 +96,65 @@ def channel_for(schema: str, kind: str, name: str) -> str:
     return channel
 
 
+def _headers(text: str) -> Any:
+    # Most messages carry no headers: skip the JSON parser for them.
+    return {} if text == "{}" else json.loads(text)
+
+
+class _Handed:
+    """What an auto-ack subscription handed downstream lately, by value identity.
+
+    When an operator gives values back (it read them ahead and never delivered them), this
+    finds their rows so they are restored with their id, headers, attempts and enqueue time.
+    Only metadata is kept -- the payload is serialised again from the value -- and only for
+    the last few thousand messages, which is far more than any read-ahead holds.
+    """
+
+    def __init__(self) -> None:
+        self._rows: deque[tuple[Any, tuple[Any, ...]]] = deque(maxlen=_HANDED_MEMORY)
+
+    def add(self, value: Any, row: Sequence[Any]) -> None:
+        # (id, headers, attempts, enqueued_at, visible_at): the row less its payload.
+        self._rows.append((value, (row[0], row[2], row[3], row[4], row[5])))
+
+    def take(self, value: Any) -> tuple[Any, ...] | None:
+        # Given-back values are the most recent ones, so search from the newest.
+        for i in range(len(self._rows) - 1, -1, -1):
+            if self._rows[i][0] is value:
+                meta = self._rows[i][1]
+                del self._rows[i]
+                return meta
+        return None
+
+
+class _Retry:
+    """Capped exponential back-off for a subscriber riding out connection failures."""
+
+    def __init__(self, queue: str) -> None:
+        self._queue = queue
+        self._delay = _RETRY_MIN
+
+    async def after(self, exc: DatabaseError) -> None:
+        if not exc.transient:
+            raise exc
+        logger.warning("queue %s: %s; retrying in %.1fs", self._queue, exc, self._delay)
+        await anyio.sleep(self._delay)
+        self._delay = min(self._delay * 2, _RETRY_MAX)
+
+    def reset(self) -> None:
+        self._delay = _RETRY_MIN
+
+
 class PgQueue(Generic[T]):
     """A durable queue of JSON messages in one PostgreSQL table (see module docstring).
 
-    Create or open one with ``await PgQueue.create(db, name)``.
+    ``await PgQueue.create(db, name)`` creates it (or opens it); ``PgQueue(db, name)`` opens
+    an existing queue without touching the database.
     """
 
-    def __init__(self, db: Database, name: str, *, max_attempts: int | None = None) -> None:
+    def __init__(self, db: Database, name: str) -> None:
         self._db = db
         self.name = check_name("queue", name)
-        if max_attempts is not None:
-            check_positive_int("max_attempts", max_attempts)
-        self.max_attempts = max_attempts
-        self._max = max_attempts if max_attempts is not None else _UNLIMITED
         self._channel = channel_for(db.schema, "queue", name)
         names = {
             "table": sql.Identifier(db.schema, f"q_{name}"),
@@ -110,47 +162,26 @@ class PgQueue(Generic[T]):
             "stats": sql.Identifier(db.schema, "queue_stats"),
             "queues": sql.Identifier(db.schema, "queues"),
         }
-
-        def render(template: str) -> bytes:
-            # Rendered once: identifiers are fixed per queue, so each call sends ready bytes.
-            return sql.SQL(template).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
-
-        self._sql = {
-            key: render(getattr(Q, key))
-            for key in (
-                "CREATE",
-                "REGISTER",
-                "REGISTER_SHARDS",
-                "PUBLISH",
-                "PUBLISH_BATCH",
-                "POP",
-                "UNPOP",
-                "CLAIM",
-                "RELEASE",
-                "ACK",
-                "ACK_MANY",
-                "NACK",
-                "EXTEND",
-                "NEXT_VISIBLE",
-                "METRICS",
-                "REQUEUE_DEAD",
-                "DEAD",
-                "PURGE",
-                "DROP_TABLE",
-                "UNREGISTER",
-            )
+        # Rendered once: identifiers are fixed per queue, so each call sends ready bytes.
+        self._sql: dict[str, bytes] = {
+            key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
+            for key, text in vars(Q).items()
+            if key.isupper() and not key.startswith("_") and isinstance(text, str)
         }
 
     @classmethod
     async def create(
-        cls, db: Database, name: str, *, max_attempts: int | None = None
+        cls, db: Database, name: str, *, max_attempts: int | _Unset | None = UNSET
     ) -> PgQueue[Any]:
         """Create the queue if needed (idempotent, safe to race) and return a handle.
 
-        ``max_attempts`` (None = unlimited) is stored with the queue; calling ``create``
-        again with another value updates it.
+        ``max_attempts`` (None = unlimited) is stored with the queue and applies to every
+        handle in every process. Leaving it out keeps the stored value (unlimited for a new
+        queue).
         """
-        queue: PgQueue[Any] = cls(db, name, max_attempts=max_attempts)
+        if not isinstance(max_attempts, _Unset) and max_attempts is not None:
+            check_positive_int("max_attempts", max_attempts)
+        queue: PgQueue[Any] = cls(db, name)
         await db.ensure_migrated()
         async with db.connection() as conn, conn.transaction():
             await conn.execute(
@@ -158,7 +189,8 @@ class PgQueue(Generic[T]):
             )
             await conn.execute(queue._sql["CREATE"])
             params = {"queue": name, "max": max_attempts, "shards": Q.SHARDS}
-            await conn.execute(queue._sql["REGISTER"], params)
+            keep = isinstance(max_attempts, _Unset)
+            await conn.execute(queue._sql["REGISTER_KEEP" if keep else "REGISTER_SET"], params)
             await conn.execute(queue._sql["REGISTER_SHARDS"], params)
         return queue
 
@@ -184,7 +216,6 @@ class PgQueue(Generic[T]):
             "channel": self._channel,
         }
         row = await self._fetchone(self._sql["PUBLISH"], params, conn)
-        assert row is not None
         return int(row[0])
 
     async def publish_batch(
@@ -206,7 +237,6 @@ class PgQueue(Generic[T]):
         if not payloads:
             return []
         row = await self._fetchone(self._sql["PUBLISH_BATCH"], params, conn)
-        assert row is not None
         return list(row[0])
 
     # -- consuming ---------------------------------------------------------------------
@@ -216,12 +246,18 @@ class PgQueue(Generic[T]):
     ) -> Stream[T]:
         """Stream message values, deleting each as it is read (auto-ack, at-most-once).
 
-        ``prefetch`` messages are read per round trip; any read but not yet handed
-        downstream when the stream closes are put back unchanged.
+        ``prefetch`` messages are read per round trip. Messages read but never delivered
+        when the stream closes -- read ahead by ``prefetch`` or by an operator -- are put
+        back with their id and headers.
         """
         check_positive_int("prefetch", prefetch)
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
-        return Stream(lambda: self._pop_loop(prefetch, poll))
+        handed = _Handed()
+
+        async def putback(values: list[Any]) -> None:
+            await self._give_back_values(handed, values)
+
+        return Stream(lambda: self._pop_loop(prefetch, poll, handed), putback=putback)
 
     def subscribe_ack(
         self,
@@ -233,71 +269,96 @@ class PgQueue(Generic[T]):
         """Stream leased messages; settle each with ``env.ack()`` / ``env.nack()``.
 
         A message is leased for ``visibility`` seconds from when it is read. Envelopes read
-        ahead (``prefetch`` > 1) but never handed downstream are released at close as if
-        never read. An envelope handed downstream and never settled keeps its lease until it
-        runs out: the library cannot know whether it was processed.
+        but never delivered when the stream closes (read ahead by ``prefetch`` or by an
+        operator) are released as if never read. An envelope delivered and never settled
+        keeps its lease until it runs out: the library cannot know whether it was processed.
         """
         vis = check_seconds("visibility", visibility, allow_zero=False)
         check_positive_int("prefetch", prefetch)
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
-        return Stream(lambda: self._lease_loop(vis, prefetch, poll))
+        return Stream(lambda: self._lease_loop(vis, prefetch, poll), putback=self._release)
 
-    async def ack_many(self, envelopes: Sequence[Envelope[T]]) -> int:
-        """Ack several envelopes in one round trip; returns how many leases were still held."""
-        for env in envelopes:
-            env._settle()
-        if not envelopes:
+    async def ack_many(self, envelopes: Iterable[Envelope[T]]) -> int:
+        """Ack several envelopes in one round trip; returns how many leases were still held.
+
+        Raises before touching anything if one of them is already settled.
+        """
+        envs = list(envelopes)
+        for env in envs:
+            env._check_unsettled()
+        if not envs:
             return 0
-        row = await self._fetchone(
-            self._sql["ACK_MANY"],
-            {
-                "ids": [e.id for e in envelopes],
-                "leases": list({e._lease for e in envelopes}),
-                "queue": self.name,
-            },
-        )
+        leases = {env._lease for env in envs}
+        ids = [env.id for env in envs]
+        if len(leases) == 1:
+            params: dict[str, Any] = {"ids": ids, "lease": leases.pop(), "queue": self.name}
+            row = await self._fetchone(self._sql["ACK_MANY"], params)
+        else:
+            params = {"ids": ids, "leases": [e._lease for e in envs], "queue": self.name}
+            row = await self._fetchone(self._sql["ACK_PAIRS"], params)
+        for env in envs:
+            env._settled = True
         return int(row[0]) if row else 0
 
-    async def _pop_loop(self, prefetch: int, poll: float) -> AsyncIterator[T]:
+    async def _pop_loop(self, prefetch: int, poll: float, handed: _Handed) -> AsyncIterator[T]:
+        params = {"n": prefetch, "queue": self.name}
+        retry = _Retry(self.name)
         async with self._db.wakeups(self._channel) as wakeup:
             while True:
-                wakeup.arm()
-                rows = await self._fetchall_shielded(
-                    self._sql["POP"], {"n": prefetch, "queue": self.name}
-                )
-                if not rows:
-                    await wakeup.wait(await self._idle_wait(poll))
-                    continue
-                handed = 0
+                rows = await self._read(self._sql["POP"], params, wakeup, poll, retry)
+                delivered = 0
                 try:
                     for row in rows:
-                        handed += 1
-                        yield json.loads(row[1])
+                        value = json.loads(row[1])
+                        handed.add(value, row)
+                        delivered += 1
+                        yield value
                 finally:
-                    if handed < len(rows):
-                        await self._unpop(rows[handed:])
+                    if delivered < len(rows):
+                        await self._unpop(rows[delivered:])
 
     async def _lease_loop(
         self, visibility: float, prefetch: int, poll: float
     ) -> AsyncIterator[Envelope[T]]:
-        params = {"n": prefetch, "max": self._max, "vis": visibility}
+        params = {"n": prefetch, "vis": visibility, "queue": self.name}
+        retry = _Retry(self.name)
         async with self._db.wakeups(self._channel) as wakeup:
             while True:
-                wakeup.arm()
-                rows = await self._fetchall_shielded(self._sql["CLAIM"], params)
+                rows = await self._read(self._sql["CLAIM"], params, wakeup, poll, retry)
+                rows.sort(key=lambda r: r[0])
+                envelopes = [self._envelope(row) for row in rows if not row[5]]
+                delivered = 0
+                try:
+                    for env in envelopes:
+                        delivered += 1
+                        yield env
+                finally:
+                    if delivered < len(envelopes):
+                        await self._release(envelopes[delivered:])
+
+    async def _read(
+        self,
+        query: bytes,
+        params: Mapping[str, Any],
+        wakeup: Wakeup,
+        poll: float,
+        retry: _Retry,
+    ) -> list[Any]:
+        """Take the next rows, sleeping while there are none and riding out failures."""
+        while True:
+            # A checkpoint outside the shield: a busy consumer can still be cancelled.
+            await anyio.lowlevel.checkpoint()
+            wakeup.arm()
+            try:
+                rows = await self._fetchall_shielded(query, params)
                 if not rows:
                     await wakeup.wait(await self._idle_wait(poll))
                     continue
-                rows.sort(key=lambda r: r[0])
-                envelopes = [self._envelope(row) for row in rows if not row[5]]
-                handed = 0
-                try:
-                    for env in envelopes:
-                        handed += 1
-                        yield env
-                finally:
-                    if handed < len(envelopes):
-                        await self._release(envelopes[handed:])
+            except DatabaseError as exc:
+                await retry.after(exc)
+                continue
+            retry.reset()
+            return rows
 
     def _envelope(self, row: Sequence[Any]) -> Envelope[T]:
         return Envelope(
@@ -313,10 +374,14 @@ class PgQueue(Generic[T]):
     async def _idle_wait(self, poll: float) -> float:
         """How long an idle subscriber may sleep: until the poll interval or the moment the
         next delayed message or expiring lease becomes visible, whichever is sooner."""
-        row = await self._fetchone(self._sql["NEXT_VISIBLE"], None)
-        if row is None or row[0] is None:
-            return poll
-        return min(poll, max(_MIN_IDLE_WAIT, float(row[0]) + 0.001))
+        # Shielded (and bounded): cancelling a query mid-flight would cost the connection.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_IDLE_QUERY_TIMEOUT):
+            row = await self._fetchone(self._sql["NEXT_VISIBLE"], None)
+            if row[0] is not None:
+                return min(poll, max(_MIN_IDLE_WAIT, float(row[0]) + 0.001))
+        return poll
+
+    # -- giving back what was read but not delivered -----------------------------------
 
     async def _unpop(self, rows: Sequence[Sequence[Any]]) -> None:
         params = {
@@ -325,31 +390,71 @@ class PgQueue(Generic[T]):
             "headers": [r[2] for r in rows],
             "attempts": [r[3] for r in rows],
             "enqueued": [r[4] for r in rows],
+            "visible": [r[5] for r in rows],
             "queue": self.name,
+            "channel": self._channel,
         }
-        await self._cleanup(self._sql["UNPOP"], params, "put back unread messages")
+        await self._cleanup(self._sql["UNPOP"], params, len(rows), "put back unread messages")
+
+    async def _give_back_values(self, handed: _Handed, values: list[Any]) -> None:
+        rows: list[tuple[Any, ...]] = []
+        unknown: list[str] = []
+        for value in reversed(values):
+            try:
+                payload = to_json("message", value)
+            except PayloadError as exc:  # changed in place into something unstorable
+                logger.error("queue %s: cannot put back a message: %s", self.name, exc)
+                continue
+            meta = handed.take(value)
+            if meta is None:
+                unknown.append(payload)
+            else:
+                rows.append((meta[0], payload, *meta[1:]))
+        if rows:
+            await self._unpop(rows[::-1])
+        if unknown:
+            logger.warning(
+                "queue %s: %d messages given back long after they were read are re-queued"
+                " as new messages",
+                self.name,
+                len(unknown),
+            )
+            params = {"payloads": unknown[::-1], "queue": self.name, "channel": self._channel}
+            await self._cleanup(self._sql["REINSERT"], params, len(unknown), "re-queue")
 
     async def _release(self, envelopes: Sequence[Envelope[T]]) -> None:
-        params = {"ids": [e.id for e in envelopes], "leases": list({e._lease for e in envelopes})}
-        await self._cleanup(self._sql["RELEASE"], params, "release unread leases")
+        envs = [e for e in envelopes if not e.settled]
+        if not envs:
+            return
+        params = {
+            "ids": [e.id for e in envs],
+            "leases": [e._lease for e in envs],
+            "channel": self._channel,
+        }
+        await self._cleanup(self._sql["RELEASE"], params, len(envs), "release unread leases")
 
-    async def _cleanup(self, query: bytes, params: Mapping[str, Any], what: str) -> None:
+    async def _cleanup(
+        self, query: bytes, params: Mapping[str, Any], count: int, what: str
+    ) -> None:
         # Runs while the stream closes, possibly because it was cancelled: shield it, bound
         # it, and never let it mask the exception that is closing the stream.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_TIMEOUT):
-            try:
-                async with self._db.connection() as conn:
-                    await conn.execute(query, params)
-            except DatabaseError as exc:
-                logger.warning("queue %s: could not %s: %s", self.name, what, exc)
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(_CLEANUP_TIMEOUT) as scope:
+                try:
+                    async with self._db.connection() as conn:
+                        await conn.execute(query, params)
+                    return
+                except DatabaseError as exc:
+                    logger.error("queue %s: could not %s (%d): %s", self.name, what, count, exc)
+                    return
+            if scope.cancelled_caught:
+                logger.error("queue %s: timed out trying to %s (%d)", self.name, what, count)
 
     # -- settling (called by Envelope) -------------------------------------------------
 
     async def _ack(self, env: Envelope[Any]) -> bool:
-        row = await self._fetchone(
-            self._sql["ACK"], {"id": env.id, "lease": env._lease, "queue": self.name}
-        )
-        return row is not None
+        params = {"id": env.id, "lease": env._lease, "queue": self.name}
+        return await self._fetchone(self._sql["ACK"], params, allow_none=True) is not None
 
     async def _nack(self, env: Envelope[Any], delay: float, error: str | None) -> bool:
         params = {
@@ -357,25 +462,24 @@ class PgQueue(Generic[T]):
             "lease": env._lease,
             "delay": delay,
             "error": error,
-            "max": self._max,
+            "queue": self.name,
+            "channel": self._channel,
         }
-        return await self._fetchone(self._sql["NACK"], params) is not None
+        return await self._fetchone(self._sql["NACK"], params, allow_none=True) is not None
 
     async def _extend(self, env: Envelope[Any], seconds: float) -> None:
         params = {"id": env.id, "lease": env._lease, "seconds": seconds}
-        if await self._fetchone(self._sql["EXTEND"], params) is None:
-            raise LeaseLostError(f"message {env.id}: attempt {env.attempts}'s lease is lost")
+        if await self._fetchone(self._sql["EXTEND"], params, allow_none=True) is None:
+            raise LeaseLostError(f"message {env.id}: the lease of attempt {env.attempts} is lost")
 
     # -- administration ----------------------------------------------------------------
 
     async def metrics(self) -> QueueMetrics:
         """Exact counts at one instant (one consistent snapshot)."""
         row = await self._fetchone(self._sql["METRICS"], {"queue": self.name})
-        assert row is not None
         pending, processing, dead, completed = (int(v) for v in row)
-        return QueueMetrics(
-            pending, processing, completed, dead, pending + processing + dead + completed
-        )
+        total = pending + processing + dead + completed
+        return QueueMetrics(pending, processing, completed, dead, total)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadMessage]:
         """The oldest ``limit`` messages of the dead set."""
@@ -391,12 +495,12 @@ class PgQueue(Generic[T]):
     async def requeue_dead(self) -> int:
         """Make every dead message deliverable again with attempts reset; returns the count."""
         row = await self._fetchone(self._sql["REQUEUE_DEAD"], {"channel": self._channel})
-        return int(row[0]) if row else 0
+        return int(row[0])
 
     async def purge(self) -> int:
         """Delete every message (pending, leased and dead); returns how many."""
         row = await self._fetchone(self._sql["PURGE"], None)
-        return int(row[0]) if row else 0
+        return int(row[0])
 
     async def drop(self) -> None:
         """Delete the queue, its messages and its counters."""
@@ -415,14 +519,20 @@ class PgQueue(Generic[T]):
         query: bytes,
         params: Mapping[str, Any] | None,
         conn: AsyncConnection[Any] | None = None,
+        *,
+        allow_none: bool = False,
     ) -> Any:
         if conn is not None:
             with translate_errors():
                 cur = await conn.execute(query, params)
-                return await cur.fetchone()
-        async with self._db.connection() as own:
-            cur = await own.execute(query, params)
-            return await cur.fetchone()
+                row = await cur.fetchone()
+        else:
+            async with self._db.connection() as own:
+                cur = await own.execute(query, params)
+                row = await cur.fetchone()
+        if row is None and not allow_none:
+            raise DatabaseError(f"queue {self.name}: the statement returned no row")
+        return row
 
     async def _fetchall_shielded(self, query: bytes, params: Mapping[str, Any]) -> list[Any]:
         # The statement takes rows (it deletes or leases them): once started, let it finish

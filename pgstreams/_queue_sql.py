@@ -20,9 +20,15 @@ CREATE TABLE IF NOT EXISTS {table} (
 CREATE INDEX IF NOT EXISTS {ready_idx} ON {table} (visible_at, id) WHERE dead_at IS NULL;
 """
 
-REGISTER = """
+# create(max_attempts=...) sets the limit; create() without it keeps what is stored.
+REGISTER_SET = """
 INSERT INTO {queues} (name, max_attempts) VALUES (%(queue)s, %(max)s)
 ON CONFLICT (name) DO UPDATE SET max_attempts = EXCLUDED.max_attempts
+"""
+
+REGISTER_KEEP = """
+INSERT INTO {queues} (name, max_attempts) VALUES (%(queue)s, NULL)
+ON CONFLICT (name) DO NOTHING
 """
 
 REGISTER_SHARDS = """
@@ -30,6 +36,12 @@ INSERT INTO {stats} (queue, shard)
 SELECT %(queue)s, g FROM generate_series(0, %(shards)s - 1) AS g
 ON CONFLICT DO NOTHING
 """
+
+# The queue's max_attempts, read from the registry by every statement that needs it, so
+# all handles and processes apply the limit stored with the queue.
+_LIMIT = (
+    """(SELECT coalesce(max_attempts, 2147483647) AS max FROM {queues} WHERE name = %(queue)s)"""
+)
 
 # The shard a statement bumps: spreads concurrent consumers over SHARDS counter rows.
 _SHARD = f"pg_backend_pid() %% {SHARDS}"
@@ -55,8 +67,8 @@ WITH m AS (
 SELECT array_agg(id ORDER BY id), pg_notify(%(channel)s, '') FROM m
 """
 
-# Auto-ack: delete what is read. Payloads come back as text so that messages read ahead
-# and never handed downstream can be put back byte for byte.
+# Auto-ack: delete what is read. Payloads come back as text, and visible_at with them, so
+# that messages read but never delivered can be put back byte for byte, in their place.
 POP = f"""
 WITH d AS (
     DELETE FROM {{table}}
@@ -67,42 +79,59 @@ WITH d AS (
         LIMIT %(n)s
         FOR UPDATE SKIP LOCKED
     ))
-    RETURNING id, payload, headers, attempts, enqueued_at
+    RETURNING id, payload, headers, attempts, enqueued_at, visible_at
 ), s AS (
     UPDATE {{stats}} SET completed = completed + (SELECT count(*) FROM d)
     WHERE queue = %(queue)s AND shard = {_SHARD}
 )
-SELECT id, payload::text, headers::text, attempts, enqueued_at FROM d ORDER BY id
+SELECT id, payload::text, headers::text, attempts, enqueued_at, visible_at
+FROM d ORDER BY visible_at, id
 """
 
 UNPOP = f"""
 WITH r AS (
     INSERT INTO {{table}} (id, payload, headers, attempts, enqueued_at, visible_at)
     OVERRIDING SYSTEM VALUE
-    SELECT id, p::jsonb, h::jsonb, a, e, now()
+    SELECT id, p::jsonb, h::jsonb, a, e, v
     FROM unnest(%(ids)s::bigint[], %(payloads)s::text[], %(headers)s::text[],
-                %(attempts)s::int[], %(enqueued)s::timestamptz[]) AS x(id, p, h, a, e)
+                %(attempts)s::int[], %(enqueued)s::timestamptz[], %(visible)s::timestamptz[])
+         AS x(id, p, h, a, e, v)
     RETURNING 1
+), s AS (
+    UPDATE {{stats}} SET completed = completed - (SELECT count(*) FROM r)
+    WHERE queue = %(queue)s AND shard = {_SHARD}
 )
-UPDATE {{stats}} SET completed = completed - (SELECT count(*) FROM r)
-WHERE queue = %(queue)s AND shard = {_SHARD}
+SELECT count(*), pg_notify(%(channel)s, '') FROM r
+"""
+
+# A message given back whose original row is no longer known: appended as a new message.
+REINSERT = f"""
+WITH r AS (
+    INSERT INTO {{table}} (payload) SELECT p::jsonb FROM unnest(%(payloads)s::text[]) AS x(p)
+    RETURNING 1
+), s AS (
+    UPDATE {{stats}} SET completed = completed - (SELECT count(*) FROM r)
+    WHERE queue = %(queue)s AND shard = {_SHARD}
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM r
 """
 
 # Manual ack: lease up to n messages in one UPDATE. A message already delivered
 # max_attempts times whose lease ran out goes to the dead set instead; it comes back with
 # is_dead set and is not delivered. The candidates are picked in an ARRAY() subquery so
 # that PostgreSQL can plan the statement cheaply every time.
-CLAIM = """
-UPDATE {table} SET
-    attempts   = CASE WHEN attempts < %(max)s THEN attempts + 1 ELSE attempts END,
-    lease      = CASE WHEN attempts < %(max)s THEN pg_current_xact_id()::text::bigint END,
-    dead_at    = CASE WHEN attempts < %(max)s THEN NULL ELSE now() END,
-    visible_at = CASE WHEN attempts < %(max)s
+CLAIM = f"""
+UPDATE {{table}} SET
+    attempts   = CASE WHEN attempts < m.max THEN attempts + 1 ELSE attempts END,
+    lease      = CASE WHEN attempts < m.max THEN pg_current_xact_id()::text::bigint END,
+    dead_at    = CASE WHEN attempts < m.max THEN NULL ELSE now() END,
+    visible_at = CASE WHEN attempts < m.max
                       THEN now() + %(vis)s * interval '1 second' ELSE visible_at END,
     last_error = CASE WHEN lease IS NOT NULL
                       THEN 'visibility timeout expired' ELSE last_error END
+FROM {_LIMIT} AS m
 WHERE id = ANY(ARRAY(
-    SELECT id FROM {table}
+    SELECT id FROM {{table}}
     WHERE dead_at IS NULL AND visible_at <= now()
     ORDER BY visible_at, id
     LIMIT %(n)s
@@ -111,10 +140,17 @@ WHERE id = ANY(ARRAY(
 RETURNING id, payload::text, headers::text, attempts, enqueued_at, dead_at IS NOT NULL, lease
 """
 
-# Hand back leases that were read ahead but never given to the consumer: as if unread.
+# Hand back leases that were read but never delivered: as if never read, and back near
+# their place in line (the claim overwrote visible_at; enqueued_at is where they started).
 RELEASE = """
-UPDATE {table} SET attempts = attempts - 1, lease = NULL, visible_at = now()
-WHERE id = ANY(%(ids)s::bigint[]) AND lease = ANY(%(leases)s::bigint[]) AND dead_at IS NULL
+WITH r AS (
+    UPDATE {table} t
+    SET attempts = t.attempts - 1, lease = NULL, visible_at = least(t.enqueued_at, now())
+    FROM unnest(%(ids)s::bigint[], %(leases)s::bigint[]) AS x(id, lease)
+    WHERE t.id = x.id AND t.lease = x.lease AND t.dead_at IS NULL
+    RETURNING 1
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM r
 """
 
 # A lease is (id, lease) where lease is the claiming transaction's id: unique per claim
@@ -128,10 +164,12 @@ WHERE queue = %(queue)s AND shard = {_SHARD} AND EXISTS (SELECT FROM d)
 RETURNING 1
 """
 
+# Envelopes of one claim share its lease, so the usual batch is matched with two ANY()
+# tests; ACK_PAIRS matches (id, lease) pairs exactly for envelopes of several claims.
 ACK_MANY = f"""
 WITH d AS (
     DELETE FROM {{table}}
-    WHERE id = ANY(%(ids)s::bigint[]) AND lease = ANY(%(leases)s::bigint[])
+    WHERE id = ANY(%(ids)s::bigint[]) AND lease = %(lease)s
     RETURNING id
 ), n AS (SELECT count(*) AS c FROM d)
 UPDATE {{stats}} SET completed = completed + n.c FROM n
@@ -139,14 +177,28 @@ WHERE queue = %(queue)s AND shard = {_SHARD}
 RETURNING n.c
 """
 
-NACK = """
-UPDATE {table}
+ACK_PAIRS = f"""
+WITH d AS (
+    DELETE FROM {{table}} t
+    USING unnest(%(ids)s::bigint[], %(leases)s::bigint[]) AS x(id, lease)
+    WHERE t.id = x.id AND t.lease = x.lease
+    RETURNING t.id
+), n AS (SELECT count(*) AS c FROM d)
+UPDATE {{stats}} SET completed = completed + n.c FROM n
+WHERE queue = %(queue)s AND shard = {_SHARD}
+RETURNING n.c
+"""
+
+# A nack wakes idle consumers: the message may be visible again at once.
+NACK = f"""
+UPDATE {{table}}
 SET lease = NULL,
     visible_at = now() + %(delay)s * interval '1 second',
     last_error = coalesce(%(error)s, last_error),
-    dead_at = CASE WHEN attempts >= %(max)s THEN now() END
+    dead_at = CASE WHEN attempts >= m.max THEN now() END
+FROM {_LIMIT} AS m
 WHERE id = %(id)s AND lease = %(lease)s AND dead_at IS NULL
-RETURNING 1
+RETURNING pg_notify(%(channel)s, '')
 """
 
 EXTEND = """

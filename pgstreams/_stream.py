@@ -10,30 +10,38 @@ Guarantees a caller relies on:
   connections, drop their LISTEN registrations and release unhanded leases.
 * An exception raised by a callback or a source propagates unchanged (never wrapped in an
   ``ExceptionGroup``) after the chain has been closed.
+* Items an operator read ahead but never handed on (in a ``buffer``, a partial ``batch``, in
+  transit in ``merge``, or waiting in ``throttle``) are given back to their source when the
+  chain closes, if the source accepts them (queues do: they put messages back or release
+  leases). An item handed to a callback counts as delivered.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeAlias, TypeVar, Union, overload
 
 import anyio
-from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
 
 from ._errors import EmptyStreamError, InvalidArgumentError
 
-__all__ = ["Stream", "merge"]
+__all__ = ["PutBack", "Stream", "merge"]
+
+logger = logging.getLogger("pgstreams.stream")
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 U = TypeVar("U")
 
 MaybeAwaitable: TypeAlias = Union[U, Awaitable[U]]  # noqa: UP007
+PutBack: TypeAlias = Callable[[list[Any]], Awaitable[None]]
+"""How a source takes back items that were read from it but never delivered."""
 
 
 async def _call(fn: Callable[[T], MaybeAwaitable[U]], item: T) -> U:
@@ -63,14 +71,20 @@ class Stream(Generic[T_co]):
     the chain at once rather than when the garbage collector gets to it.
     """
 
-    __slots__ = ("_factory", "_iterator", "_started")
+    __slots__ = ("_factory", "_iterator", "_putback", "_started")
 
-    def __init__(self, source: AsyncIterable[T_co] | Callable[[], AsyncIterable[T_co]]) -> None:
+    def __init__(
+        self,
+        source: AsyncIterable[T_co] | Callable[[], AsyncIterable[T_co]],
+        *,
+        putback: PutBack | None = None,
+    ) -> None:
         if callable(source) and not isinstance(source, AsyncIterable):
             self._factory: Callable[[], AsyncIterable[T_co]] = source
         else:
             iterable = source
             self._factory = lambda: iterable
+        self._putback = putback
         self._iterator: AsyncIterator[T_co] | None = None
         self._started = False
 
@@ -101,8 +115,12 @@ class Stream(Generic[T_co]):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _pipe(self, op: Callable[[AsyncIterator[Any]], AsyncIterator[U]]) -> Stream[U]:
-        return Stream(lambda: op(self))
+    def _pipe(
+        self, op: Callable[[Stream[T_co]], AsyncIterator[U]], *, passthrough: bool = False
+    ) -> Stream[U]:
+        # An operator that hands on upstream's own items (filter, take, ...) can pass a
+        # give-back request straight up; one that makes new items cannot.
+        return Stream(lambda: op(self), putback=self._putback if passthrough else None)
 
     # -- operators ---------------------------------------------------------------------
 
@@ -135,7 +153,7 @@ class Stream(Generic[T_co]):
                     if await _call(pred, item):
                         yield item
 
-        return self._pipe(op)
+        return self._pipe(op, passthrough=True)
 
     def take(self, n: int) -> Stream[T_co]:
         """The first ``n`` items; upstream is closed as soon as the n-th is handed on."""
@@ -152,7 +170,7 @@ class Stream(Generic[T_co]):
                     if taken >= n:
                         return
 
-        return self._pipe(op)
+        return self._pipe(op, passthrough=True)
 
     def take_while(self, pred: Callable[[T_co], MaybeAwaitable[bool]]) -> Stream[T_co]:
         """Items up to (not including) the first for which ``pred`` is false."""
@@ -164,7 +182,7 @@ class Stream(Generic[T_co]):
                         return
                     yield item
 
-        return self._pipe(op)
+        return self._pipe(op, passthrough=True)
 
     def skip(self, n: int) -> Stream[T_co]:
         """Drop the first ``n`` items."""
@@ -179,7 +197,7 @@ class Stream(Generic[T_co]):
                         continue
                     yield item
 
-        return self._pipe(op)
+        return self._pipe(op, passthrough=True)
 
     def tap(self, fn: Callable[[T_co], MaybeAwaitable[object]]) -> Stream[T_co]:
         """Call ``fn`` on each item for its side effect and pass the item on unchanged."""
@@ -190,23 +208,29 @@ class Stream(Generic[T_co]):
                     await _call(fn, item)
                     yield item
 
-        return self._pipe(op)
+        return self._pipe(op, passthrough=True)
 
     def batch(self, size: int, *, within: float | None = None) -> Stream[list[T_co]]:
         """Group items into lists of ``size``; with ``within``, a partial batch is emitted
         once ``within`` seconds have passed since its first item. The last partial batch
         is always emitted when upstream ends."""
         _check_int("size", size)
-        if within is None:
-            return self._pipe(lambda src: _batch_plain(src, size))
-        if within <= 0 or math.isnan(within):
-            raise InvalidArgumentError(f"within must be positive, got {within!r}")
-        return self._pipe(lambda src: _batch_within(src, size, within))
+        if within is not None and (not within > 0 or math.isinf(within)):
+            raise InvalidArgumentError(f"within must be a positive number, got {within!r}")
+        upstream = self._putback
+
+        async def putback(batches: list[Any]) -> None:
+            assert upstream is not None
+            await upstream([item for batch in batches for item in batch])
+
+        return Stream(
+            lambda: _batch(self, size, within), putback=putback if upstream is not None else None
+        )
 
     def buffer(self, n: int) -> Stream[T_co]:
         """Read ahead up to ``n`` items in a background task (decouples producer and consumer)."""
         _check_int("n", n)
-        return self._pipe(lambda src: _buffer(src, n))
+        return self._pipe(lambda src: _buffer(src, n), passthrough=True)
 
     def throttle(self, per_second: float) -> Stream[T_co]:
         """Emit at most ``per_second`` items per second (evenly spaced)."""
@@ -220,15 +244,28 @@ class Stream(Generic[T_co]):
                 async for item in src:
                     now = anyio.current_time()
                     if now < next_at:
-                        await anyio.sleep(next_at - now)
+                        try:
+                            await anyio.sleep(next_at - now)
+                        except BaseException:
+                            await _give_back(src, [item])
+                            raise
                     next_at = max(now, next_at) + interval
                     yield item
 
-        return self._pipe(op)
+        return self._pipe(op, passthrough=True)
 
     def through(self, op: Callable[[Stream[T_co]], AsyncIterable[U]]) -> Stream[U]:
-        """Apply a stream-to-iterable function, e.g. ``ps.trigger(...)``."""
-        return Stream(lambda: op(self))
+        """Apply a stream-to-iterable function, e.g. ``ps.trigger(...)``; closing the result
+        closes both what ``op`` returned and this stream."""
+
+        async def gen() -> AsyncIterator[U]:
+            async with _closing(self):
+                iterator = aiter(op(self))
+                async with _closing(iterator):
+                    async for item in iterator:
+                        yield item
+
+        return Stream(gen)
 
     # -- terminals ---------------------------------------------------------------------
 
@@ -262,26 +299,29 @@ class Stream(Generic[T_co]):
 def merge(*streams: AsyncIterable[T]) -> Stream[T]:
     """Interleave several streams as their items arrive; ends when all have ended.
 
-    The first error from any input closes all of them and propagates unchanged.
+    The first error from any input closes all of them and propagates unchanged. An item in
+    transit when the merge closes goes back to the stream it came from.
     """
 
     async def gen() -> AsyncIterator[T]:
-        send, receive = anyio.create_memory_object_stream[T | _Failure | _Done](0)
+        handoff = _Handoff(1)
         remaining = len(streams)
-
-        with send, receive:
-            async with _TaskScope() as tg:
-                for source in streams:
-                    tg.start_soon(_forward, source, send)
+        try:
+            async with _TaskScope() as scope:
+                for origin, source in enumerate(streams):
+                    scope.start_soon(_forward, source, handoff, origin)
                 while remaining:
-                    msg = await receive.receive()
+                    _, msg = await handoff.get()
                     if isinstance(msg, _Done):
                         remaining -= 1
                     elif isinstance(msg, _Failure):
-                        tg.fail(msg.error)
+                        scope.fail(msg.error)
                         return
                     else:
                         yield msg
+        finally:
+            for origin, items in handoff.leftovers().items():
+                await _give_back(streams[origin], items)
 
     return Stream(gen)
 
@@ -290,7 +330,7 @@ def merge(*streams: AsyncIterable[T]) -> Stream[T]:
 
 
 @asynccontextmanager
-async def _closing(iterator: AsyncIterator[Any]) -> AsyncIterator[None]:
+async def _closing(iterator: AsyncIterable[Any]) -> AsyncIterator[None]:
     """Close ``iterator`` on exit if it can be closed (async generators and streams can)."""
     try:
         yield
@@ -300,9 +340,81 @@ async def _closing(iterator: AsyncIterator[Any]) -> AsyncIterator[None]:
             await aclose()
 
 
+async def _give_back(source: object, items: list[Any]) -> None:
+    """Return undelivered ``items`` to ``source`` if it takes them back (shielded)."""
+    putback = source._putback if isinstance(source, Stream) else None
+    if not items or putback is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await putback(items)
+        except Exception:  # must not mask the exception that is closing the chain
+            logger.exception("could not give %d unread items back to their source", len(items))
+
+
 def _check_int(what: str, value: object, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidArgumentError(f"{what} must be an integer >= {minimum}, got {value!r}")
+
+
+class _Handoff:
+    """A bounded hand-over point from producer tasks to the consumer of an operator.
+
+    Every item is at all times either still in here -- and can be given back to its source
+    when the operator closes -- or taken by the consumer, so nothing falls in between, not
+    even when a producer is cancelled while waiting for room.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._items: deque[tuple[int, Any]] = deque()
+        self._capacity = capacity
+        self._changed = anyio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def put(self, origin: int, item: Any) -> None:
+        try:
+            while len(self._items) >= self._capacity:
+                await self._changed.wait()
+        finally:  # also when cancelled: then it stays here to be given back
+            self.put_nowait(origin, item)
+
+    def put_nowait(self, origin: int, item: Any) -> None:
+        self._items.append((origin, item))
+        self._notify()
+
+    async def get(self) -> tuple[int, Any]:
+        while not self._items:
+            await self._changed.wait()
+        entry = self._items.popleft()
+        self._notify()
+        return entry
+
+    def leftovers(self) -> dict[int, list[Any]]:
+        """Take every item still held (end markers excluded), grouped by origin."""
+        grouped: dict[int, list[Any]] = {}
+        for origin, item in self._items:
+            if not isinstance(item, _Done | _Failure):
+                grouped.setdefault(origin, []).append(item)
+        self._items.clear()
+        return grouped
+
+
+async def _forward(source: AsyncIterable[Any], handoff: _Handoff, origin: int = 0) -> None:
+    """Copy ``source`` into ``handoff``, ending with _DONE or a _Failure (never raising)."""
+    try:
+        iterator = aiter(source)
+        async with _closing(iterator):
+            async for item in iterator:
+                await handoff.put(origin, item)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception as exc:
+        handoff.put_nowait(origin, _Failure(exc))
+        return
+    handoff.put_nowait(origin, _DONE)
 
 
 class _TaskScope:
@@ -323,10 +435,6 @@ class _TaskScope:
     def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         self._tg.start_soon(fn, *args)
 
-    @property
-    def group(self) -> TaskGroup:
-        return self._tg
-
     def fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
@@ -346,32 +454,18 @@ class _TaskScope:
         return False
 
 
-async def _forward(source: AsyncIterable[T], send: MemoryObjectSendStream[Any]) -> None:
-    """Copy ``source`` into ``send``, ending with _DONE or a _Failure (never raising)."""
-    try:
-        iterator = aiter(source)
-        async with _closing(iterator):
-            async for item in iterator:
-                await send.send(item)
-    except anyio.get_cancelled_exc_class():
-        raise
-    except Exception as exc:
-        await send.send(_Failure(exc))
-        return
-    await send.send(_DONE)
-
-
-async def _map_serial(src: AsyncIterator[T], fn: Callable[[T], Any]) -> AsyncIterator[Any]:
+async def _map_serial(src: Stream[T], fn: Callable[[T], Any]) -> AsyncIterator[Any]:
     async with _closing(src):
         async for item in src:
             yield await _call(fn, item)
 
 
 async def _map_concurrent(
-    src: AsyncIterator[T], fn: Callable[[T], Any], concurrency: int, ordered: bool
+    src: Stream[T], fn: Callable[[T], Any], concurrency: int, ordered: bool
 ) -> AsyncIterator[Any]:
-    # A slot is taken when an item is pulled and given back when its result is yielded,
-    # so at most `concurrency` items are in flight or waiting to be yielded.
+    # A slot is taken before an item is pulled and given back when its result is yielded,
+    # so nothing is read ahead of a free slot, and at most `concurrency` items are in
+    # flight or waiting to be yielded. An item handed to `fn` counts as delivered.
     slots = anyio.Semaphore(concurrency)
     send, receive = anyio.create_memory_object_stream[tuple[int, Any]](concurrency + 1)
 
@@ -389,7 +483,7 @@ async def _map_concurrent(
         try:
             async with _closing(src):
                 while True:
-                    await slots.acquire()  # before pulling, so nothing is read ahead of a slot
+                    await slots.acquire()
                     try:
                         item = await anext(src)
                     except StopAsyncIteration:
@@ -430,62 +524,69 @@ async def _map_concurrent(
                     yield ready
 
 
-async def _batch_plain(src: AsyncIterator[T], size: int) -> AsyncIterator[list[T]]:
-    async with _closing(src):
-        batch: list[T] = []
-        async for item in src:
-            batch.append(item)
-            if len(batch) >= size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+async def _batch(src: Stream[T], size: int, within: float | None) -> AsyncIterator[list[T]]:
+    batch: list[T] = []
+    held: list[T] = []
+    try:
+        if within is None:
+            async with _closing(src):
+                async for item in src:
+                    batch.append(item)
+                    if len(batch) >= size:
+                        out, batch = batch, []
+                        yield out
+            if batch:
+                out, batch = batch, []
+                yield out
+            return
+        # Upstream is read by a task, so that waiting for the next item can time out
+        # without abandoning an item half-way through upstream's __anext__.
+        handoff = _Handoff(1)
+        try:
+            async with _TaskScope() as scope:
+                scope.start_soon(_forward, src, handoff)
+                deadline = math.inf
+                while True:
+                    entry: tuple[int, Any] | None = None
+                    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                        entry = await handoff.get()
+                    if entry is None:  # timed out with a partial batch
+                        out, batch, deadline = batch, [], math.inf
+                        yield out
+                        continue
+                    msg = entry[1]
+                    if isinstance(msg, _Failure):
+                        scope.fail(msg.error)
+                        return
+                    if isinstance(msg, _Done):
+                        if batch:
+                            out, batch = batch, []
+                            yield out
+                        return
+                    if not batch:
+                        deadline = anyio.current_time() + within
+                    batch.append(msg)
+                    if len(batch) >= size:
+                        out, batch, deadline = batch, [], math.inf
+                        yield out
+        finally:
+            held = handoff.leftovers().get(0, [])
+    finally:
+        await _give_back(src, batch + held)
 
 
-async def _batch_within(src: AsyncIterator[T], size: int, within: float) -> AsyncIterator[list[T]]:
-    # Upstream is read by a task so that waiting for the next item can time out without
-    # abandoning an item half-way through upstream's __anext__.
-    send, receive = anyio.create_memory_object_stream[T | _Failure | _Done](0)
-
-    with send, receive:
+async def _buffer(src: Stream[T], n: int) -> AsyncIterator[T]:
+    handoff = _Handoff(n)
+    try:
         async with _TaskScope() as scope:
-            scope.start_soon(_forward, src, send)
-            batch: list[T] = []
-            deadline = math.inf
+            scope.start_soon(_forward, src, handoff)
             while True:
-                msg: T | _Failure | _Done | None = None
-                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                    msg = await receive.receive()
-                if msg is None:  # timed out with a partial batch
-                    yield batch
-                    batch, deadline = [], math.inf
-                    continue
-                if isinstance(msg, _Failure):
-                    scope.fail(msg.error)
-                    return
-                if isinstance(msg, _Done):
-                    if batch:
-                        yield batch
-                    return
-                if not batch:
-                    deadline = anyio.current_time() + within
-                batch.append(msg)
-                if len(batch) >= size:
-                    yield batch
-                    batch, deadline = [], math.inf
-
-
-async def _buffer(src: AsyncIterator[T], n: int) -> AsyncIterator[T]:
-    send, receive = anyio.create_memory_object_stream[T | _Failure | _Done](n)
-
-    with send, receive:
-        async with _TaskScope() as scope:
-            scope.start_soon(_forward, src, send)
-            while True:
-                msg = await receive.receive()
+                _, msg = await handoff.get()
                 if isinstance(msg, _Failure):
                     scope.fail(msg.error)
                     return
                 if isinstance(msg, _Done):
                     return
                 yield msg
+    finally:
+        await _give_back(src, handoff.leftovers().get(0, []))

@@ -18,6 +18,7 @@ NAME_MAX_LENGTH = 48
 """Room for the library's prefixes and suffixes inside PostgreSQL's 63-byte identifiers."""
 
 _NAME_RE = re.compile(r"[a-z0-9_]+")
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def check_name(kind: str, name: object) -> str:
@@ -68,7 +69,8 @@ def to_json(what: str, value: object) -> str:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
-    if "\\u0000" in text:
+    # json.dumps writes a NUL as \u0000; an escaped backslash before "u0000" is plain text.
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise PayloadError(f"{what} contains a NUL character, which jsonb cannot store")
     return text
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import anyio
 import pytest
 
 import pgstreams as ps
@@ -43,3 +44,12 @@ async def db(dsn: str) -> AsyncIterator[ps.Database]:
         yield database
         assert database.connections_in_use == 0
         assert database.listener.subscriber_count() == 0
+        # Every connection is back in the pool (once replacements for dropped ones are in).
+        assert database.pool is not None
+        with anyio.fail_after(10):
+            while True:
+                stats = database.pool.get_stats()
+                if stats.get("pool_size", 0) == stats.get("pool_available", 0):
+                    break
+                await anyio.sleep(0.01)
+        assert stats.get("requests_waiting", 0) == 0

@@ -88,17 +88,30 @@ def fresh_database(admin_dsn: str, label: str) -> Iterator[str]:
             )
 
 
+def _maintenance(dsn: str) -> tuple[str, str]:
+    """(DSN of the server's `postgres` database, name of ``dsn``'s database)."""
+    params = conninfo_to_dict(dsn)
+    name = str(params.get("dbname") or params.get("user") or "postgres")
+    params["dbname"] = "postgres"
+    return make_conninfo("", **params), name
+
+
 def terminate_backends(
     dsn: str, *, application_name: str | None = None, pid: int | None = None
 ) -> int:
-    """``pg_terminate_backend`` matching backends of this DSN's database; returns how many."""
-    with admin_connect(dsn) as conn:
+    """``pg_terminate_backend`` matching backends of this DSN's database; returns how many.
+
+    Runs from the maintenance database (so it works while the target refuses connections)
+    and waits until each backend has really gone.
+    """
+    maintenance, name = _maintenance(dsn)
+    with admin_connect(maintenance) as conn:
         cur = conn.execute(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+            " WHERE datname = %(db)s AND pid <> pg_backend_pid()"
             " AND (%(app)s::text IS NULL OR application_name = %(app)s)"
             " AND (%(pid)s::int IS NULL OR pid = %(pid)s)",
-            {"app": application_name, "pid": pid},
+            {"db": name, "app": application_name, "pid": pid},
         )
         row = cur.fetchone()
         return int(row[0]) if row else 0
@@ -115,3 +128,14 @@ def count_backends(dsn: str, *, application_name: str | None = None) -> int:
         )
         row = cur.fetchone()
         return int(row[0]) if row else 0
+
+
+def allow_connections(dsn: str, allow: bool) -> None:
+    """``ALTER DATABASE ... ALLOW_CONNECTIONS``, run from the maintenance database."""
+    maintenance, name = _maintenance(dsn)
+    with admin_connect(maintenance) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(name), sql.Literal(allow)
+            )
+        )

@@ -118,3 +118,9 @@ def test_errors_share_one_base() -> None:
 def test_bad_schema_name() -> None:
     with pytest.raises(ps.InvalidArgumentError):
         ps.connect("postgresql://x", schema="Bad-Schema")
+
+
+async def test_escaped_nul_text_is_a_valid_payload(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, "nul_text")
+    await q.publish(r"C:\u0000dir")
+    assert await q.subscribe().first() == r"C:\u0000dir"
