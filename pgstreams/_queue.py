@@ -50,6 +50,8 @@ _CLEANUP_TIMEOUT = 10.0
 _IDLE_QUERY_TIMEOUT = 10.0
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _HANDED_MEMORY = 4096
+LIMIT_TTL = 5.0
+"""Seconds a handle trusts its cached copy of the queue's stored max_attempts."""
 
 
 class _Unset:
@@ -105,25 +107,31 @@ class _Handed:
     """What an auto-ack subscription handed downstream lately, by value identity.
 
     When an operator gives values back (it read them ahead and never delivered them), this
-    finds their rows so they are restored with their id, headers, attempts and enqueue time.
-    Only metadata is kept -- the payload is serialised again from the value -- and only for
-    the last few thousand messages, which is far more than any read-ahead holds.
+    finds their rows so they are restored with their id, headers, attempts and place in
+    line. Only metadata is kept -- the payload is serialised again from the value -- and
+    only for the last few thousand messages, far more than any read-ahead holds.
     """
 
     def __init__(self) -> None:
-        self._rows: deque[tuple[Any, tuple[Any, ...]]] = deque(maxlen=_HANDED_MEMORY)
+        self._batches: deque[tuple[list[Any], list[tuple[Any, ...] | None]]] = deque()
+        self._count = 0
 
-    def add(self, value: Any, row: Sequence[Any]) -> None:
-        # (id, headers, attempts, enqueued_at, visible_at): the row less its payload.
-        self._rows.append((value, (row[0], row[2], row[3], row[4], row[5])))
+    def add(self, values: list[Any], rows: Sequence[Sequence[Any]]) -> None:
+        # (id, headers, attempts, enqueued_at, visible_at): each row less its payload.
+        metas: list[tuple[Any, ...] | None] = [(r[0], r[2], r[3], r[4], r[5]) for r in rows]
+        self._batches.append((values, metas))
+        self._count += len(values)
+        while self._count - len(self._batches[0][0]) >= _HANDED_MEMORY:
+            self._count -= len(self._batches.popleft()[0])
 
     def take(self, value: Any) -> tuple[Any, ...] | None:
         # Given-back values are the most recent ones, so search from the newest.
-        for i in range(len(self._rows) - 1, -1, -1):
-            if self._rows[i][0] is value:
-                meta = self._rows[i][1]
-                del self._rows[i]
-                return meta
+        for values, metas in reversed(self._batches):
+            for i in range(len(values) - 1, -1, -1):
+                meta: tuple[Any, ...] | None = metas[i]
+                if meta is not None and values[i] is value:
+                    metas[i] = None
+                    return meta
         return None
 
 
@@ -162,6 +170,7 @@ class PgQueue(Generic[T]):
             "stats": sql.Identifier(db.schema, "queue_stats"),
             "queues": sql.Identifier(db.schema, "queues"),
         }
+        self._limit: tuple[float, int] | None = None  # (read at, max_attempts)
         # Rendered once: identifiers are fixed per queue, so each call sends ready bytes.
         self._sql: dict[str, bytes] = {
             key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
@@ -192,6 +201,7 @@ class PgQueue(Generic[T]):
             keep = isinstance(max_attempts, _Unset)
             await conn.execute(queue._sql["REGISTER_KEEP" if keep else "REGISTER_SET"], params)
             await conn.execute(queue._sql["REGISTER_SHARDS"], params)
+        queue._limit = None
         return queue
 
     # -- publishing --------------------------------------------------------------------
@@ -300,17 +310,31 @@ class PgQueue(Generic[T]):
             env._settled = True
         return int(row[0]) if row else 0
 
+    async def _max_attempts(self) -> int:
+        """The stored max_attempts (2**31-1 = unlimited), re-read every LIMIT_TTL seconds.
+
+        Reading it from the registry inside every claim would cost a lookup each time;
+        a change made by ``create(max_attempts=...)`` reaches running handles this soon.
+        """
+        now = anyio.current_time()
+        if self._limit is None or now - self._limit[0] > LIMIT_TTL:
+            row = await self._fetchone(self._sql["LIMIT"], {"queue": self.name}, allow_none=True)
+            if row is None:
+                raise DatabaseError(f"queue {self.name!r} does not exist; create it first")
+            self._limit = (now, int(row[0]))
+        return self._limit[1]
+
     async def _pop_loop(self, prefetch: int, poll: float, handed: _Handed) -> AsyncIterator[T]:
         params = {"n": prefetch, "queue": self.name}
         retry = _Retry(self.name)
         async with self._db.wakeups(self._channel) as wakeup:
             while True:
                 rows = await self._read(self._sql["POP"], params, wakeup, poll, retry)
+                values = [json.loads(row[1]) for row in rows]
+                handed.add(values, rows)
                 delivered = 0
                 try:
-                    for row in rows:
-                        value = json.loads(row[1])
-                        handed.add(value, row)
+                    for value in values:
                         delivered += 1
                         yield value
                 finally:
@@ -320,10 +344,11 @@ class PgQueue(Generic[T]):
     async def _lease_loop(
         self, visibility: float, prefetch: int, poll: float
     ) -> AsyncIterator[Envelope[T]]:
-        params = {"n": prefetch, "vis": visibility, "queue": self.name}
+        params = {"n": prefetch, "vis": visibility, "max": 0}
         retry = _Retry(self.name)
         async with self._db.wakeups(self._channel) as wakeup:
             while True:
+                params["max"] = await self._max_attempts()
                 rows = await self._read(self._sql["CLAIM"], params, wakeup, poll, retry)
                 rows.sort(key=lambda r: r[0])
                 envelopes = [self._envelope(row) for row in rows if not row[5]]
@@ -346,8 +371,9 @@ class PgQueue(Generic[T]):
     ) -> list[Any]:
         """Take the next rows, sleeping while there are none and riding out failures."""
         while True:
-            # A checkpoint outside the shield: a busy consumer can still be cancelled.
-            await anyio.lowlevel.checkpoint()
+            # Outside the shield, so a busy consumer whose callback never awaits can still
+            # be cancelled: the deadline fires during the (shielded) read below.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             wakeup.arm()
             try:
                 rows = await self._fetchall_shielded(query, params)
@@ -462,7 +488,7 @@ class PgQueue(Generic[T]):
             "lease": env._lease,
             "delay": delay,
             "error": error,
-            "queue": self.name,
+            "max": await self._max_attempts(),
             "channel": self._channel,
         }
         return await self._fetchone(self._sql["NACK"], params, allow_none=True) is not None

@@ -37,11 +37,10 @@ SELECT %(queue)s, g FROM generate_series(0, %(shards)s - 1) AS g
 ON CONFLICT DO NOTHING
 """
 
-# The queue's max_attempts, read from the registry by every statement that needs it, so
-# all handles and processes apply the limit stored with the queue.
-_LIMIT = (
-    """(SELECT coalesce(max_attempts, 2147483647) AS max FROM {queues} WHERE name = %(queue)s)"""
-)
+# The queue's stored max_attempts (NULL = unlimited); handles cache it for a few seconds.
+LIMIT = """
+SELECT coalesce(max_attempts, 2147483647) FROM {queues} WHERE name = %(queue)s
+"""
 
 # The shard a statement bumps: spreads concurrent consumers over SHARDS counter rows.
 _SHARD = f"pg_backend_pid() %% {SHARDS}"
@@ -120,18 +119,17 @@ SELECT count(*), pg_notify(%(channel)s, '') FROM r
 # max_attempts times whose lease ran out goes to the dead set instead; it comes back with
 # is_dead set and is not delivered. The candidates are picked in an ARRAY() subquery so
 # that PostgreSQL can plan the statement cheaply every time.
-CLAIM = f"""
-UPDATE {{table}} SET
-    attempts   = CASE WHEN attempts < m.max THEN attempts + 1 ELSE attempts END,
-    lease      = CASE WHEN attempts < m.max THEN pg_current_xact_id()::text::bigint END,
-    dead_at    = CASE WHEN attempts < m.max THEN NULL ELSE now() END,
-    visible_at = CASE WHEN attempts < m.max
+CLAIM = """
+UPDATE {table} SET
+    attempts   = CASE WHEN attempts < %(max)s THEN attempts + 1 ELSE attempts END,
+    lease      = CASE WHEN attempts < %(max)s THEN pg_current_xact_id()::text::bigint END,
+    dead_at    = CASE WHEN attempts < %(max)s THEN NULL ELSE now() END,
+    visible_at = CASE WHEN attempts < %(max)s
                       THEN now() + %(vis)s * interval '1 second' ELSE visible_at END,
     last_error = CASE WHEN lease IS NOT NULL
                       THEN 'visibility timeout expired' ELSE last_error END
-FROM {_LIMIT} AS m
 WHERE id = ANY(ARRAY(
-    SELECT id FROM {{table}}
+    SELECT id FROM {table}
     WHERE dead_at IS NULL AND visible_at <= now()
     ORDER BY visible_at, id
     LIMIT %(n)s
@@ -190,13 +188,12 @@ RETURNING n.c
 """
 
 # A nack wakes idle consumers: the message may be visible again at once.
-NACK = f"""
-UPDATE {{table}}
+NACK = """
+UPDATE {table}
 SET lease = NULL,
     visible_at = now() + %(delay)s * interval '1 second',
     last_error = coalesce(%(error)s, last_error),
-    dead_at = CASE WHEN attempts >= m.max THEN now() END
-FROM {_LIMIT} AS m
+    dead_at = CASE WHEN attempts >= %(max)s THEN now() END
 WHERE id = %(id)s AND lease = %(lease)s AND dead_at IS NULL
 RETURNING pg_notify(%(channel)s, '')
 """

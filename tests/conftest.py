@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -8,6 +11,25 @@ import pytest
 import pgstreams as ps
 
 from .pgserver import fresh_database, server
+
+
+ASYNC_TEST_TIMEOUT = 45.0
+"""Async tests fail (and clean up) after this long; pytest-timeout's 60 s kill is the backstop."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> None:
+    """Run each async test under ``anyio.fail_after`` so a hang fails that test alone."""
+    fn = pyfuncitem.obj
+    if inspect.iscoroutinefunction(fn) and not hasattr(fn, "__pgstreams_deadline__"):
+
+        @functools.wraps(fn)
+        async def with_deadline(*args: Any, **kwargs: Any) -> Any:
+            with anyio.fail_after(ASYNC_TEST_TIMEOUT):
+                return await fn(*args, **kwargs)
+
+        with_deadline.__pgstreams_deadline__ = True  # type: ignore[attr-defined]
+        pyfuncitem.obj = with_deadline
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 import pgstreams as ps
+import pgstreams._queue
 
 from .pgserver import allow_connections, terminate_backends
 
@@ -404,7 +405,9 @@ async def test_failing_handler_keeps_delivered_leases_and_releases_read_ahead(
     # The fixture then checks that no connection is checked out and no LISTEN is registered.
 
 
-async def test_every_handle_applies_the_stored_max_attempts(db: ps.Database) -> None:
+async def test_every_handle_applies_the_stored_max_attempts(
+    db: ps.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     name = qname()
     await ps.PgQueue.create(db, name, max_attempts=2)
     await ps.PgQueue.create(db, name)  # without max_attempts: keeps the stored limit
@@ -415,6 +418,8 @@ async def test_every_handle_applies_the_stored_max_attempts(db: ps.Database) -> 
         assert await env.nack(error="no")
     assert (await other.metrics()).dead == 1
     await ps.PgQueue.create(db, name, max_attempts=None)  # explicitly unlimited
+    # Running handles pick the change up within LIMIT_TTL; make that now.
+    monkeypatch.setattr(pgstreams._queue, "LIMIT_TTL", 0.0)
     assert await other.requeue_dead() == 1
     for attempt in range(1, 5):
         env = await other.subscribe_ack().first()
