@@ -66,8 +66,9 @@ WITH m AS (
 SELECT array_agg(id ORDER BY id), pg_notify(%(channel)s, '') FROM m
 """
 
-# Auto-ack: delete what is read. Payloads come back as text, and visible_at with them, so
-# that messages read but never delivered can be put back byte for byte, in their place.
+# Auto-ack: delete what is read. Everything but the payload's value comes back as text --
+# cheap to receive, exact to send back -- so that messages read but never delivered can be
+# put back byte for byte, in their place.
 POP = f"""
 WITH d AS (
     DELETE FROM {{table}}
@@ -83,7 +84,7 @@ WITH d AS (
     UPDATE {{stats}} SET completed = completed + (SELECT count(*) FROM d)
     WHERE queue = %(queue)s AND shard = {_SHARD}
 )
-SELECT id, payload::text, headers::text, attempts, enqueued_at, visible_at
+SELECT id, payload::text, headers::text, attempts, enqueued_at::text, visible_at::text
 FROM d ORDER BY visible_at, id
 """
 
@@ -91,9 +92,9 @@ UNPOP = f"""
 WITH r AS (
     INSERT INTO {{table}} (id, payload, headers, attempts, enqueued_at, visible_at)
     OVERRIDING SYSTEM VALUE
-    SELECT id, p::jsonb, h::jsonb, a, e, v
+    SELECT id, p::jsonb, h::jsonb, a, e::timestamptz, v::timestamptz
     FROM unnest(%(ids)s::bigint[], %(payloads)s::text[], %(headers)s::text[],
-                %(attempts)s::int[], %(enqueued)s::timestamptz[], %(visible)s::timestamptz[])
+                %(attempts)s::int[], %(enqueued)s::text[], %(visible)s::text[])
          AS x(id, p, h, a, e, v)
     RETURNING 1
 ), s AS (

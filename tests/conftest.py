@@ -12,7 +12,6 @@ import pgstreams as ps
 
 from .pgserver import fresh_database, server
 
-
 ASYNC_TEST_TIMEOUT = 45.0
 """Async tests fail (and clean up) after this long; pytest-timeout's 60 s kill is the backstop."""
 
