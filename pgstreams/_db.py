@@ -15,7 +15,7 @@ import anyio
 import psycopg
 from psycopg import AsyncConnection, pq
 from psycopg.conninfo import make_conninfo
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from ._errors import DatabaseError, InvalidArgumentError
 from ._listen import Listener, Wakeup, keepalive_defaults
@@ -96,6 +96,8 @@ class Database:
     @asynccontextmanager
     async def _single_connection(self) -> AsyncIterator[AsyncConnection[Any]]:
         assert self._conn is not None
+        if self._conn.closed:  # it cannot come back: not worth a retry
+            raise DatabaseError("the connection given to connect() is closed")
         with translate_errors():
             async with self._conn_lock, _autocommit(self._conn):
                 self.connections_in_use += 1
@@ -199,10 +201,29 @@ class translate_errors:
 
 def database_error(exc: psycopg.Error) -> DatabaseError:
     """The library's error for a driver error (connection failures are ``transient``)."""
-    return DatabaseError(
-        str(exc).strip() or type(exc).__name__,
-        transient=isinstance(exc, psycopg.OperationalError),
-    )
+    return DatabaseError(str(exc).strip() or type(exc).__name__, transient=_transient(exc))
+
+
+# SQLSTATEs of a server going away: admin_shutdown, crash_shutdown, cannot_connect_now.
+_SHUTDOWN_STATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _transient(exc: psycopg.Error) -> bool:
+    """True for failures of the connection itself, which a new connection may not have.
+
+    Not for a closed pool or Database, a statement timeout, a full disk or any other error
+    that retrying would only repeat.
+    """
+    if isinstance(exc, PoolClosed):
+        return False
+    if isinstance(exc, PoolTimeout):
+        return True  # no connection could be had in time: the server may be restarting
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    if state is None:  # raised by libpq on the client side: the connection broke
+        return True
+    return state.startswith("08") or state in _SHUTDOWN_STATES
 
 
 class _Connect:

@@ -11,8 +11,9 @@ Delivery:
   ``buffer`` or ``batch`` when the stream closes -- go back as if never read.
 * Publishing wakes idle subscribers with one NOTIFY per statement (PostgreSQL folds
   identical notifications of one transaction into one); polling is the fallback.
-* A subscriber outlives connection failures: it backs off and retries (a failed read took
-  nothing), while the shared listener reconnects on its own.
+* A subscriber outlives connection failures: it backs off and retries, while the shared
+  listener reconnects on its own. A failed lease took nothing; a connection lost just after
+  an auto-ack read committed loses what it read, as at-most-once delivery allows.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ _CLEANUP_TIMEOUT = 10.0
 _IDLE_QUERY_TIMEOUT = 10.0
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _HANDED_MEMORY = 4096
+_HANDED_BYTES = 8 * 1024 * 1024
 LIMIT_TTL = 5.0
 """Seconds a handle trusts its cached copy of the queue's stored max_attempts."""
 
@@ -104,34 +106,46 @@ def _headers(text: str) -> Any:
 
 
 class _Handed:
-    """What an auto-ack subscription handed downstream lately, by value identity.
+    """The rows an auto-ack subscription delivered lately, found again by value identity.
 
     When an operator gives values back (it read them ahead and never delivered them), this
-    finds their rows so they are restored with their id, headers, attempts and place in
-    line. Only metadata is kept -- the payload is serialised again from the value -- and
-    only for the last few thousand messages, far more than any read-ahead holds.
+    finds their rows so they are restored exactly: same payload text, id, headers, attempts
+    and place in line. Kept for the last few thousand rows (and at most a few MiB of
+    payload), far more than any read-ahead holds.
+
+    Values that Python shares between messages (small ints, True, None, one-letter strings)
+    are matched newest first: the payload restored is always the right one, and in every
+    FIFO chain so are the id and headers.
     """
 
     def __init__(self) -> None:
-        self._batches: deque[tuple[list[Any], list[tuple[Any, ...] | None]]] = deque()
+        self._batches: deque[tuple[list[Any], list[Sequence[Any] | None], int]] = deque()
         self._count = 0
+        self._bytes = 0
 
-    def add(self, values: list[Any], rows: Sequence[Sequence[Any]]) -> None:
-        # (id, headers, attempts, enqueued_at, visible_at): each row less its payload.
-        metas: list[tuple[Any, ...] | None] = [(r[0], r[2], r[3], r[4], r[5]) for r in rows]
-        self._batches.append((values, metas))
+    def add(self, values: list[Any], rows: list[Sequence[Any]]) -> list[Sequence[Any] | None]:
+        """Remember a batch; returns its row slots (set a slot to None to forget a row)."""
+        slots: list[Sequence[Any] | None] = list(rows)
+        size = sum(len(r[1]) for r in rows)
+        self._batches.append((values, slots, size))
         self._count += len(values)
-        while self._count - len(self._batches[0][0]) >= _HANDED_MEMORY:
-            self._count -= len(self._batches.popleft()[0])
+        self._bytes += size
+        while len(self._batches) > 1 and (
+            self._count > _HANDED_MEMORY or self._bytes > _HANDED_BYTES
+        ):
+            old_values, _, old_size = self._batches.popleft()
+            self._count -= len(old_values)
+            self._bytes -= old_size
+        return slots
 
-    def take(self, value: Any) -> tuple[Any, ...] | None:
+    def take(self, value: Any) -> Sequence[Any] | None:
         # Given-back values are the most recent ones, so search from the newest.
-        for values, metas in reversed(self._batches):
+        for values, slots, _ in reversed(self._batches):
             for i in range(len(values) - 1, -1, -1):
-                meta: tuple[Any, ...] | None = metas[i]
-                if meta is not None and values[i] is value:
-                    metas[i] = None
-                    return meta
+                row: Sequence[Any] | None = slots[i]
+                if row is not None and values[i] is value:
+                    slots[i] = None
+                    return row
         return None
 
 
@@ -325,13 +339,13 @@ class PgQueue(Generic[T]):
         return self._limit[1]
 
     async def _pop_loop(self, prefetch: int, poll: float, handed: _Handed) -> AsyncIterator[T]:
-        params = {"n": prefetch, "queue": self.name}
+        params: dict[str, Any] = {"n": prefetch, "queue": self.name}
         retry = _Retry(self.name)
         async with self._db.wakeups(self._channel) as wakeup:
             while True:
                 rows = await self._read(self._sql["POP"], params, wakeup, poll, retry)
                 values = [json.loads(row[1]) for row in rows]
-                handed.add(values, rows)
+                slots = handed.add(values, rows)
                 delivered = 0
                 try:
                     for value in values:
@@ -339,16 +353,17 @@ class PgQueue(Generic[T]):
                         yield value
                 finally:
                     if delivered < len(rows):
+                        for i in range(delivered, len(rows)):
+                            slots[i] = None  # put back here, so never again by an operator
                         await self._unpop(rows[delivered:])
 
     async def _lease_loop(
         self, visibility: float, prefetch: int, poll: float
     ) -> AsyncIterator[Envelope[T]]:
-        params = {"n": prefetch, "vis": visibility, "max": 0}
+        params: dict[str, Any] = {"n": prefetch, "vis": visibility, "max": 0}
         retry = _Retry(self.name)
         async with self._db.wakeups(self._channel) as wakeup:
             while True:
-                params["max"] = await self._max_attempts()
                 rows = await self._read(self._sql["CLAIM"], params, wakeup, poll, retry)
                 rows.sort(key=lambda r: r[0])
                 envelopes = [self._envelope(row) for row in rows if not row[5]]
@@ -364,7 +379,7 @@ class PgQueue(Generic[T]):
     async def _read(
         self,
         query: bytes,
-        params: Mapping[str, Any],
+        params: dict[str, Any],
         wakeup: Wakeup,
         poll: float,
         retry: _Retry,
@@ -376,6 +391,8 @@ class PgQueue(Generic[T]):
             await anyio.lowlevel.checkpoint_if_cancelled()
             wakeup.arm()
             try:
+                if "max" in params:  # a lease: apply the queue's current max_attempts
+                    params["max"] = await self._max_attempts()
                 rows = await self._fetchall_shielded(query, params)
                 if not rows:
                     await wakeup.wait(await self._idle_wait(poll))
@@ -423,19 +440,17 @@ class PgQueue(Generic[T]):
         await self._cleanup(self._sql["UNPOP"], params, len(rows), "put back unread messages")
 
     async def _give_back_values(self, handed: _Handed, values: list[Any]) -> None:
-        rows: list[tuple[Any, ...]] = []
+        rows: list[Sequence[Any]] = []
         unknown: list[str] = []
         for value in reversed(values):
-            try:
-                payload = to_json("message", value)
-            except PayloadError as exc:  # changed in place into something unstorable
-                logger.error("queue %s: cannot put back a message: %s", self.name, exc)
+            row = handed.take(value)
+            if row is not None:
+                rows.append(row)
                 continue
-            meta = handed.take(value)
-            if meta is None:
-                unknown.append(payload)
-            else:
-                rows.append((meta[0], payload, *meta[1:]))
+            try:  # held longer than _Handed remembers: re-queue the value as it is now
+                unknown.append(to_json("message", value))
+            except PayloadError as exc:
+                logger.error("queue %s: cannot put back a message: %s", self.name, exc)
         if rows:
             await self._unpop(rows[::-1])
         if unknown:

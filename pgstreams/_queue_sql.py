@@ -96,6 +96,7 @@ WITH r AS (
     FROM unnest(%(ids)s::bigint[], %(payloads)s::text[], %(headers)s::text[],
                 %(attempts)s::int[], %(enqueued)s::text[], %(visible)s::text[])
          AS x(id, p, h, a, e, v)
+    ON CONFLICT (id) DO NOTHING  -- already back: never let one duplicate sink the rest
     RETURNING 1
 ), s AS (
     UPDATE {{stats}} SET completed = completed - (SELECT count(*) FROM r)

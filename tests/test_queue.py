@@ -295,7 +295,7 @@ async def test_listener_killed_mid_stream_loses_nothing(db: ps.Database, dsn: st
                 await q.publish(i)
                 assert await receive.receive() == i
             tg.cancel_scope.cancel()
-    assert db.listener.reconnects >= 1
+    assert db.listener.reconnects == 1
 
 
 async def test_metrics_exact_after_mixed_workload(db: ps.Database) -> None:
@@ -582,3 +582,91 @@ async def test_listener_handles_file_descriptors_above_1024(dsn: str) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+async def test_give_back_with_shared_scalar_payloads_restores_each_row(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    ids = [await q.publish(7, headers={"i": i}) for i in range(8)]  # one shared int object
+
+    async def slowly(_: Any) -> None:
+        await anyio.sleep(0.01)
+
+    assert await q.subscribe(prefetch=4).buffer(1).tap(slowly).take(1).collect() == [7]
+    m = await q.metrics()
+    assert (m.pending, m.completed, m.total) == (7, 1, 8)
+    rest = await q.subscribe_ack(prefetch=7).take(7).collect()
+    assert sorted((e.id, e.headers["i"]) for e in rest) == [(ids[i], i) for i in range(1, 8)]
+    assert await q.ack_many(rest) == 7
+
+
+async def test_give_back_restores_the_exact_payload_text(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    exact = '{"amount": 0.10000000000000000001, "big": 1' + "0" * 400 + ".5}"
+    async with db.connection() as conn:
+        for _ in range(3):
+            await conn.execute(
+                psycopg.sql.SQL("INSERT INTO {} (payload) VALUES (%s::jsonb)").format(
+                    psycopg.sql.Identifier(db.schema, f"q_{q.name}")
+                ),
+                [exact],
+            )
+
+    async def slowly(_: Any) -> None:
+        await anyio.sleep(0.01)
+
+    assert len(await q.subscribe().buffer(2).tap(slowly).take(1).collect()) == 1
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            psycopg.sql.SQL("SELECT payload::text FROM {}").format(
+                psycopg.sql.Identifier(db.schema, f"q_{q.name}")
+            )
+        )
+        stored = [r[0] for r in await cur.fetchall()]
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT %s::jsonb::text", [exact])
+        row = await cur.fetchone()
+    assert row is not None
+    assert stored == [row[0], row[0]]
+
+
+async def test_subscriber_of_a_closed_database_stops_with_an_error(dsn: str) -> None:
+    db = await ps.connect(dsn)
+    q = await ps.PgQueue.create(db, qname())
+    errors: list[BaseException] = []
+
+    async def consume() -> None:
+        try:
+            await q.subscribe(poll_interval=0.1).drain()
+        except ps.DatabaseError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await until_idle(db, 1)
+            await db.close()
+    assert len(errors) == 1
+    assert isinstance(errors[0], ps.DatabaseError)
+    assert not errors[0].transient
+
+
+def test_only_connection_failures_are_transient() -> None:
+    from psycopg import errors as e
+    from psycopg_pool import PoolClosed, PoolTimeout
+
+    from pgstreams._db import database_error
+
+    transient = [
+        psycopg.OperationalError("server closed the connection unexpectedly"),
+        e.AdminShutdown("terminating connection due to administrator command"),
+        e.ConnectionFailure("connection failure"),
+        PoolTimeout("couldn't get a connection after 30 sec"),
+    ]
+    permanent = [
+        PoolClosed("the pool is already closed"),
+        e.QueryCanceled("canceling statement due to statement timeout"),
+        e.DiskFull("could not extend file"),
+        e.UndefinedTable("relation does not exist"),
+    ]
+    assert [database_error(x).transient for x in transient] == [True] * 4
+    assert [database_error(x).transient for x in permanent] == [False] * 4
