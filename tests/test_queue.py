@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from anyio.streams.memory import MemoryObjectSendStream
 from psycopg.conninfo import make_conninfo
 
 import pgstreams as ps
@@ -22,6 +23,13 @@ async def until_idle(db: ps.Database, subscribers: int) -> None:
     with anyio.fail_after(10):
         while db.listener.idle_count() < subscribers:  # noqa: ASYNC110 - no event to await
             await anyio.sleep(0.005)
+
+
+async def forward_forever(q: ps.PgQueue[int], send: MemoryObjectSendStream[int]) -> None:
+    """Subscribe with a poll interval far beyond any test: only LISTEN delivers in time."""
+    async with send, q.subscribe(poll_interval=3600) as stream:
+        async for value in stream:
+            await send.send(value)
 
 
 def qname() -> str:
@@ -267,15 +275,9 @@ async def test_listener_killed_mid_stream_loses_nothing(db: ps.Database, dsn: st
     q = await ps.PgQueue.create(db, qname())
     send, receive = anyio.create_memory_object_stream[int](100)
 
-    async def consume() -> None:
-        # A poll interval far beyond the test's length: only LISTEN can deliver in time.
-        async with send, q.subscribe(poll_interval=3600) as stream:
-            async for value in stream:
-                await send.send(value)
-
     with anyio.fail_after(30):
         async with receive, anyio.create_task_group() as tg:
-            tg.start_soon(consume)
+            tg.start_soon(forward_forever, q, send)
             await q.publish(0)
             assert await receive.receive() == 0
             await until_idle(db, 1)  # the consumer has read everything and sleeps
@@ -481,15 +483,9 @@ async def test_subscriber_survives_losing_its_pool_connections(dsn: str) -> None
     async with ps.connect(make_conninfo(dsn, application_name=app)) as db:
         q = await ps.PgQueue.create(db, qname())
         send, receive = anyio.create_memory_object_stream[int](10)
-
-        async def consume() -> None:
-            async with send, q.subscribe(poll_interval=3600) as stream:
-                async for value in stream:
-                    await send.send(value)
-
         with anyio.fail_after(20):
             async with receive, anyio.create_task_group() as tg:
-                tg.start_soon(consume)
+                tg.start_soon(forward_forever, q, send)
                 await q.publish(1)
                 assert await receive.receive() == 1
                 await until_idle(db, 1)
