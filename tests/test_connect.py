@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 import pgstreams as ps
@@ -183,3 +184,39 @@ async def test_upgraded_install_equals_fresh_install(dsn: str) -> None:
             await migrate(conn, upgraded, MIGRATIONS[:step])  # an older release
             await migrate(conn, upgraded)  # then this one
             assert await _catalog(conn, upgraded) == expected
+
+
+async def test_concurrent_loans_never_share_a_connection(dsn: str) -> None:
+    async with ps.connect(dsn) as db:
+        async with db.connection():
+            pass  # now the Database keeps that connection as its spare
+        held: list[object] = []
+        both = anyio.Event()
+
+        async def hold() -> None:
+            async with db.connection() as conn:
+                held.append(conn)
+                if len(held) == 2:
+                    both.set()
+                await both.wait()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold)
+                tg.start_soon(hold)
+        assert held[0] is not held[1]
+        assert db.connections_in_use == 0
+
+
+async def test_spare_connection_is_dropped_after_a_failure(dsn: str) -> None:
+    app = f"spare-{uuid.uuid4().hex[:6]}"
+    async with ps.connect(make_conninfo(dsn, application_name=app)) as db:
+        async with db.connection() as conn:
+            first_pid = conn.info.backend_pid
+        terminate_backends(dsn, application_name=app)
+        with pytest.raises(ps.DatabaseError):
+            async with db.connection() as conn:
+                await conn.execute("SELECT 1")
+        async with db.connection() as conn:
+            await conn.execute("SELECT 1")
+            assert conn.info.backend_pid != first_pid
