@@ -9,5 +9,5 @@ from pgstreams._embedded import EmbeddedPostgres
 server = EmbeddedPostgres()
 server.start()
 assert server._proc is not None
-print(server._proc.pid, flush=True)
+print(server._proc.pid, server._tmpdir, flush=True)
 time.sleep(600)

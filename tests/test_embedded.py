@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def test_killed_parent_takes_the_server_with_it() -> None:
     )
     try:
         assert child.stdout is not None
-        postmaster = int(child.stdout.readline())
+        pid_text, tmpdir = child.stdout.readline().split()
+        postmaster = int(pid_text)
         assert _alive(postmaster)
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -74,6 +76,8 @@ def test_killed_parent_takes_the_server_with_it() -> None:
             child.wait()
         if child.stdout is not None:
             child.stdout.close()
+    # The killed parent could not clean up after its server: do it here.
+    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def test_bindir_override_must_hold_binaries(
