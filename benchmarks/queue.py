@@ -41,6 +41,7 @@ from typing import Any
 
 import anyio
 import psycopg
+from psycopg import sql
 from psycopg.rows import TupleRow
 
 import pgstreams as ps
@@ -53,6 +54,7 @@ from benchmarks._common import (
     server,
     server_facts,
 )
+from pgstreams import _queue_sql as Q
 
 Conn = psycopg.AsyncConnection[TupleRow]
 
@@ -79,20 +81,10 @@ FROM generate_series(1, %s) AS g
 
 # -- the floor: hand-written statements on a same-shaped table -----------------------------
 
-FLOOR_CREATE = """
-CREATE TABLE public.floor_queue (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    payload      jsonb       NOT NULL,
-    headers      jsonb       NOT NULL DEFAULT '{}',
-    enqueued_at  timestamptz NOT NULL DEFAULT now(),
-    visible_at   timestamptz NOT NULL DEFAULT now(),
-    attempts     integer     NOT NULL DEFAULT 0,
-    leased_at    timestamptz,
-    dead_at      timestamptz,
-    last_error   text
-);
-CREATE INDEX floor_queue_ready ON public.floor_queue (visible_at, id) WHERE dead_at IS NULL;
-"""
+# The very table PgQueue creates for a queue, so the two shapes cannot drift apart.
+FLOOR_CREATE = sql.SQL(Q.CREATE).format(  # type: ignore[arg-type,unused-ignore]
+    table=sql.Identifier("public", "floor_queue"), ready_idx=sql.Identifier("floor_queue_ready")
+)
 
 FLOOR_PUBLISH = """
 WITH ins AS (
@@ -111,18 +103,20 @@ WITH ins AS (
 SELECT array_agg(id), pg_notify(%s, '') FROM ins
 """
 
-FLOOR_LEASE = """
-UPDATE public.floor_queue
-SET attempts = attempts + 1,
-    leased_at = now(),
-    visible_at = now() + %s * interval '1 second'
-WHERE id = ANY(ARRAY(
+_FLOOR_PICK = """ARRAY(
     SELECT id FROM public.floor_queue
     WHERE dead_at IS NULL AND visible_at <= now()
     ORDER BY visible_at, id
     LIMIT %s
     FOR UPDATE SKIP LOCKED
-))
+)"""
+
+FLOOR_LEASE = f"""
+UPDATE public.floor_queue
+SET attempts = attempts + 1,
+    lease = attempts + 1,
+    visible_at = now() + %s * interval '1 second'
+WHERE id = ANY({_FLOOR_PICK})
 RETURNING id, payload, headers, attempts, enqueued_at
 """
 
@@ -131,15 +125,8 @@ FLOOR_ACK = "DELETE FROM public.floor_queue WHERE id = %s AND attempts = %s"
 
 FLOOR_ACK_MANY = "DELETE FROM public.floor_queue WHERE id = ANY(%s::bigint[])"
 
-FLOOR_POP = """
-DELETE FROM public.floor_queue
-WHERE id = ANY(ARRAY(
-    SELECT id FROM public.floor_queue
-    WHERE dead_at IS NULL AND visible_at <= now()
-    ORDER BY visible_at, id
-    LIMIT %s
-    FOR UPDATE SKIP LOCKED
-))
+FLOOR_POP = f"""
+DELETE FROM public.floor_queue WHERE id = ANY({_FLOOR_PICK})
 RETURNING payload
 """
 

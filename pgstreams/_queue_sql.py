@@ -66,19 +66,22 @@ WITH m AS (
 SELECT array_agg(id ORDER BY id), pg_notify(%(channel)s, '') FROM m
 """
 
+# The next n visible messages, skipping rows other consumers hold. Picked in an ARRAY()
+# subquery so that PostgreSQL plans the statement cheaply every time.
+_PICK = """ARRAY(
+    SELECT id FROM {table}
+    WHERE dead_at IS NULL AND visible_at <= now()
+    ORDER BY visible_at, id
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+)"""
+
 # Auto-ack: delete what is read. Everything but the payload's value comes back as text --
 # cheap to receive, exact to send back -- so that messages read but never delivered can be
 # put back byte for byte, in their place.
 POP = f"""
 WITH d AS (
-    DELETE FROM {{table}}
-    WHERE id = ANY(ARRAY(
-        SELECT id FROM {{table}}
-        WHERE dead_at IS NULL AND visible_at <= now()
-        ORDER BY visible_at, id
-        LIMIT %(n)s
-        FOR UPDATE SKIP LOCKED
-    ))
+    DELETE FROM {{table}} WHERE id = ANY({_PICK})
     RETURNING id, payload, headers, attempts, enqueued_at, visible_at
 ), s AS (
     UPDATE {{stats}} SET completed = completed + (SELECT count(*) FROM d)
@@ -119,10 +122,9 @@ SELECT count(*), pg_notify(%(channel)s, '') FROM r
 
 # Manual ack: lease up to n messages in one UPDATE. A message already delivered
 # max_attempts times whose lease ran out goes to the dead set instead; it comes back with
-# is_dead set and is not delivered. The candidates are picked in an ARRAY() subquery so
-# that PostgreSQL can plan the statement cheaply every time.
-CLAIM = """
-UPDATE {table} SET
+# is_dead set and is not delivered.
+CLAIM = f"""
+UPDATE {{table}} SET
     attempts   = CASE WHEN attempts < %(max)s THEN attempts + 1 ELSE attempts END,
     lease      = CASE WHEN attempts < %(max)s THEN pg_current_xact_id()::text::bigint END,
     dead_at    = CASE WHEN attempts < %(max)s THEN NULL ELSE now() END,
@@ -130,13 +132,7 @@ UPDATE {table} SET
                       THEN now() + %(vis)s * interval '1 second' ELSE visible_at END,
     last_error = CASE WHEN lease IS NOT NULL
                       THEN 'visibility timeout expired' ELSE last_error END
-WHERE id = ANY(ARRAY(
-    SELECT id FROM {table}
-    WHERE dead_at IS NULL AND visible_at <= now()
-    ORDER BY visible_at, id
-    LIMIT %(n)s
-    FOR UPDATE SKIP LOCKED
-))
+WHERE id = ANY({_PICK})
 RETURNING id, payload::text, headers::text, attempts, enqueued_at, dead_at IS NOT NULL, lease
 """
 
