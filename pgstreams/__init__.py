@@ -15,6 +15,7 @@ from ._errors import (
     PayloadError,
     PgStreamsError,
 )
+from ._pgmq import PgmqMetrics, PgmqQueue, ReadMode
 from ._queue import DeadMessage, PgQueue, QueueMetrics
 from ._stream import Stream, merge
 
@@ -32,7 +33,10 @@ __all__ = [
     "PayloadError",
     "PgQueue",
     "PgStreamsError",
+    "PgmqMetrics",
+    "PgmqQueue",
     "QueueMetrics",
+    "ReadMode",
     "Stream",
     "__version__",
     "connect",

@@ -65,6 +65,7 @@ class Database:
         self.connections_in_use = 0
         """Connections lent out by ``connection()`` right now (0 when every stream is closed)."""
         self._migrated = False
+        self._pgmq_checked = False  # set once pgmq is known to be installed and usable
 
     # -- lifecycle ---------------------------------------------------------------------
 

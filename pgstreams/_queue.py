@@ -31,8 +31,9 @@ import anyio
 import anyio.lowlevel
 from psycopg import AsyncConnection, sql
 
+from . import _calls as calls
 from . import _queue_sql as Q
-from ._db import Database, translate_errors
+from ._db import Database
 from ._envelope import Envelope
 from ._errors import DatabaseError, LeaseLostError, PayloadError
 from ._listen import Wakeup
@@ -47,7 +48,6 @@ logger = logging.getLogger("pgstreams.queue")
 
 DEFAULT_POLL_INTERVAL = 5.0
 _MIN_IDLE_WAIT = 0.02
-_CLEANUP_TIMEOUT = 10.0
 _IDLE_QUERY_TIMEOUT = 10.0
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _HANDED_MEMORY = 4096
@@ -126,7 +126,7 @@ class _Handed:
     def add(self, values: list[Any], rows: list[Sequence[Any]]) -> list[Sequence[Any] | None]:
         """Remember a batch; returns its row slots (set a slot to None to forget a row)."""
         slots: list[Sequence[Any] | None] = list(rows)
-        size = sum(len(r[1]) for r in rows)
+        size = sum(len(r[1] or "") for r in rows)
         self._batches.append((values, slots, size))
         self._count += len(values)
         self._bytes += size
@@ -137,6 +137,31 @@ class _Handed:
             self._count -= len(old_values)
             self._bytes -= old_size
         return slots
+
+    def split(self, values: list[Any], owner: str) -> tuple[list[Sequence[Any]], list[str]]:
+        """Given-back values as (rows known to this record, JSON of the rest), in order.
+
+        The rest were held longer than this record remembers; they can only go back as new
+        messages, with the value as it is now.
+        """
+        rows: list[Sequence[Any]] = []
+        unknown: list[str] = []
+        for value in reversed(values):
+            row = self.take(value)
+            if row is not None:
+                rows.append(row)
+                continue
+            try:
+                unknown.append(to_json("message", value))
+            except PayloadError as exc:
+                logger.error("%s: cannot put back a message: %s", owner, exc)
+        if unknown:
+            logger.warning(
+                "%s: %d messages given back long after they were read go back as new messages",
+                owner,
+                len(unknown),
+            )
+        return rows[::-1], unknown[::-1]
 
     def take(self, value: Any) -> Sequence[Any] | None:
         # Given-back values are the most recent ones, so search from the newest.
@@ -440,27 +465,11 @@ class PgQueue(Generic[T]):
         await self._cleanup(self._sql["UNPOP"], params, len(rows), "put back unread messages")
 
     async def _give_back_values(self, handed: _Handed, values: list[Any]) -> None:
-        rows: list[Sequence[Any]] = []
-        unknown: list[str] = []
-        for value in reversed(values):
-            row = handed.take(value)
-            if row is not None:
-                rows.append(row)
-                continue
-            try:  # held longer than _Handed remembers: re-queue the value as it is now
-                unknown.append(to_json("message", value))
-            except PayloadError as exc:
-                logger.error("queue %s: cannot put back a message: %s", self.name, exc)
+        rows, unknown = handed.split(values, f"queue {self.name}")
         if rows:
-            await self._unpop(rows[::-1])
+            await self._unpop(rows)
         if unknown:
-            logger.warning(
-                "queue %s: %d messages given back long after they were read are re-queued"
-                " as new messages",
-                self.name,
-                len(unknown),
-            )
-            params = {"payloads": unknown[::-1], "queue": self.name, "channel": self._channel}
+            params = {"payloads": unknown, "queue": self.name, "channel": self._channel}
             await self._cleanup(self._sql["REINSERT"], params, len(unknown), "re-queue")
 
     async def _release(self, envelopes: Sequence[Envelope[T]]) -> None:
@@ -477,19 +486,9 @@ class PgQueue(Generic[T]):
     async def _cleanup(
         self, query: bytes, params: Mapping[str, Any], count: int, what: str
     ) -> None:
-        # Runs while the stream closes, possibly because it was cancelled: shield it, bound
-        # it, and never let it mask the exception that is closing the stream.
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(_CLEANUP_TIMEOUT) as scope:
-                try:
-                    async with self._db.connection() as conn:
-                        await conn.execute(query, params)
-                    return
-                except DatabaseError as exc:
-                    logger.error("queue %s: could not %s (%d): %s", self.name, what, count, exc)
-                    return
-            if scope.cancelled_caught:
-                logger.error("queue %s: timed out trying to %s (%d)", self.name, what, count)
+        await calls.cleanup(
+            self._db, query, params, logger=logger, what=f"queue {self.name}: {what} ({count})"
+        )
 
     # -- settling (called by Envelope) -------------------------------------------------
 
@@ -563,27 +562,12 @@ class PgQueue(Generic[T]):
         *,
         allow_none: bool = False,
     ) -> Any:
-        if conn is not None:
-            with translate_errors():
-                cur = await conn.execute(query, params)
-                row = await cur.fetchone()
-        else:
-            async with self._db.connection() as own:
-                cur = await own.execute(query, params)
-                row = await cur.fetchone()
-        if row is None and not allow_none:
-            raise DatabaseError(f"queue {self.name}: the statement returned no row")
-        return row
+        return await calls.fetchone(
+            self._db, query, params, conn, allow_none=allow_none, owner=f"queue {self.name}"
+        )
 
     async def _fetchall_shielded(self, query: bytes, params: Mapping[str, Any]) -> list[Any]:
-        # The statement takes rows (it deletes or leases them): once started, let it finish
-        # even if cancelled, so that what it took reaches the loop that hands it out or
-        # puts it back. The pool's own timeout bounds the wait for a connection.
-        with anyio.CancelScope(shield=True):
-            async with self._db.connection() as conn:
-                cur = await conn.execute(query, params)
-                rows = await cur.fetchall()
-        return rows
+        return await calls.fetchall_shielded(self._db, query, params)
 
     def __repr__(self) -> str:
         return f"PgQueue({self.name!r}, schema={self._db.schema!r})"

@@ -1,18 +1,53 @@
-"""A consumer process for the kill test: leases a batch, acks part of it, then hangs."""
+"""A consumer process for the kill tests: leases a batch, acks part of it, then hangs.
+
+Arguments: DSN, queue name, how many to ack, and "pgqueue" (default) or "pgmq".
+"""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import anyio
 
 import pgstreams as ps
 
 
-async def main(dsn: str, queue: str, ack: int) -> None:
+async def run_and_kill(dsn: str, queue: str, ack: int, kind: str = "pgqueue") -> list[int]:
+    """Run this script as a child process until it holds its batch, SIGKILL it, and
+    return the values it saw."""
+    proc = await anyio.open_process(
+        [sys.executable, __file__, dsn, queue, str(ack), kind],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).parents[1],
+    )
+    output = b""
+    try:
+        assert proc.stdout is not None
+        with anyio.fail_after(30):
+            async for chunk in proc.stdout:
+                output += chunk
+                if b"ready" in output:
+                    break
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return [int(x) for x in output.split()[:-1]]
+
+
+async def main(dsn: str, queue: str, ack: int, kind: str) -> None:
     async with ps.connect(dsn) as db:
-        q: ps.PgQueue[int] = ps.PgQueue(db, queue)
-        async with q.subscribe_ack(visibility=2, prefetch=10) as envelopes:
+        if kind == "pgmq":
+            mode = ps.ReadMode.standard(vt=2, qty=10)
+            stream = ps.PgmqQueue[int](db, queue).subscribe_ack(read_mode=mode)
+        else:
+            stream = ps.PgQueue[int](db, queue).subscribe_ack(visibility=2, prefetch=10)
+        async with stream as envelopes:
             handled = 0
             async for env in envelopes:
                 if handled < ack:
@@ -25,4 +60,5 @@ async def main(dsn: str, queue: str, ack: int) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    kind = sys.argv[4] if len(sys.argv) > 4 else "pgqueue"
+    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), kind)

@@ -15,6 +15,7 @@ from psycopg.conninfo import make_conninfo
 import pgstreams as ps
 import pgstreams._queue
 
+from ._killed_consumer import run_and_kill
 from .pgserver import allow_connections, terminate_backends
 
 
@@ -342,34 +343,9 @@ async def test_create_races_are_safe(dsn: str) -> None:
 
 
 async def test_consumer_process_killed_mid_batch_loses_nothing(db: ps.Database, dsn: str) -> None:
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     q = await ps.PgQueue.create(db, qname())
     await q.publish_batch(list(range(30)))
-    script = Path(__file__).with_name("_killed_consumer.py")
-    proc = await anyio.open_process(
-        [sys.executable, str(script), dsn, q.name, "4"],
-        stdout=subprocess.PIPE,
-        cwd=Path(__file__).parents[1],
-    )
-    output = b""
-    try:
-        assert proc.stdout is not None
-        with anyio.fail_after(30):
-            async for chunk in proc.stdout:
-                output += chunk
-                if b"ready" in output:
-                    break
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    seen_by_victim = [int(x) for x in output.split()[:-1]]
+    seen_by_victim = await run_and_kill(dsn, q.name, 4)
     assert seen_by_victim == list(range(10))
     m = await q.metrics()
     assert (m.completed, m.processing, m.pending) == (4, 6, 20)
