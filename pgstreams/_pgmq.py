@@ -2,8 +2,9 @@
 
 pgmq is installed on first use when the database lacks it: ``CREATE EXTENSION pgmq`` if the
 server ships the extension, otherwise the SQL-only install bundled with the ``pgmq``
-package. Every operation is one statement on pgmq's SQL functions, sent through psycopg's
-async driver (see ``_pgmq_sql`` for the few guarded statements pgmq has no function for).
+package. Every operation is one statement, sent through psycopg's async driver: pgmq's own SQL
+functions, except where a delivery is settled -- there the statement also checks that the
+delivery is still current, which pgmq's functions cannot (see ``_pgmq_sql``).
 
 Delivery:
 
@@ -40,7 +41,7 @@ from . import _calls as calls
 from . import _pgmq_sql as S
 from ._db import Database
 from ._envelope import Envelope
-from ._errors import DatabaseError, InvalidArgumentError, LeaseLostError
+from ._errors import DatabaseError, InvalidArgumentError, LeaseLostError, PayloadError
 from ._listen import Wakeup
 from ._migrate import advisory_key
 from ._pgmq_install import ensure_pgmq, pgmq_installed
@@ -145,7 +146,7 @@ class _Subscription:
     async def _ack(self, env: Envelope[Any]) -> bool:
         q = self.queue
         query = q._sql["ACK_ARCHIVE" if self.ack_mode == "archive" else "ACK_DELETE"]
-        params = {"id": env.id, "read_ct": env._lease, "queue": q.name}
+        params = {"id": env.id, "read_ct": env._lease}
         row = await q._fetchone(query, params, allow_none=True)
         return row is not None and bool(row[0])
 
@@ -157,7 +158,7 @@ class _Subscription:
 
     async def _extend(self, env: Envelope[Any], seconds: float) -> None:
         q = self.queue
-        params = {"id": env.id, "read_ct": env._lease, "seconds": seconds, "queue": q.name}
+        params = {"id": env.id, "read_ct": env._lease, "seconds": seconds}
         if await q._fetchone(q._sql["EXTEND"], params, allow_none=True) is None:
             raise LeaseLostError(f"message {env.id}: read {env.attempts} is no longer current")
 
@@ -188,6 +189,7 @@ class PgmqQueue(Generic[T]):
         self._channel = f"pgmq.q_{name}.INSERT"  # what pgmq's insert trigger notifies
         names = {
             "qtable": sql.Identifier("pgmq", f"q_{name}"),
+            "atable": sql.Identifier("pgmq", f"a_{name}"),
             "dtable": sql.Identifier("pgmq", f"q_{self.dead_letter_queue}"),
             "registry": sql.Identifier(db.schema, "pgmq_queues"),
         }
@@ -307,17 +309,16 @@ class PgmqQueue(Generic[T]):
         conn: AsyncConnection[Any] | None = None,
     ) -> builtins.list[int]:
         """Send many messages in one statement (all or none); returns their ids in order."""
-        msgs = [to_json(f"message {i}", v) for i, v in enumerate(values)]
+        batch = builtins.list(values)
         seconds = check_seconds("delay", delay)
-        header = None if headers is None else headers_json(headers)
-        if not msgs:
-            return []
         params = {
             "queue": self.name,
-            "msgs": msgs,
-            "headers": None if header is None else [header] * len(msgs),
+            "msgs": _json_array(batch),
+            "headers": None if headers is None else headers_json(headers),
             "delay": seconds,
         }
+        if not batch:
+            return []
         rows = await self._fetchall(self._sql["SEND_BATCH"], params, conn)
         return sorted(int(r[0]) for r in rows)
 
@@ -395,9 +396,8 @@ class PgmqQueue(Generic[T]):
         held = 0
         for mode, group in groups.items():
             params = {
-                "ids": [e.id for e in group],
-                "read_cts": [e._lease for e in group],
-                "queue": self.name,
+                "ids": ",".join([str(e.id) for e in group]),
+                "read_cts": ",".join([str(e._lease) for e in group]),
             }
             query = self._sql["ACK_MANY_ARCHIVE" if mode == "archive" else "ACK_MANY_DELETE"]
             row = await self._fetchone(query, params)
@@ -689,7 +689,12 @@ class PgmqQueue(Generic[T]):
         if rows:
             await self._unpop(rows)
         if unknown:
-            params = {"queue": self.name, "msgs": unknown, "headers": None, "delay": 0.0}
+            params = {
+                "queue": self.name,
+                "msgs": "[" + ",".join(unknown) + "]",
+                "headers": None,
+                "delay": 0.0,
+            }
             await self._cleanup(self._sql["SEND_BATCH"], params, "send back given-back messages")
 
     async def _cleanup(self, query: bytes, params: Mapping[str, Any], what: str) -> None:
@@ -762,6 +767,16 @@ class PgmqQueue(Generic[T]):
 
     def __repr__(self) -> str:
         return f"PgmqQueue({self.name!r})"
+
+
+def _json_array(values: builtins.list[Any]) -> str:
+    """One JSON array of every message (PayloadError names the first bad one)."""
+    try:
+        return to_json("messages", values)
+    except PayloadError:
+        for i, value in enumerate(values):
+            to_json(f"message {i}", value)
+        raise
 
 
 def _msg_id(row: Sequence[Any]) -> int:

@@ -1,16 +1,16 @@
 """SQL of PgmqQueue.
 
-Reads, sends, deletes, archives, metrics and administration call pgmq's own functions, one
-statement per operation. pgmq has no lease token, so a delivery is named by
-``(msg_id, read_ct)``: each read bumps ``read_ct``. Acks lock the message only while it
-still carries the reader's ``read_ct`` and then call ``pgmq.delete``/``pgmq.archive``; a
-consumer whose visibility timeout ran out and whose message was read again cannot settle
-it any more. The few writes pgmq has no function for -- a nack that also records its error,
-handing back read-ahead messages as if never read -- are single guarded statements on the
-queue's table.
+Sending, reading, popping, metrics and administration call pgmq's own functions, one
+statement per operation. pgmq has no lease token, so pgstreams names a delivery by
+``(msg_id, read_ct)`` (each read bumps ``read_ct``). Settling a delivery must check that
+pair, which ``pgmq.delete``/``archive``/``set_vt`` cannot, so ack, nack and extend run
+what those functions run on the queue's tables, with the check added: a consumer whose
+visibility timeout ran out and whose message was read again cannot settle it any more.
+Handing back read-ahead messages and moving messages to the dead-letter queue are guarded
+the same way.
 
-``{qtable}`` (the queue's table), ``{dtable}`` (its dead-letter queue's table) and
-``{registry}`` are identifiers; values are ``%(name)s`` parameters.
+``{qtable}`` (the queue's table), ``{atable}`` (its archive), ``{dtable}`` (its dead-letter
+queue's table) and ``{registry}`` are identifiers; values are ``%(name)s`` parameters.
 """
 
 from __future__ import annotations
@@ -24,9 +24,16 @@ SELECT * FROM pgmq.send(%(queue)s, %(msg)s::jsonb, %(headers)s::jsonb,
                         clock_timestamp() + %(delay)s * interval '1 second')
 """
 
+# The batch travels as one JSON array: adapting a Python list to jsonb[] costs the client
+# several times what the insert costs the server.
 SEND_BATCH = """
-SELECT * FROM pgmq.send_batch(%(queue)s, %(msgs)s::jsonb[], %(headers)s::jsonb[],
-                              clock_timestamp() + %(delay)s * interval '1 second')
+WITH m AS (
+    SELECT ARRAY(SELECT e FROM jsonb_array_elements(%(msgs)s::jsonb) WITH ORDINALITY AS x(e, n)
+                 ORDER BY n) AS msgs
+)
+SELECT s.* FROM m, pgmq.send_batch(
+    %(queue)s, m.msgs, array_fill(%(headers)s::jsonb, ARRAY[cardinality(m.msgs)]),
+    clock_timestamp() + %(delay)s * interval '1 second') AS s
 """
 
 READ = f"SELECT {_COLUMNS} FROM pgmq.read(%(queue)s, %(vt)s::integer, %(qty)s::integer)"
@@ -50,41 +57,51 @@ FROM unnest(%(ids)s::bigint[], %(read_cts)s::int[], %(enqueued)s::timestamptz[],
 ON CONFLICT DO NOTHING
 """
 
-# The lock (taken only while read_ct still names this delivery) comes first: the CTE is
-# materialised, so pgmq's function runs on rows this statement already holds.
-_HELD = """
-WITH held AS MATERIALIZED (
-    SELECT msg_id FROM {qtable}
-    WHERE msg_id = %(id)s AND read_ct = %(read_ct)s
-    FOR UPDATE
-)"""
+# Settling a delivery checks that read_ct still names it, which pgmq.delete, pgmq.archive
+# and pgmq.set_vt cannot do: these are the statements those functions run, plus that check.
+_ARCHIVED = "msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers"
 
-ACK_DELETE = _HELD + "\nSELECT pgmq.delete(%(queue)s, msg_id) FROM held"
-ACK_ARCHIVE = _HELD + "\nSELECT pgmq.archive(%(queue)s, msg_id) FROM held"
-
-EXTEND = (
-    _HELD
-    + """
-SELECT s.msg_id
-FROM held, pgmq.set_vt(%(queue)s, held.msg_id,
-                       clock_timestamp() + %(seconds)s * interval '1 second') AS s
+ACK_DELETE = """
+DELETE FROM {qtable} WHERE msg_id = %(id)s AND read_ct = %(read_ct)s RETURNING true
 """
-)
 
+ACK_ARCHIVE = f"""
+WITH d AS (
+    DELETE FROM {{qtable}} WHERE msg_id = %(id)s AND read_ct = %(read_ct)s
+    RETURNING {_ARCHIVED}
+)
+INSERT INTO {{atable}} ({_ARCHIVED}) SELECT {_ARCHIVED} FROM d RETURNING true
+"""
+
+# ids and read counts arrive as comma-separated text: adapting two Python lists to arrays
+# costs the client more than the server spends parsing the text.
 _HELD_MANY = """
-WITH held AS MATERIALIZED (
-    SELECT m.msg_id FROM {qtable} m
-    JOIN unnest(%(ids)s::bigint[], %(read_cts)s::int[]) AS x(id, rc)
-      ON m.msg_id = x.id AND m.read_ct = x.rc
-    FOR UPDATE OF m
-)"""
+    DELETE FROM {qtable} m
+    USING unnest(string_to_array(%(ids)s, ',')::bigint[],
+                 string_to_array(%(read_cts)s, ',')::int[]) AS x(id, rc)
+    WHERE m.msg_id = x.id AND m.read_ct = x.rc"""
 
-ACK_MANY_DELETE = (
-    _HELD_MANY + "\nSELECT count(*) FROM pgmq.delete(%(queue)s, ARRAY(SELECT msg_id FROM held))"
+ACK_MANY_DELETE = f"""
+WITH d AS ({_HELD_MANY}
+    RETURNING 1
 )
-ACK_MANY_ARCHIVE = (
-    _HELD_MANY + "\nSELECT count(*) FROM pgmq.archive(%(queue)s, ARRAY(SELECT msg_id FROM held))"
+SELECT count(*) FROM d
+"""
+
+ACK_MANY_ARCHIVE = f"""
+WITH d AS ({_HELD_MANY}
+    RETURNING {", ".join("m." + c for c in _ARCHIVED.split(", "))}
+), a AS (
+    INSERT INTO {{atable}} ({_ARCHIVED}) SELECT {_ARCHIVED} FROM d RETURNING 1
 )
+SELECT count(*) FROM a
+"""
+
+EXTEND = """
+UPDATE {qtable} SET vt = clock_timestamp() + %(seconds)s * interval '1 second'
+WHERE msg_id = %(id)s AND read_ct = %(read_ct)s
+RETURNING msg_id
+"""
 
 # A nack is set_vt plus a record of the attempt it ends and its error (read back when the
 # message goes to the dead-letter queue), in one guarded statement.
