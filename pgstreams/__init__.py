@@ -4,6 +4,7 @@ Queues (plain tables or pgmq), change data capture, schedules and durable workfl
 ``Stream`` objects: ``subscribe -> take / map / batch / through -> for_each / drain``.
 """
 
+from ._changes import Change, ChangeLag, PgChangeStream
 from ._db import Database, connect, embedded
 from ._envelope import Envelope
 from ._errors import (
@@ -22,6 +23,8 @@ from ._stream import Stream, merge
 __version__ = "0.1.0"
 
 __all__ = [
+    "Change",
+    "ChangeLag",
     "Database",
     "DatabaseError",
     "DeadMessage",
@@ -31,6 +34,7 @@ __all__ = [
     "InvalidArgumentError",
     "LeaseLostError",
     "PayloadError",
+    "PgChangeStream",
     "PgQueue",
     "PgStreamsError",
     "PgmqMetrics",

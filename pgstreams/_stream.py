@@ -24,6 +24,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeAlias, TypeVar, Union, overload
 
@@ -31,7 +32,7 @@ import anyio
 
 from ._errors import EmptyStreamError, InvalidArgumentError
 
-__all__ = ["PutBack", "Stream", "merge"]
+__all__ = ["PutBack", "Stream", "closing_cleanly", "merge"]
 
 logger = logging.getLogger("pgstreams.stream")
 
@@ -112,8 +113,14 @@ class Stream(Generic[T_co]):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        token = _CLEAN_CLOSE.set(typ is None)
+        try:
+            await self.aclose()
+        finally:
+            _CLEAN_CLOSE.reset(token)
 
     def _pipe(
         self, op: Callable[[Stream[T_co]], AsyncIterator[U]], *, passthrough: bool = False
@@ -329,15 +336,46 @@ def merge(*streams: AsyncIterable[T]) -> Stream[T]:
 # -- operator implementations ----------------------------------------------------------
 
 
+_CLEAN_CLOSE: ContextVar[bool] = ContextVar("pgstreams_clean_close", default=False)
+
+
+def closing_cleanly() -> bool:
+    """For a source closing: True if everything it handed downstream was finished with.
+
+    True when the chain closes because it ended normally: ``take`` got its items, a
+    terminal returned, ``async with stream`` exited without an exception. False when it
+    closes because of an exception or a cancellation, when ``aclose()`` is called directly,
+    or when the garbage collector closes it. Sources that commit progress (durable change
+    consumers) commit the last item handed out only if this is True.
+    """
+    return _CLEAN_CLOSE.get()
+
+
 @asynccontextmanager
 async def _closing(iterator: AsyncIterable[Any]) -> AsyncIterator[None]:
-    """Close ``iterator`` on exit if it can be closed (async generators and streams can)."""
+    """Close ``iterator`` on exit if it can be closed (async generators and streams can).
+
+    Closing after the body ended normally is clean; after an exception, not; when this
+    operator is itself being closed (GeneratorExit), as clean as that close.
+    """
+    clean: bool | None = None
     try:
         yield
+        clean = True
+    except GeneratorExit:
+        raise
+    except BaseException:
+        clean = False
+        raise
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
-            await aclose()
+            token = None if clean is None else _CLEAN_CLOSE.set(clean)
+            try:
+                await aclose()
+            finally:
+                if token is not None:
+                    _CLEAN_CLOSE.reset(token)
 
 
 async def _give_back(source: object, items: list[Any]) -> None:

@@ -18,8 +18,13 @@ import pgstreams as ps
 async def run_and_kill(dsn: str, queue: str, ack: int, kind: str = "pgqueue") -> list[int]:
     """Run this script as a child process until it holds its batch, SIGKILL it, and
     return the values it saw."""
+    return await kill_when_ready(Path(__file__), dsn, queue, str(ack), kind)
+
+
+async def kill_when_ready(script: Path, *args: str) -> list[int]:
+    """Run ``script`` until it prints "ready", SIGKILL it, return the numbers it printed."""
     proc = await anyio.open_process(
-        [sys.executable, __file__, dsn, queue, str(ack), kind],
+        [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
         cwd=Path(__file__).parents[1],
     )

@@ -308,3 +308,58 @@ async def test_through_closes_its_upstream() -> None:
 
     assert await t.stream().through(op).take(2).collect() == [0, 10]
     assert t.closed
+
+
+# -- clean close: what a source that commits progress relies on ----------------------------
+
+
+def recording_source(closes: list[bool]) -> ps.Stream[int]:
+    from pgstreams._stream import closing_cleanly
+
+    async def gen() -> AsyncIterator[int]:
+        try:
+            for x in itertools.count():
+                await anyio.lowlevel.checkpoint()
+                yield x
+        finally:
+            closes.append(closing_cleanly())
+
+    return ps.Stream(gen)
+
+
+async def test_clean_close_after_normal_endings() -> None:
+    closes: list[bool] = []
+    assert await recording_source(closes).take(3).collect() == [0, 1, 2]
+    assert await recording_source(closes).map(lambda x: x * 2).take(2).drain() == 2
+    assert await recording_source(closes).filter(lambda x: x > 2).first() == 3
+    async with recording_source(closes) as stream:
+        async for x in stream:
+            if x == 1:
+                break
+    assert closes == [True, True, True, True]
+
+
+async def test_unclean_close_after_errors_and_cancellation() -> None:
+    closes: list[bool] = []
+
+    def boom(x: int) -> None:
+        if x == 2:
+            raise RuntimeError("handler failed")
+
+    with pytest.raises(RuntimeError):
+        await recording_source(closes).for_each(boom)
+
+    async def fail_inside() -> None:
+        async with recording_source(closes) as stream:
+            async for x in stream:
+                if x == 1:
+                    raise LookupError(x)
+
+    with pytest.raises(LookupError):
+        await fail_inside()
+    with anyio.move_on_after(0.05):
+        await recording_source(closes).map(anyio.sleep).drain()  # sleeps 0, 1, ... seconds
+    stream = recording_source(closes)
+    await stream.__anext__()
+    await stream.aclose()  # a bare aclose() cannot know whether the item was finished
+    assert closes == [False, False, False, False]

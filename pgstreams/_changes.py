@@ -1,0 +1,589 @@
+"""``PgChangeStream[T]``: the inserts, updates and deletes of a table as a stream.
+
+Capture: statement-level AFTER triggers copy each statement's rows (from its transition
+tables) into the change log in one ``INSERT ... SELECT``, tagged with the writing
+transaction's id (``xid8``), and send one tiny NOTIFY (no row data) per statement.
+
+Delivery never loses a change. A change's id is assigned before its transaction commits,
+so a reader that remembers "the last id I saw" skips changes whose transaction commits
+late. A reader here delivers a range of transaction ids ``[lo, hi)`` only once every
+transaction in it has ended (``hi`` is the snapshot's xmin, the oldest transaction still
+running), and within a range goes in id order. Nothing can join a range after it is read,
+and changes of one row come out in the order they were made (a later change of a row waits
+for the earlier one's transaction to end, so it gets a later id and never an earlier
+range). The price: a change waits for every older transaction in the cluster to end --
+one long-running transaction delays delivery (``lag()`` shows by how much).
+
+Subscribers wake on the NOTIFY and also poll, so a lost notification costs latency only.
+A durable consumer (``subscribe(consumer=...)``) stores its position in PostgreSQL after
+each item the downstream has finished with -- when it asks for the next one, or when the
+stream closes cleanly -- and resumes from there: at-least-once across crashes, duplicates
+only of items not finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, Literal, TypeVar
+
+import anyio
+import anyio.lowlevel
+import psycopg
+from psycopg import AsyncConnection, sql
+
+from . import _calls as calls
+from . import _changes_sql as C
+from ._db import Database
+from ._errors import DatabaseError, InvalidArgumentError
+from ._listen import Wakeup
+from ._migrate import advisory_key
+from ._queue import _Retry, channel_for
+from ._stream import Stream, closing_cleanly
+from ._validate import check_name, check_positive_int, check_seconds, to_json
+
+__all__ = ["Change", "ChangeLag", "PgChangeStream"]
+
+T = TypeVar("T")
+logger = logging.getLogger("pgstreams.changes")
+
+Operation = Literal["insert", "update", "delete"]
+NotifyMode = Literal["statement", "off"]
+OPERATIONS: tuple[Operation, ...] = ("insert", "update", "delete")
+DEFAULT_POLL_INTERVAL = 2.0
+DEFAULT_PAGE = 500
+_HELD_RETRY_MIN = 0.01
+_EPOCH = datetime(1, 1, 1, tzinfo=UTC)
+
+_TRIGGER_EVENTS = {
+    "insert": sql.SQL("AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows"),
+    "update": sql.SQL(
+        "AFTER UPDATE ON {table} REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
+    ),
+    "delete": sql.SQL("AFTER DELETE ON {table} REFERENCING OLD TABLE AS old_rows"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Change(Generic[T]):
+    """One captured change (or a ``notify`` event) of a stream."""
+
+    id: int
+    op: str
+    """"insert", "update", "delete" or "notify"."""
+    table: str
+    """The table, schema-qualified and quoted as PostgreSQL would (``public."Users"``)."""
+    new: T | None
+    """The row after the change (insert, update) or the payload of a notify."""
+    old: T | None
+    """The row before the change (update, delete)."""
+    at: datetime
+    """When the statement that made the change started."""
+    txid: int
+    """The id of the transaction that made it."""
+    pk: Mapping[str, Any] | None = field(default=None, compare=False)
+    """The row's primary key (None for a notify or a table without one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeLag:
+    changes: int
+    """Changes committed that the consumer has not finished with."""
+    seconds: float
+    """Age of the oldest of them (0 when there are none)."""
+
+
+@dataclass(slots=True)
+class _Cursor:
+    lo: int
+    hi: int
+    after: int
+    exhausted: bool
+    """True once the range [lo, hi) has been read to its end."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    oid: int
+    schema: str
+    name: str
+    key: str
+
+
+class PgChangeStream(Generic[T]):
+    """Changes of one table (see module docstring).
+
+    ``table`` is a name as SQL would write it -- ``"users"``, ``"app.users"``,
+    ``'"Mixed"."Case"'`` (unquoted parts are folded to lower case) -- or an exact
+    ``(schema, name)`` pair. Constructing it touches nothing; ``install_trigger()`` starts
+    capturing.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        table: str | tuple[str, str],
+        *,
+        operations: Sequence[Operation] = OPERATIONS,
+        columns: Sequence[str] | None = None,
+        notify: NotifyMode = "statement",
+        retention: timedelta | None = None,
+    ) -> None:
+        self._db = db
+        self._table_arg = _check_table(table)
+        self.operations = _check_operations(operations)
+        self.columns = _check_columns(columns)
+        if notify not in ("statement", "off"):
+            raise InvalidArgumentError(f"notify must be 'statement' or 'off', got {notify!r}")
+        self.notify_mode: NotifyMode = notify
+        if retention is not None and (
+            not isinstance(retention, timedelta) or retention <= timedelta(0)
+        ):
+            raise InvalidArgumentError(f"retention must be a positive timedelta, got {retention!r}")
+        self.retention = retention
+        names = {
+            "changes": sql.Identifier(db.schema, "changes"),
+            "captures": sql.Identifier(db.schema, "change_captures"),
+            "consumers": sql.Identifier(db.schema, "change_consumers"),
+        }
+        self._sql: dict[str, bytes] = {
+            key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
+            for key, text in vars(C).items()
+            if key.isupper() and not key.startswith("_") and isinstance(text, str)
+        }
+        self._key: str | None = None
+
+    # -- capture -----------------------------------------------------------------------
+
+    async def install_trigger(self) -> None:
+        """Start capturing (idempotent: re-installing applies the current settings).
+
+        Raises InvalidArgumentError, before anything is installed, for a table that does
+        not exist or is not a table, or for ``columns`` it does not have.
+        """
+        await self._db.ensure_migrated()
+        async with self._db.connection() as conn, conn.transaction():
+            table = await self._resolve(conn, required=True)
+            assert table is not None
+            cur = await conn.execute(self._sql["COLUMNS"], {"oid": table.oid})
+            existing = {str(r[0]) for r in await cur.fetchall()}
+            missing = [c for c in self.columns or () if c not in existing]
+            if missing:
+                raise InvalidArgumentError(f"table {table.key} has no column(s) {missing}")
+            cur = await conn.execute(self._sql["PRIMARY_KEY"], {"oid": table.oid})
+            pk = [str(r[0]) for r in await cur.fetchall()]
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", [advisory_key("capture", table.key)]
+            )
+            ident = sql.Identifier(table.schema, table.name)
+            channel = channel_for(self._db.schema, "changes", table.key)
+            args = [
+                sql.Literal(table.key),
+                sql.Literal(channel if self.notify_mode == "statement" else ""),
+                sql.Literal("" if self.columns is None else json.dumps(list(self.columns))),
+                sql.Literal(json.dumps(pk)),
+            ]
+            function = sql.Identifier(self._db.schema, "capture_changes")
+            for op in OPERATIONS:
+                trigger = self._trigger_name(op)
+                await conn.execute(
+                    sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, ident)
+                )
+                if op in self.operations:
+                    await conn.execute(
+                        sql.SQL(
+                            "CREATE TRIGGER {trigger} {event} FOR EACH STATEMENT"
+                            " EXECUTE FUNCTION {function}({args})"
+                        ).format(
+                            trigger=trigger,
+                            event=_TRIGGER_EVENTS[op].format(table=ident),
+                            function=function,
+                            args=sql.SQL(", ").join(args),
+                        )
+                    )
+            await conn.execute(
+                self._sql["REGISTER"],
+                {
+                    "stream": table.key,
+                    "operations": list(self.operations),
+                    "columns": None if self.columns is None else json.dumps(list(self.columns)),
+                    "notify": self.notify_mode,
+                    "retention": self.retention,
+                },
+            )
+        self._key = table.key
+
+    async def remove_trigger(self) -> None:
+        """Stop capturing; the log stays readable (and prunable)."""
+        await self._db.ensure_migrated()
+        async with self._db.connection() as conn, conn.transaction():
+            table = await self._resolve(conn, required=False)
+            key = table.key if table is not None else await self._key_from_name(conn)
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", [advisory_key("capture", key)])
+            if table is not None:
+                ident = sql.Identifier(table.schema, table.name)
+                for op in OPERATIONS:
+                    await conn.execute(
+                        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                            self._trigger_name(op), ident
+                        )
+                    )
+            await conn.execute(self._sql["UNREGISTER"], {"stream": key})
+
+    def _trigger_name(self, op: str) -> sql.Identifier:
+        # One capture per (library schema, table): 48 + 15 characters fit in 63.
+        return sql.Identifier(f"{self._db.schema}_capture_{op}")
+
+    async def notify(self, payload: T, *, conn: AsyncConnection[Any] | None = None) -> int:
+        """Append a producer event (``op="notify"``, ``new=payload``) to this stream.
+
+        With ``conn`` it joins that connection's transaction. Returns the change id.
+        """
+        text = to_json("payload", payload)
+        key = await self.key()
+        params = {
+            "stream": key,
+            "payload": text,
+            "channel": channel_for(self._db.schema, "changes", key),
+        }
+        row = await calls.fetchone(
+            self._db, self._sql["NOTIFY"], params, conn, owner=f"changes of {key}"
+        )
+        return int(row[0])
+
+    # -- subscribing -------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        consumer: str | None = None,
+        *,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        page_size: int = DEFAULT_PAGE,
+    ) -> Stream[Change[T]]:
+        """Every change from now on, in order, once each while the stream runs.
+
+        With ``consumer``, a durable cursor: the first subscription starts now, later ones
+        resume after the last item finished with (see module docstring). Run one stream per
+        consumer name at a time.
+        """
+        if consumer is not None:
+            check_name("consumer", consumer)
+        poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
+        check_positive_int("page_size", page_size)
+        return Stream(lambda: self._run(consumer, None, poll, page_size))
+
+    def subscribe_from(
+        self,
+        since: datetime | int,
+        *,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        page_size: int = DEFAULT_PAGE,
+    ) -> Stream[Change[T]]:
+        """Replay the log from ``since`` -- a time (changes made at or after it) or a change
+        id (that change and every later one) -- then continue live, with nothing missed or
+        repeated in between (replay and live are one cursor)."""
+        if isinstance(since, bool) or not isinstance(since, datetime | int):
+            raise InvalidArgumentError(f"since must be a datetime or a change id, got {since!r}")
+        if isinstance(since, datetime) and since.tzinfo is None:
+            raise InvalidArgumentError("since must be timezone-aware")
+        poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
+        check_positive_int("page_size", page_size)
+        return Stream(lambda: self._run(None, since, poll, page_size))
+
+    async def _run(
+        self, consumer: str | None, since: datetime | int | None, poll: float, n: int
+    ) -> AsyncIterator[Change[T]]:
+        await self._db.ensure_migrated()
+        key = await self.key()
+        filters = {
+            "stream": key,
+            "since_at": since if isinstance(since, datetime) else _EPOCH,
+            "since_id": since if isinstance(since, int) else 0,
+            "n": n,
+        }
+        cursor = await self._open(key, consumer, since is not None, filters)
+        retry = _Retry(f"changes of {key}")
+        unsaved: tuple[int, int, int] | None = None  # the last item handed out, not saved
+        try:
+            async with self._db.wakeups(channel_for(self._db.schema, "changes", key)) as wake:
+                while True:
+                    rows = await self._next_rows(cursor, filters, wake, poll, retry)
+                    for row in rows:
+                        cursor.after = row[0]
+                        unsaved = (cursor.lo, cursor.hi, row[0])
+                        yield _change(key, row)
+                        # Asked for the next item: the downstream is done with this one.
+                        if consumer is not None:
+                            await self._save(key, consumer, unsaved)
+                        unsaved = None
+        finally:
+            if consumer is not None and unsaved is not None and closing_cleanly():
+                with anyio.CancelScope(shield=True):
+                    await self._save(key, consumer, unsaved)
+
+    async def _open(
+        self, key: str, consumer: str | None, replay: bool, filters: dict[str, Any]
+    ) -> _Cursor:
+        if consumer is not None:
+            row = await calls.fetchone(
+                self._db,
+                self._sql["CONSUMER_OPEN"],
+                {"stream": key, "name": consumer},
+                owner=f"changes of {key}",
+            )
+            return _Cursor(int(row[0]), int(row[1]), int(row[2]), exhausted=False)
+        row = await calls.fetchone(
+            self._db,
+            self._sql["START"],
+            {**filters, "replay": replay},
+            owner=f"changes of {key}",
+        )
+        return _Cursor(int(row[0]), int(row[1]), int(row[2]), exhausted=not replay)
+
+    async def _next_rows(
+        self,
+        cursor: _Cursor,
+        filters: dict[str, Any],
+        wake: Wakeup,
+        poll: float,
+        retry: _Retry,
+    ) -> list[Any]:
+        """The next rows in delivery order, waiting while there are none."""
+        held_wait = _HELD_RETRY_MIN
+        while True:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            wake.arm()
+            try:
+                if not cursor.exhausted:
+                    params = {**filters, "lo": cursor.lo, "hi": cursor.hi, "after": cursor.after}
+                    rows = await calls.fetchall_shielded(self._db, self._sql["PAGE"], params)
+                    cursor.exhausted = len(rows) < filters["n"]
+                    retry.reset()
+                    if rows:
+                        return rows
+                    continue
+                params = {**filters, "lo": cursor.hi}
+                result = await calls.fetchall_shielded(self._db, self._sql["ADVANCE"], params)
+                retry.reset()
+            except DatabaseError as exc:
+                await retry.after(exc)
+                continue
+            hi, held = int(result[0][0]), bool(result[0][1])
+            rows = [r[2:] for r in result if r[2] is not None]
+            if hi != cursor.hi:
+                cursor.lo, cursor.hi, cursor.after = cursor.hi, hi, 0
+                cursor.exhausted = len(rows) < filters["n"]
+            if rows:
+                return rows
+            if held:  # committed changes wait for an older transaction: look again soon
+                await wake.wait(min(held_wait, poll))
+                held_wait = min(held_wait * 2, poll)
+            else:
+                held_wait = _HELD_RETRY_MIN
+                await wake.wait(poll)
+
+    async def _save(self, key: str, consumer: str, position: tuple[int, int, int]) -> None:
+        """Store a durable consumer's position, riding out connection failures."""
+        lo, hi, after = position
+        params = {"stream": key, "name": consumer, "lo": lo, "hi": hi, "after": after}
+        retry = _Retry(f"consumer {consumer} of {key}")
+        while True:
+            try:
+                async with self._db.connection() as conn:
+                    await conn.execute(self._sql["CONSUMER_SAVE"], params)
+                return
+            except DatabaseError as exc:
+                await retry.after(exc)
+
+    # -- operations --------------------------------------------------------------------
+
+    async def lag(self, consumer: str | None = None) -> ChangeLag:
+        """How far behind: a durable consumer (changes it has not finished with), or, with
+        no consumer, the changes committed but held back by an older running transaction."""
+        key = await self.key()
+        if consumer is None:
+            row = await calls.fetchone(
+                self._db, self._sql["LAG_HELD"], {"stream": key}, owner=f"changes of {key}"
+            )
+            return ChangeLag(int(row[0]), float(row[1]))
+        check_name("consumer", consumer)
+        row = await calls.fetchone(
+            self._db,
+            self._sql["LAG_CONSUMER"],
+            {"stream": key, "name": consumer},
+            owner=f"changes of {key}",
+        )
+        if not row[2]:
+            raise InvalidArgumentError(f"no consumer {consumer!r} on {key}")
+        return ChangeLag(int(row[0]), float(row[1]))
+
+    async def add_consumer(self, consumer: str) -> None:
+        """Register a durable consumer positioned "now" (idempotent: an existing one keeps
+        its position). ``subscribe(consumer=...)`` does this on its first read; doing it
+        ahead makes sure nothing from this moment on is missed."""
+        check_name("consumer", consumer)
+        await self._db.ensure_migrated()
+        key = await self.key()
+        await calls.fetchone(
+            self._db,
+            self._sql["CONSUMER_OPEN"],
+            {"stream": key, "name": consumer},
+            owner=f"changes of {key}",
+        )
+
+    async def consumers(self) -> list[str]:
+        """Names of this stream's durable consumers."""
+        key = await self.key()
+        rows = await calls.fetchall(self._db, self._sql["CONSUMERS"], {"stream": key})
+        return [str(r[0]) for r in rows]
+
+    async def remove_consumer(self, consumer: str) -> None:
+        """Forget a durable consumer (it no longer holds back ``prune``)."""
+        check_name("consumer", consumer)
+        key = await self.key()
+        async with self._db.connection() as conn:
+            await conn.execute(self._sql["CONSUMER_DROP"], {"stream": key, "name": consumer})
+
+    async def prune(
+        self, older_than: timedelta | datetime | None = None, *, force: bool = False
+    ) -> int:
+        """Delete logged changes older than ``older_than`` (default: the ``retention``
+        given at install); returns how many.
+
+        Changes a durable consumer has not reached are kept unless ``force``.
+        """
+        key = await self.key()
+        if older_than is None:
+            row = await calls.fetchone(
+                self._db,
+                self._sql["RETENTION"],
+                {"stream": key},
+                allow_none=True,
+                owner=f"changes of {key}",
+            )
+            if row is None or row[0] is None:
+                raise InvalidArgumentError(f"{key} has no retention: pass older_than")
+            older_than = row[0]
+        if isinstance(older_than, timedelta):
+            if older_than < timedelta(0):
+                raise InvalidArgumentError("older_than must not be negative")
+            cutoff = datetime.now(UTC) - older_than
+        elif isinstance(older_than, datetime) and older_than.tzinfo is not None:
+            cutoff = older_than
+        else:
+            raise InvalidArgumentError(
+                "older_than must be a timedelta or a timezone-aware datetime"
+            )
+        row = await calls.fetchone(
+            self._db,
+            self._sql["PRUNE"],
+            {"stream": key, "cutoff": cutoff, "force": force},
+            owner=f"changes of {key}",
+        )
+        return int(row[0])
+
+    # -- naming ------------------------------------------------------------------------
+
+    async def key(self) -> str:
+        """The stream's key: the table's schema-qualified, quoted name."""
+        if self._key is None:
+            async with self._db.connection() as conn:
+                table = await self._resolve(conn, required=False)
+                self._key = table.key if table is not None else await self._key_from_name(conn)
+        return self._key
+
+    async def _resolve(self, conn: AsyncConnection[Any], *, required: bool) -> _Table | None:
+        arg = self._table_arg
+        try:
+            if isinstance(arg, tuple):
+                params = {"schema": arg[0], "name": arg[1]}
+                cur = await conn.execute(self._sql["RESOLVE_PARTS"], params)
+            else:
+                cur = await conn.execute(self._sql["RESOLVE_NAME"], {"table": arg})
+            row = await cur.fetchone()
+        except (psycopg.errors.InvalidName, psycopg.errors.SyntaxError) as exc:
+            raise InvalidArgumentError(f"invalid table name {arg!r}: {exc}") from exc
+        if row is None:
+            if required:
+                raise InvalidArgumentError(f"table {arg!r} does not exist")
+            return None
+        if row[3] not in ("r", "p"):
+            raise InvalidArgumentError(f"{row[4]} is not a table (relkind {row[3]!r})")
+        return _Table(int(row[0]), str(row[1]), str(row[2]), str(row[4]))
+
+    async def _key_from_name(self, conn: AsyncConnection[Any]) -> str:
+        arg = self._table_arg
+        try:
+            if isinstance(arg, tuple):
+                cur = await conn.execute(
+                    self._sql["KEY_FROM_PARTS"], {"schema": arg[0], "name": arg[1]}
+                )
+            else:
+                cur = await conn.execute(self._sql["KEY_FROM_NAME"], {"table": arg})
+            row = await cur.fetchone()
+        except (psycopg.errors.InvalidName, psycopg.errors.SyntaxError) as exc:
+            raise InvalidArgumentError(f"invalid table name {arg!r}: {exc}") from exc
+        if row is None or row[0] is None:
+            raise InvalidArgumentError(f"invalid table name {arg!r}")
+        return str(row[0])
+
+    def __repr__(self) -> str:
+        return f"PgChangeStream({self._table_arg!r})"
+
+
+def _change(key: str, row: Sequence[Any]) -> Change[Any]:
+    _id, txid, op, pk, new, old, at = row
+    return Change(
+        id=int(_id),
+        op=str(op),
+        table=key,
+        new=None if new is None else json.loads(new),
+        old=None if old is None else json.loads(old),
+        at=at,
+        txid=int(txid),
+        pk=None if pk is None else json.loads(pk),
+    )
+
+
+def _check_table(table: object) -> str | tuple[str, str]:
+    if isinstance(table, tuple):
+        if len(table) != 2 or not all(
+            isinstance(p, str) and 0 < len(p.encode()) <= 63 and "\x00" not in p for p in table
+        ):
+            raise InvalidArgumentError(
+                f"table must be a name or a (schema, name) pair of identifiers, got {table!r}"
+            )
+        return (table[0], table[1])
+    if not isinstance(table, str) or not table.strip() or "\x00" in table or len(table) > 300:
+        raise InvalidArgumentError(f"table must be a non-empty name, got {table!r}")
+    return table
+
+
+def _check_operations(operations: object) -> tuple[Operation, ...]:
+    if isinstance(operations, str) or not isinstance(operations, Sequence | set | frozenset):
+        raise InvalidArgumentError(
+            f"operations must be a sequence of {OPERATIONS}, got {operations!r}"
+        )
+    ops = tuple(operations)
+    unknown = [op for op in ops if op not in OPERATIONS]
+    if unknown or not ops or len(set(ops)) != len(ops):
+        raise InvalidArgumentError(
+            f"operations must be distinct values of {OPERATIONS}, got {operations!r}"
+        )
+    return tuple(op for op in OPERATIONS if op in ops)
+
+
+def _check_columns(columns: object) -> tuple[str, ...] | None:
+    if columns is None:
+        return None
+    if isinstance(columns, str) or not isinstance(columns, Sequence):
+        raise InvalidArgumentError(f"columns must be a sequence of names, got {columns!r}")
+    cols = tuple(columns)
+    if not cols or not all(isinstance(c, str) and c and "\x00" not in c for c in cols):
+        raise InvalidArgumentError(f"columns must be non-empty names, got {columns!r}")
+    if len(set(cols)) != len(cols):
+        raise InvalidArgumentError(f"columns must be distinct, got {columns!r}")
+    return cols

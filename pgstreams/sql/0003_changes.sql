@@ -1,0 +1,101 @@
+-- Change data capture: the change log, capture settings, durable consumers and the
+-- trigger function. {schema} is substituted as a quoted identifier; braces that belong to
+-- SQL are doubled.
+
+-- One row per captured change. txid is the writing transaction: readers deliver only rows
+-- of transactions older than every transaction still running (the snapshot's xmin), so a
+-- transaction that commits late can never slip in behind a reader's cursor.
+CREATE TABLE IF NOT EXISTS {schema}.changes (
+    stream  text        NOT NULL,
+    id      bigint      GENERATED ALWAYS AS IDENTITY,
+    txid    xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    at      timestamptz NOT NULL DEFAULT statement_timestamp(),
+    op      text        NOT NULL,
+    pk      jsonb,
+    new     jsonb,
+    old     jsonb,
+    PRIMARY KEY (stream, id)
+);
+CREATE INDEX IF NOT EXISTS changes_by_txid ON {schema}.changes (stream, txid);
+
+-- What install_trigger() set up for each stream (kept after remove_trigger()).
+CREATE TABLE IF NOT EXISTS {schema}.change_captures (
+    stream        text PRIMARY KEY,
+    operations    text[]      NOT NULL,
+    columns       jsonb,
+    notify        text        NOT NULL,
+    retention     interval,
+    installed_at  timestamptz NOT NULL DEFAULT now(),
+    removed_at    timestamptz
+);
+
+-- Durable consumers: the position after the last item the consumer finished with.
+-- [lo, hi) is a range of transaction ids that had all ended when hi was read; within it,
+-- changes go out in id order and after_id is the last one finished.
+CREATE TABLE IF NOT EXISTS {schema}.change_consumers (
+    stream      text        NOT NULL,
+    name        text        NOT NULL,
+    lo          xid8        NOT NULL,
+    hi          xid8        NOT NULL,
+    after_id    bigint      NOT NULL DEFAULT 0,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, name)
+);
+
+-- Statement-level capture: one INSERT ... SELECT per statement from the transition tables.
+-- Arguments: stream key, NOTIFY channel ('' = none), JSON array of captured columns ('' =
+-- all), JSON array of primary-key columns.
+CREATE OR REPLACE FUNCTION {schema}.capture_changes() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    cols text[];
+    pkcols text[] := ARRAY(SELECT jsonb_array_elements_text(TG_ARGV[3]::jsonb));
+BEGIN
+    IF TG_ARGV[2] <> '' THEN
+        cols := ARRAY(SELECT jsonb_array_elements_text(TG_ARGV[2]::jsonb));
+    END IF;
+    -- Images: the whole row unless columns were chosen. Keys: most have one column.
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO {schema}.changes (stream, op, pk, new)
+        SELECT TG_ARGV[0], 'insert',
+               CASE cardinality(pkcols) WHEN 0 THEN NULL
+                    WHEN 1 THEN jsonb_build_object(pkcols[1], j -> pkcols[1])
+                    ELSE {schema}.capture_pick(j, pkcols) END,
+               CASE WHEN cols IS NULL THEN j ELSE {schema}.capture_pick(j, cols) END
+        FROM new_rows n, LATERAL to_jsonb(n) AS j;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO {schema}.changes (stream, op, pk, old)
+        SELECT TG_ARGV[0], 'delete',
+               CASE cardinality(pkcols) WHEN 0 THEN NULL
+                    WHEN 1 THEN jsonb_build_object(pkcols[1], j -> pkcols[1])
+                    ELSE {schema}.capture_pick(j, pkcols) END,
+               CASE WHEN cols IS NULL THEN j ELSE {schema}.capture_pick(j, cols) END
+        FROM old_rows o, LATERAL to_jsonb(o) AS j;
+    ELSE
+        -- Both transition tables receive an updated row's two versions in the same call,
+        -- so their scan positions pair them (a join on the key would lose rows whose key
+        -- the UPDATE changed).
+        INSERT INTO {schema}.changes (stream, op, pk, new, old)
+        SELECT TG_ARGV[0], 'update',
+               CASE cardinality(pkcols) WHEN 0 THEN NULL
+                    WHEN 1 THEN jsonb_build_object(pkcols[1], a.j -> pkcols[1])
+                    ELSE {schema}.capture_pick(a.j, pkcols) END,
+               CASE WHEN cols IS NULL THEN a.j ELSE {schema}.capture_pick(a.j, cols) END,
+               CASE WHEN cols IS NULL THEN b.j ELSE {schema}.capture_pick(b.j, cols) END
+        FROM (SELECT row_number() OVER () AS rn, to_jsonb(n) AS j FROM new_rows n) a
+        JOIN (SELECT row_number() OVER () AS rn, to_jsonb(o) AS j FROM old_rows o) b
+          ON a.rn = b.rn;
+    END IF;
+    IF FOUND AND TG_ARGV[1] <> '' THEN
+        PERFORM pg_notify(TG_ARGV[1], '');
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- The row image restricted to ``keys``.
+CREATE OR REPLACE FUNCTION {schema}.capture_pick(j jsonb, keys text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT coalesce(jsonb_object_agg(k, j -> k), '{{}}'::jsonb) FROM unnest(keys) AS k
+$fn$;

@@ -1,0 +1,519 @@
+"""PgChangeStream on a real PostgreSQL: capture, lossless delivery, durable consumers,
+replay, pruning and bad input."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from anyio.streams.memory import MemoryObjectSendStream
+from psycopg import sql
+
+import pgstreams as ps
+
+from ._killed_consumer import kill_when_ready
+from .pgserver import allow_connections, terminate_backends
+
+Row = dict[str, Any]
+
+
+def tname() -> str:
+    return f"t_{uuid.uuid4().hex[:10]}"
+
+
+async def execute(db: ps.Database, query: str | sql.Composed, *params: Any) -> None:
+    async with db.connection() as conn:
+        await conn.execute(query, params or None)
+
+
+async def make_table(db: ps.Database, name: str | None = None) -> str:
+    name = name or tname()
+    await execute(
+        db,
+        sql.SQL(
+            "CREATE TABLE {} (id bigint PRIMARY KEY, v int NOT NULL DEFAULT 0, body text)"
+        ).format(sql.Identifier(name)),
+    )
+    return name
+
+
+async def forward(stream: ps.Stream[ps.Change[Row]], send: MemoryObjectSendStream[Any]) -> None:
+    async with send, stream:
+        async for change in stream:
+            await send.send(change)
+
+
+async def until_idle(db: ps.Database, subscribers: int) -> None:
+    """Wait until that many subscribers sleep, having read everything visible."""
+    with anyio.fail_after(10):
+        while db.listener.idle_count() < subscribers:  # noqa: ASYNC110 - no event to await
+            await anyio.sleep(0.005)
+
+
+async def logged_ids(db: ps.Database, key: str) -> list[int]:
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM pgstreams.changes WHERE stream = %s ORDER BY id", [key]
+        )
+        return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def triggers_on(db: ps.Database, table: str) -> int:
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND NOT tgisinternal",
+            [table],
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- capture --------------------------------------------------------------------------
+
+
+async def test_insert_update_delete_are_captured_with_images(db: ps.Database) -> None:
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    async with db.connection() as conn:
+        await conn.execute(
+            sql.SQL("INSERT INTO {} (id, body) VALUES (1, 'a'), (2, 'b')").format(
+                sql.Identifier(table)
+            )
+        )
+        await conn.execute(
+            sql.SQL("UPDATE {} SET v = v + 1, id = id + 10").format(sql.Identifier(table))
+        )
+        await conn.execute(sql.SQL("DELETE FROM {} WHERE id = 11").format(sql.Identifier(table)))
+    changes = await cs.subscribe_from(0).take(5).collect()
+    assert [(c.op, c.pk) for c in changes] == [
+        ("insert", {"id": 1}),
+        ("insert", {"id": 2}),
+        ("update", {"id": 11}),
+        ("update", {"id": 12}),
+        ("delete", {"id": 11}),
+    ]
+    # A multi-row UPDATE that changes the key still pairs each row's old and new image.
+    assert [(c.old, c.new) for c in changes[2:4]] == [
+        ({"id": 1, "v": 0, "body": "a"}, {"id": 11, "v": 1, "body": "a"}),
+        ({"id": 2, "v": 0, "body": "b"}, {"id": 12, "v": 1, "body": "b"}),
+    ]
+    assert (changes[0].new, changes[0].old) == ({"id": 1, "v": 0, "body": "a"}, None)
+    assert (changes[4].new, changes[4].old) == (None, {"id": 11, "v": 1, "body": "a"})
+    assert all(c.table == f"public.{table}" for c in changes)
+    assert changes[0].txid == changes[1].txid != changes[2].txid
+    assert changes[0].at.tzinfo is not None
+
+
+async def test_remove_trigger_stops_capture_and_keeps_the_log(db: ps.Database) -> None:
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    await cs.install_trigger()  # idempotent
+    await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (1)").format(sql.Identifier(table)))
+    await cs.remove_trigger()
+    assert await triggers_on(db, table) == 0
+    await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (2)").format(sql.Identifier(table)))
+    assert [c.new for c in await cs.subscribe_from(0).take(1).collect()] == [
+        {"id": 1, "v": 0, "body": None}
+    ]
+    assert len(await logged_ids(db, await cs.key())) == 1
+
+
+async def test_quoted_names_operations_and_columns(db: ps.Database) -> None:
+    await execute(db, 'CREATE SCHEMA IF NOT EXISTS "Sales Dept"')
+    await execute(
+        db, 'CREATE TABLE "Sales Dept"."Order Lines" ("Id" int PRIMARY KEY, "Qty" int, note text)'
+    )
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(
+        db, ("Sales Dept", "Order Lines"), operations=("insert", "delete"), columns=["Qty"]
+    )
+    await cs.install_trigger()
+    assert await triggers_on(db, '"Sales Dept"."Order Lines"') == 2
+    await execute(db, """INSERT INTO "Sales Dept"."Order Lines" VALUES (1, 5, 'x')""")
+    await execute(db, """UPDATE "Sales Dept"."Order Lines" SET "Qty" = 6""")  # not captured
+    await execute(db, """DELETE FROM "Sales Dept"."Order Lines" """)
+    same: ps.PgChangeStream[Row] = ps.PgChangeStream(db, '"Sales Dept"."Order Lines"')
+    assert await same.key() == await cs.key() == '"Sales Dept"."Order Lines"'
+    changes = await same.subscribe_from(0).take(2).collect()
+    assert [(c.op, c.pk, c.new, c.old) for c in changes] == [
+        ("insert", {"Id": 1}, {"Qty": 5}, None),
+        ("delete", {"Id": 1}, None, {"Qty": 6}),
+    ]
+
+
+async def test_table_without_primary_key_and_notify_events(db: ps.Database) -> None:
+    table = tname()
+    await execute(db, sql.SQL("CREATE TABLE {} (x int)").format(sql.Identifier(table)))
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    await execute(db, sql.SQL("INSERT INTO {} VALUES (7)").format(sql.Identifier(table)))
+    note_id = await cs.notify({"user_id": "u_42"})
+    changes = await cs.subscribe_from(0).take(2).collect()
+    assert [(c.op, c.pk, c.new) for c in changes] == [
+        ("insert", None, {"x": 7}),
+        ("notify", None, {"user_id": "u_42"}),
+    ]
+    assert changes[1].id == note_id
+
+
+async def test_large_row_is_delivered_intact(db: ps.Database) -> None:
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    body = "".join(random.choice("abcdefghij\u00e9\u4e2d") for _ in range(64 * 1024))
+    send, receive = anyio.create_memory_object_stream[ps.Change[Row]](10)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(forward, cs.subscribe(poll_interval=3600), send)
+        await until_idle(db, 1)
+        await execute(
+            db,
+            sql.SQL("INSERT INTO {} (id, body) VALUES (1, %s)").format(sql.Identifier(table)),
+            body,
+        )
+        with anyio.fail_after(10):  # NOTIFY carries no data: the row comes from the log
+            change = await receive.receive()
+        tg.cancel_scope.cancel()
+    receive.close()
+    assert change.new is not None and change.new["body"] == body
+
+
+# -- delivery -------------------------------------------------------------------------
+
+
+async def test_late_commit_of_an_earlier_transaction_is_not_skipped(
+    db: ps.Database, dsn: str
+) -> None:
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    insert = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(table))
+    send, receive = anyio.create_memory_object_stream[ps.Change[Row]](10)
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as a,
+        await psycopg.AsyncConnection.connect(dsn) as b,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(forward, cs.subscribe(poll_interval=0.05), send)
+        await a.execute(insert, [1])  # A: the smaller change id and transaction id, open
+        await b.execute(insert, [2])
+        await b.commit()  # B commits first
+        # The subscriber polls many times meanwhile; B's change waits for A to end.
+        with anyio.move_on_after(0.5):
+            early = await receive.receive()
+            pytest.fail(f"delivered before the older transaction ended: {early}")
+        assert (await cs.lag()).changes == 1  # B's change, held back
+        await a.commit()
+        with anyio.fail_after(10):
+            got = [await receive.receive(), await receive.receive()]
+        with anyio.move_on_after(0.3):
+            extra = await receive.receive()
+            pytest.fail(f"delivered twice: {extra}")
+        tg.cancel_scope.cancel()
+    receive.close()
+    assert [c.new["id"] for c in got if c.new] == [1, 2]
+
+
+async def test_concurrent_writers_every_change_once_in_row_order(db: ps.Database, dsn: str) -> None:
+    table = await make_table(db)
+    ident = sql.Identifier(table)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    shared = 40
+    await execute(
+        db,
+        sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, %s) g").format(ident),
+        shared,
+    )
+    first_id = max(await logged_ids(db, await cs.key())) + 1  # after the setup rows
+
+    async def writer(w: int) -> None:
+        rng = random.Random(w)
+        mine: list[int] = []
+        ops = made = 0
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            while ops < 1000:
+                async with conn.transaction():
+                    for target in sorted(rng.sample(range(1, shared + 1), rng.randint(0, 2))):
+                        await conn.execute(
+                            sql.SQL("UPDATE {} SET v = v + 1 WHERE id = %s").format(ident), [target]
+                        )
+                        ops += 1
+                    made += 1
+                    new_id = 100_000 * (w + 1) + made
+                    await conn.execute(
+                        sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(ident), [new_id]
+                    )
+                    mine.append(new_id)
+                    ops += 1
+                    if len(mine) > 3 and rng.random() < 0.5:
+                        victim = mine.pop(rng.randrange(len(mine) - 1))
+                        await conn.execute(
+                            sql.SQL("DELETE FROM {} WHERE id = %s").format(ident), [victim]
+                        )
+                        ops += 1
+                    await anyio.sleep(rng.random() * 0.002)  # commit in a random order
+
+    delivered: list[ps.Change[Row]] = []
+
+    async def consume() -> None:
+        async with cs.subscribe_from(first_id, poll_interval=0.05) as stream:
+            async for change in stream:
+                delivered.append(change)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        async with anyio.create_task_group() as writers:
+            for w in range(4):
+                writers.start_soon(writer, w)
+        expected = [i for i in await logged_ids(db, await cs.key()) if i >= first_id]
+        with anyio.fail_after(30):
+            while len(delivered) < len(expected):  # noqa: ASYNC110 - polling the consumer
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.2)  # anything extra would show up now
+        tg.cancel_scope.cancel()
+    assert len(expected) >= 4000
+    ids = [c.id for c in delivered]
+    assert sorted(ids) == expected and len(set(ids)) == len(ids)  # each once, none missing
+    # Per row, each change starts from the image the previous one left.
+    last: dict[int, Row | None] = {}
+    for c in delivered:
+        key = (c.pk or {})["id"]
+        if c.op == "insert":
+            assert key not in last, c
+        elif key in last:
+            assert c.old == last[key], c
+        else:
+            assert key <= shared, c  # only a setup row may first appear as an update
+        last[key] = c.new
+
+
+async def test_listener_killed_mid_stream_loses_nothing(db: ps.Database, dsn: str) -> None:
+    table = await make_table(db)
+    insert = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(table))
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    send, receive = anyio.create_memory_object_stream[ps.Change[Row]](100)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(forward, cs.subscribe(poll_interval=3600), send)
+        await until_idle(db, 1)
+        await execute(db, insert, 0)
+        with anyio.fail_after(10):
+            assert (await receive.receive()).new == {"id": 0, "v": 0, "body": None}
+            await until_idle(db, 1)  # its connection is back: the insert below needs one
+            allow_connections(dsn, False)
+            try:
+                assert terminate_backends(dsn, application_name="pgstreams-listener") == 1
+                await execute(db, insert, 1)  # its NOTIFY reaches nobody
+                with anyio.move_on_after(0.3):
+                    await receive.receive()
+                    pytest.fail("delivered without a listener or a poll")
+            finally:
+                allow_connections(dsn, True)
+            # The listener reconnects and wakes every subscriber, which reads the log.
+            assert (await receive.receive()).new == {"id": 1, "v": 0, "body": None}
+            await execute(db, insert, 2)
+            assert (await receive.receive()).new == {"id": 2, "v": 0, "body": None}
+        tg.cancel_scope.cancel()
+    receive.close()
+    assert db.listener.reconnects == 1
+
+
+async def test_notify_off_relies_on_polling(db: ps.Database) -> None:
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table, notify="off")
+    await cs.install_trigger()
+    send, receive = anyio.create_memory_object_stream[ps.Change[Row]](10)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(forward, cs.subscribe(poll_interval=0.1), send)
+        await until_idle(db, 1)
+        await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (5)").format(sql.Identifier(table)))
+        with anyio.fail_after(10):
+            assert (await receive.receive()).op == "insert"
+        tg.cancel_scope.cancel()
+    receive.close()
+
+
+# -- durable consumers ----------------------------------------------------------------
+
+
+async def test_durable_consumer_resumes_after_the_last_finished_item(db: ps.Database) -> None:
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    await cs.add_consumer("idx")  # positioned "now"
+    await execute(
+        db,
+        sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, 10) g").format(
+            sql.Identifier(table)
+        ),
+    )
+
+    def ids(changes: list[ps.Change[Row]]) -> list[int]:
+        return [c.new["id"] for c in changes if c.new]
+
+    assert ids(await cs.subscribe(consumer="idx").take(3).collect()) == [1, 2, 3]
+    assert (await cs.lag("idx")).changes == 7
+
+    def fail_on_5(change: ps.Change[Row]) -> None:
+        if change.new and change.new["id"] == 5:
+            raise RuntimeError("handler failed")
+
+    with pytest.raises(RuntimeError):
+        await cs.subscribe(consumer="idx").for_each(fail_on_5)
+    # 4 was finished; 5 was not, so it comes again.
+    assert ids(await cs.subscribe(consumer="idx").take(6).collect()) == [5, 6, 7, 8, 9, 10]
+    assert (await cs.lag("idx")).changes == 0
+    assert await cs.consumers() == ["idx"]
+    await cs.remove_consumer("idx")
+    assert await cs.consumers() == []
+    with pytest.raises(ps.InvalidArgumentError):
+        await cs.lag("idx")
+
+
+async def test_durable_consumer_killed_mid_stream(db: ps.Database, dsn: str) -> None:
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    await cs.add_consumer("billing")
+    await execute(
+        db,
+        sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, 30) g").format(
+            sql.Identifier(table)
+        ),
+    )
+    script = Path(__file__).with_name("_change_consumer.py")
+    handed = await kill_when_ready(script, dsn, table, "billing", "12")
+    assert len(handed) == 12
+    finished, unfinished = handed[:-1], handed[-1]
+    rest = await cs.subscribe(consumer="billing").take(30 - len(finished)).collect()
+    again = [c.id for c in rest]
+    assert again[0] == unfinished  # the one it held is delivered again ...
+    assert not set(again) & set(finished)  # ... and nothing it had finished
+    assert sorted(finished + again) == await logged_ids(db, await cs.key())
+
+
+# -- replay ---------------------------------------------------------------------------
+
+
+async def test_replay_from_a_time_while_writes_continue(db: ps.Database) -> None:
+    table = await make_table(db)
+    insert = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(table))
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    total = 600
+    since: datetime | None = None
+    half = anyio.Event()
+
+    async def write() -> None:
+        nonlocal since
+        for i in range(total):
+            await execute(db, insert, i)
+            if i == total // 2:
+                async with db.connection() as conn:
+                    cur = await conn.execute("SELECT statement_timestamp()")
+                    row = await cur.fetchone()
+                    assert row is not None
+                    since = row[0]
+                half.set()
+
+    delivered: list[ps.Change[Row]] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write)
+        await half.wait()
+        assert since is not None
+        async with cs.subscribe_from(since, poll_interval=0.05, page_size=50) as stream:
+            with anyio.fail_after(20):
+                async for change in stream:  # replay, then live, while the writer goes on
+                    delivered.append(change)
+                    if change.new and change.new["id"] == total - 1:
+                        break
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM pgstreams.changes WHERE stream = %s AND at >= %s ORDER BY id",
+            [await cs.key(), since],
+        )
+        expected = [int(r[0]) for r in await cur.fetchall()]
+    assert [c.id for c in delivered] == expected  # no gap, no duplicate, in order
+    assert delivered[0].new is not None and delivered[0].new["id"] > total // 2
+
+
+# -- operations -----------------------------------------------------------------------
+
+
+async def test_prune_keeps_what_a_consumer_has_not_reached(db: ps.Database) -> None:
+    table = await make_table(db)
+    ident = sql.Identifier(table)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table, retention=timedelta(hours=1))
+    await cs.install_trigger()
+    await cs.add_consumer("slow")
+    await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (1), (2)").format(ident))
+    assert await cs.prune() == 0  # within the retention
+    assert await cs.prune(older_than=timedelta(0)) == 0  # "slow" has not read them
+    await cs.subscribe(consumer="slow").take(2).collect()
+    await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (3)").format(ident))
+    await cs.subscribe(consumer="slow").take(1).collect()  # moves "slow" into a later range
+    await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (4)").format(ident))
+    # Only the first transaction's changes lie wholly behind "slow"'s position.
+    assert await cs.prune(older_than=datetime.now(UTC) + timedelta(seconds=1)) == 2
+    assert len(await logged_ids(db, await cs.key())) == 2
+    assert await cs.prune(older_than=timedelta(0), force=True) == 2
+
+
+# -- bad input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "kwargs"),
+    [
+        ("no_such_table", {}),
+        ("a.b.c.d", {}),
+        ('"unterminated', {}),
+        ("", {}),
+        (("public", ""), {}),
+        ("EXISTING", {"operations": ("insert", "truncate")}),
+        ("EXISTING", {"operations": ()}),
+        ("EXISTING", {"operations": "insert"}),
+        ("EXISTING", {"columns": ["no_such_column"]}),
+        ("EXISTING", {"columns": []}),
+        ("EXISTING", {"notify": "transaction"}),
+        ("EXISTING", {"retention": timedelta(0)}),
+    ],
+)
+async def test_bad_input_installs_nothing(
+    db: ps.Database, table: Any, kwargs: dict[str, Any]
+) -> None:
+    existing = await make_table(db)
+    if table == "EXISTING":
+        table = existing
+
+    async def install() -> None:
+        await ps.PgChangeStream(db, table, **kwargs).install_trigger()
+
+    with pytest.raises(ps.InvalidArgumentError):
+        await install()
+    assert await triggers_on(db, existing) == 0
+
+
+async def test_a_view_is_not_a_table(db: ps.Database) -> None:
+    existing = await make_table(db)
+    view = tname()
+    await execute(
+        db,
+        sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+            sql.Identifier(view), sql.Identifier(existing)
+        ),
+    )
+    with pytest.raises(ps.InvalidArgumentError, match="not a table"):
+        await ps.PgChangeStream(db, view).install_trigger()
+    with pytest.raises(ps.InvalidArgumentError):
+        ps.PgChangeStream(db, existing).subscribe(consumer="Bad Name")
+    with pytest.raises(ps.InvalidArgumentError):
+        ps.PgChangeStream(db, existing).subscribe_from(datetime(2020, 1, 1))  # naive
