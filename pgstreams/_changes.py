@@ -101,6 +101,8 @@ class _Cursor:
     lo: int
     hi: int
     after: int
+    top: int
+    """The highest id in the range [lo, hi)."""
     exhausted: bool
     """True once the range [lo, hi) has been read to its end."""
 
@@ -306,14 +308,14 @@ class PgChangeStream(Generic[T]):
         }
         cursor = await self._open(key, consumer, since is not None, filters)
         retry = _Retry(f"changes of {key}")
-        unsaved: tuple[int, int, int] | None = None  # the last item handed out, not saved
+        unsaved: tuple[int, int, int, int] | None = None  # the last item handed out, not saved
         try:
             async with self._db.wakeups(channel_for(self._db.schema, "changes", key)) as wake:
                 while True:
                     rows = await self._next_rows(cursor, filters, wake, poll, retry)
                     for row in rows:
                         cursor.after = row[0]
-                        unsaved = (cursor.lo, cursor.hi, row[0])
+                        unsaved = (cursor.lo, cursor.hi, row[0], cursor.top)
                         yield _change(key, row)
                         # Asked for the next item: the downstream is done with this one.
                         if consumer is not None:
@@ -334,14 +336,14 @@ class PgChangeStream(Generic[T]):
                 {"stream": key, "name": consumer},
                 owner=f"changes of {key}",
             )
-            return _Cursor(int(row[0]), int(row[1]), int(row[2]), exhausted=False)
+            return _Cursor(int(row[0]), int(row[1]), int(row[2]), int(row[3]), exhausted=False)
         row = await calls.fetchone(
             self._db,
             self._sql["START"],
             {**filters, "replay": replay},
             owner=f"changes of {key}",
         )
-        return _Cursor(int(row[0]), int(row[1]), int(row[2]), exhausted=not replay)
+        return _Cursor(int(row[0]), int(row[1]), int(row[2]), int(row[3]), exhausted=not replay)
 
     async def _next_rows(
         self,
@@ -357,24 +359,34 @@ class PgChangeStream(Generic[T]):
             await anyio.lowlevel.checkpoint_if_cancelled()
             wake.arm()
             try:
-                if not cursor.exhausted:
-                    params = {**filters, "lo": cursor.lo, "hi": cursor.hi, "after": cursor.after}
+                if not cursor.exhausted and cursor.after < cursor.top:
+                    params = {
+                        **filters,
+                        "lo": cursor.lo,
+                        "hi": cursor.hi,
+                        "after": cursor.after,
+                        "top": cursor.top,
+                    }
                     rows = await calls.fetchall_shielded(self._db, self._sql["PAGE"], params)
-                    cursor.exhausted = len(rows) < filters["n"]
                     retry.reset()
+                    cursor.exhausted = len(rows) < filters["n"]
                     if rows:
-                        return rows
+                        cursor.after = int(rows[-1][0])
+                        mine = [r for r in rows if cursor.lo <= int(r[1]) < cursor.hi]
+                        if mine:
+                            return mine
                     continue
+                cursor.exhausted = True
                 params = {**filters, "lo": cursor.hi}
                 result = await calls.fetchall_shielded(self._db, self._sql["ADVANCE"], params)
                 retry.reset()
             except DatabaseError as exc:
                 await retry.after(exc)
                 continue
-            hi, held = int(result[0][0]), bool(result[0][1])
-            rows = [r[2:] for r in result if r[2] is not None]
+            hi, held, top = int(result[0][0]), bool(result[0][1]), int(result[0][2])
+            rows = [r[3:] for r in result if r[3] is not None]
             if hi != cursor.hi:
-                cursor.lo, cursor.hi, cursor.after = cursor.hi, hi, 0
+                cursor.lo, cursor.hi, cursor.after, cursor.top = cursor.hi, hi, 0, top
                 cursor.exhausted = len(rows) < filters["n"]
             if rows:
                 return rows
@@ -385,10 +397,10 @@ class PgChangeStream(Generic[T]):
                 held_wait = _HELD_RETRY_MIN
                 await wake.wait(poll)
 
-    async def _save(self, key: str, consumer: str, position: tuple[int, int, int]) -> None:
+    async def _save(self, key: str, consumer: str, position: tuple[int, int, int, int]) -> None:
         """Store a durable consumer's position, riding out connection failures."""
-        lo, hi, after = position
-        params = {"stream": key, "name": consumer, "lo": lo, "hi": hi, "after": after}
+        lo, hi, after, top = position
+        params = {"stream": key, "name": consumer, "lo": lo, "hi": hi, "after": after, "top": top}
         retry = _Retry(f"consumer {consumer} of {key}")
         while True:
             try:

@@ -67,46 +67,57 @@ _COLUMNS = "c.id, c.txid::text, c.op, c.pk::text, c.new::text, c.old::text, c.at
 
 # Where a subscription starts: every transaction older than the snapshot's xmin has ended,
 # so from xmin on nothing can be missed. With a replay filter, from the oldest transaction
-# that wrote a matching change; and the first range [lo, hi) is read by id from first_id.
+# that wrote a matching change; that first range [lo, hi) is then read by id, from first_id
+# to top_id.
 START = """
 WITH w AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS hi),
 f AS MATERIALIZED (
-    SELECT min(c.txid) AS lo, min(c.id) AS first_id
+    SELECT min(c.txid) AS lo, min(c.id) AS first_id, max(c.id) AS top_id
     FROM {changes} c, w
     WHERE %(replay)s AND c.stream = %(stream)s AND c.txid < w.hi
       AND c.at >= %(since_at)s AND c.id >= %(since_id)s
 )
-SELECT coalesce(f.lo, w.hi)::text, w.hi::text, coalesce(f.first_id - 1, 0) FROM w, f
+SELECT coalesce(f.lo, w.hi)::text, w.hi::text, coalesce(f.first_id - 1, 0),
+       coalesce(f.top_id, 0)
+FROM w, f
 """
 
-# The next page of the current range [lo, hi): every transaction in it had ended when hi
-# was read, so the range is complete and is read in id order.
+# The next page of the current range [lo, hi), by primary key: ids in (after, top]. Every
+# transaction in the range had ended when hi was read, so the range is complete. The page
+# may also hold changes of later ranges (their ids interleave); the reader skips those,
+# which keeps this a plain key-range scan whatever the planner thinks of transaction ids.
 PAGE = f"""
 SELECT {_COLUMNS}
 FROM {{changes}} c
-WHERE c.stream = %(stream)s AND c.txid >= %(lo)s::text::xid8 AND c.txid < %(hi)s::text::xid8
-  AND c.id > %(after)s AND c.at >= %(since_at)s AND c.id >= %(since_id)s
+WHERE c.stream = %(stream)s AND c.id > %(after)s AND c.id <= %(top)s
+  AND c.at >= %(since_at)s AND c.id >= %(since_id)s
 ORDER BY c.id
 LIMIT %(n)s
 """
 
-# A new range [lo, xmin now) and its first page, in one snapshot; ``held`` says whether
-# committed changes wait behind an older transaction still running (worth a quick retry).
+# A new range [lo, xmin now), its highest id and its first page, in one snapshot. The range
+# is found through the txid index and its page fetched by primary key (an id-ordered scan
+# for "the range, by id" would start at the stream's oldest change). ``held`` says whether
+# committed changes wait behind an older transaction still running. Scalar subqueries keep
+# xmin a plain parameter of the index conditions; "id + 0" and "ORDER BY txid LIMIT 1" keep
+# the planner on the txid index when it cannot know how selective a condition is.
 ADVANCE = f"""
 WITH w AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS hi),
-h AS MATERIALIZED (
-    SELECT EXISTS (
-        SELECT FROM {{changes}} x, w WHERE x.stream = %(stream)s AND x.txid >= w.hi
-    ) AS held
-)
-SELECT w.hi::text, h.held, {_COLUMNS}
-FROM w CROSS JOIN h
-LEFT JOIN LATERAL (
-    SELECT * FROM {{changes}} c
-    WHERE c.stream = %(stream)s AND c.txid >= %(lo)s::text::xid8 AND c.txid < w.hi
-      AND c.at >= %(since_at)s AND c.id >= %(since_id)s
-    ORDER BY c.id
-    LIMIT %(n)s
+r AS MATERIALIZED (
+    SELECT c.id FROM {{changes}} c
+    WHERE c.txid >= %(lo)s::text::xid8 AND c.txid < (SELECT hi FROM w)
+      AND c.stream = %(stream)s AND c.at >= %(since_at)s AND c.id + 0 >= %(since_id)s
+),
+p AS MATERIALIZED (SELECT id FROM r ORDER BY id LIMIT %(n)s)
+SELECT (SELECT hi FROM w)::text,
+       (SELECT x.txid FROM {{changes}} x
+        WHERE x.txid >= (SELECT hi FROM w) AND x.stream = %(stream)s
+        ORDER BY x.txid LIMIT 1) IS NOT NULL,
+       (SELECT coalesce(max(id), 0) FROM r),
+       c.*
+FROM (SELECT) AS one
+LEFT JOIN (
+    SELECT {_COLUMNS} FROM {{changes}} c WHERE c.id = ANY (ARRAY(SELECT id FROM p))
 ) c ON true
 ORDER BY c.id
 """
@@ -116,12 +127,13 @@ WITH w AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x)
 INSERT INTO {consumers} (stream, name, lo, hi)
 SELECT %(stream)s, %(name)s, w.x, w.x FROM w
 ON CONFLICT (stream, name) DO UPDATE SET updated_at = {consumers}.updated_at
-RETURNING lo::text, hi::text, after_id
+RETURNING lo::text, hi::text, after_id, top_id
 """
 
 CONSUMER_SAVE = """
 UPDATE {consumers}
-SET lo = %(lo)s::text::xid8, hi = %(hi)s::text::xid8, after_id = %(after)s, updated_at = now()
+SET lo = %(lo)s::text::xid8, hi = %(hi)s::text::xid8, after_id = %(after)s,
+    top_id = %(top)s, updated_at = now()
 WHERE stream = %(stream)s AND name = %(name)s
 """
 

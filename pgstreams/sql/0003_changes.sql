@@ -14,9 +14,12 @@ CREATE TABLE IF NOT EXISTS {schema}.changes (
     pk      jsonb,
     new     jsonb,
     old     jsonb,
-    PRIMARY KEY (stream, id)
+    PRIMARY KEY (id)
 );
-CREATE INDEX IF NOT EXISTS changes_by_txid ON {schema}.changes (stream, txid);
+-- Two indexes, each the only one for its column: reads by id take the primary key, reads
+-- by transaction id this one, whatever the statistics say (the stream is a filter: all
+-- streams share one id sequence). Writers pay for two index entries per change.
+CREATE INDEX IF NOT EXISTS changes_by_txid ON {schema}.changes (txid);
 
 -- What install_trigger() set up for each stream (kept after remove_trigger()).
 CREATE TABLE IF NOT EXISTS {schema}.change_captures (
@@ -31,13 +34,14 @@ CREATE TABLE IF NOT EXISTS {schema}.change_captures (
 
 -- Durable consumers: the position after the last item the consumer finished with.
 -- [lo, hi) is a range of transaction ids that had all ended when hi was read; within it,
--- changes go out in id order and after_id is the last one finished.
+-- changes go out in id order (none above top_id), and after_id is the last one finished.
 CREATE TABLE IF NOT EXISTS {schema}.change_consumers (
     stream      text        NOT NULL,
     name        text        NOT NULL,
     lo          xid8        NOT NULL,
     hi          xid8        NOT NULL,
     after_id    bigint      NOT NULL DEFAULT 0,
+    top_id      bigint      NOT NULL DEFAULT 0,
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (stream, name)
