@@ -114,8 +114,12 @@ class Database:
                     self.connections_in_use -= 1
 
     @asynccontextmanager
-    async def wakeups(self, channel: str) -> AsyncIterator[Wakeup]:
-        """Register for NOTIFYs on ``channel`` through the shared listener."""
+    async def wakeups(self, channel: str | None) -> AsyncIterator[Wakeup]:
+        """Register for NOTIFYs on ``channel`` through the shared listener (None: a
+        wake-up nothing fires, for a subscriber that only polls)."""
+        if channel is None:
+            yield Wakeup("")
+            return
         wakeup = await self.listener.register(channel)
         try:
             yield wakeup

@@ -73,9 +73,12 @@ class Wakeup:
         self.waiting = False
         """True while the subscriber sleeps in ``wait()`` (it has read everything visible)."""
 
-    def arm(self) -> None:
+    def arm(self) -> bool:
+        """Clear the flag; True if a notification had arrived since the last ``arm()``."""
         if self._event.is_set():
             self._event = anyio.Event()
+            return True
+        return False
 
     async def wait(self, seconds: float) -> bool:
         """Wait until woken or ``seconds`` pass; True if woken."""

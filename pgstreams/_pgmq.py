@@ -39,7 +39,7 @@ from psycopg import AsyncConnection, sql
 
 from . import _calls as calls
 from . import _pgmq_sql as S
-from ._db import Database
+from ._db import Database, database_error
 from ._envelope import Envelope
 from ._errors import DatabaseError, InvalidArgumentError, LeaseLostError, PayloadError
 from ._listen import Wakeup
@@ -327,6 +327,8 @@ class PgmqQueue(Generic[T]):
     async def enable_notify(self, throttle_ms: int = 250) -> None:
         """Have pgmq NOTIFY on insert (at most once per ``throttle_ms``) to wake subscribers."""
         _int_at_least("throttle_ms", throttle_ms, 0)
+        if throttle_ms > 2**31 - 1:
+            raise InvalidArgumentError(f"throttle_ms must fit in an int4, got {throttle_ms}")
         await self._fetchone(
             b"SELECT pgmq.enable_notify_insert(%(queue)s, %(ms)s::integer)",
             {"queue": self.name, "ms": throttle_ms},
@@ -413,7 +415,7 @@ class PgmqQueue(Generic[T]):
         async with self._db.wakeups(self._channel) as wakeup:
             idle = _Idle()
             while True:
-                rows = await self._read_standard(
+                rows, _ = await self._read_standard(
                     self._sql["POP"], params, wakeup, poll, retry, idle
                 )
                 rows.sort(key=_msg_id)  # pgmq returns what it took in no set order
@@ -437,18 +439,21 @@ class PgmqQueue(Generic[T]):
     ) -> AsyncIterator[Envelope[T]]:
         await self._db.ensure_migrated()
         retry = _Retry(self.name)
-        async with self._db.wakeups(self._channel) as wakeup:
+        # A server-side poll does not wait for notifications: it registers none.
+        channel = self._channel if mode.max_poll_seconds is None else None
+        async with self._db.wakeups(channel) as wakeup:
             idle = _Idle()
             while True:
+                # Nothing that can be cancelled or fail lies between a read and the try
+                # below that hands back what is not delivered: the limit comes with the rows.
                 if mode.max_poll_seconds is None:
                     params = {"queue": self.name, "vt": mode.vt, "qty": mode.qty}
-                    rows = await self._read_standard(
+                    rows, limit = await self._read_standard(
                         self._sql["READ"], params, wakeup, poll, retry, idle
                     )
                 else:
-                    rows = await self._read_polling(sub, mode, retry)
+                    rows, limit = await self._read_polling(sub, mode, retry)
                 rows.sort(key=_msg_id)
-                limit = (await self._current_settings())[0]
                 if limit is not None and any(r[2] > limit for r in rows):
                     await self._dead_letter([r for r in rows if r[2] > limit])
                     rows = [r for r in rows if r[2] <= limit]
@@ -481,17 +486,19 @@ class PgmqQueue(Generic[T]):
         poll: float,
         retry: _Retry,
         idle: _Idle,
-    ) -> builtins.list[Any]:
-        """The next rows of a standard read or pop, sleeping while there are none."""
+    ) -> tuple[builtins.list[Any], int | None]:
+        """The next rows of a standard read or pop and the queue's max_attempts, sleeping
+        while there are none."""
         while True:
             await anyio.lowlevel.checkpoint_if_cancelled()
-            wakeup.arm()
             try:
+                limit, throttle = await self._current_settings()
+                if wakeup.arm():  # notified while busy: a throttle window is open now
+                    idle.woken(throttle)
                 rows = await self._fetchall_shielded(query, params)
                 if rows:
                     retry.reset()
-                    return rows
-                throttle = (await self._current_settings())[1]
+                    return rows, limit
                 timeout = idle.timeout(poll, await self._next_visible(poll), throttle)
                 if await wakeup.wait(timeout):
                     idle.woken(throttle)
@@ -500,8 +507,9 @@ class PgmqQueue(Generic[T]):
 
     async def _read_polling(
         self, sub: _Subscription, mode: ReadMode, retry: _Retry
-    ) -> builtins.list[Any]:
-        """The next rows of ``pgmq.read_with_poll``, which waits inside the server."""
+    ) -> tuple[builtins.list[Any], int | None]:
+        """The next rows of ``pgmq.read_with_poll`` (which waits inside the server) and
+        the queue's max_attempts."""
         params = {
             "queue": self.name,
             "vt": mode.vt,
@@ -512,13 +520,14 @@ class PgmqQueue(Generic[T]):
         while True:
             await anyio.lowlevel.checkpoint_if_cancelled()
             try:
+                limit = (await self._current_settings())[0]
                 rows = await self._fetchall_interruptible(sub, self._sql["READ_POLL"], params)
             except DatabaseError as exc:
                 await retry.after(exc)
                 continue
             retry.reset()
             if rows:
-                return rows
+                return rows, limit
 
     # -- dead letters ------------------------------------------------------------------
 
@@ -661,7 +670,9 @@ class PgmqQueue(Generic[T]):
         """(max_attempts, notify throttle ms), re-read every SETTINGS_TTL seconds."""
         now = anyio.current_time()
         if self._settings is None or now - self._settings[0] > SETTINGS_TTL:
-            row = await self._fetchone(self._sql["SETTINGS"], {"queue": self.name})
+            # Shielded: cancelling a statement mid-flight would cost the connection.
+            with anyio.CancelScope(shield=True):
+                row = await self._fetchone(self._sql["SETTINGS"], {"queue": self.name})
             self._settings = (now, row[0], row[1])
         return self._settings[1], self._settings[2]
 
@@ -729,40 +740,61 @@ class PgmqQueue(Generic[T]):
     ) -> builtins.list[Any]:
         """Run a statement that waits inside the server (``read_with_poll``).
 
-        Cancelling the caller asks the server to cancel the statement, waits for it to end,
-        and hands back anything it had read, so cancellation is prompt and takes nothing.
+        The statement runs in a shielded child task; cancelling the caller asks the server
+        to cancel it (again every second until it ends -- a cancel that arrives before the
+        statement does is ignored by the server), and whatever it had read by then is handed
+        back, so cancellation is prompt and takes nothing. A connection that was sent a
+        cancel is closed rather than reused, so a late cancel cannot hit another statement.
         """
         rows: builtins.list[Any] = []
-        failure: builtins.list[psycopg.Error] = []
-        cancelled: BaseException | None = None
-        async with self._db.connection() as conn:
-            finished = anyio.Event()
+        failure: builtins.list[BaseException] = []
+        finished = anyio.Event()
+        holder: builtins.list[AsyncConnection[Any]] = []
+        interrupted = False
 
-            async def run() -> None:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        cur = await conn.execute(query, params)
-                        rows.extend(await cur.fetchall())
-                    except psycopg.Error as exc:
-                        failure.append(exc)
-                    finally:
-                        finished.set()
+        async def run() -> None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    async with self._db.connection() as conn:
+                        holder.append(conn)
+                        try:
+                            cur = await conn.execute(query, params)
+                            rows.extend(await cur.fetchall())
+                        finally:
+                            if interrupted and not conn.closed:
+                                await conn.close()
+                except (DatabaseError, psycopg.Error) as exc:
+                    failure.append(exc)
+                finally:
+                    finished.set()
 
+        try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run)
                 try:
                     await finished.wait()
-                except anyio.get_cancelled_exc_class() as exc:
-                    cancelled = exc
+                except anyio.get_cancelled_exc_class():
+                    interrupted = True
                     with anyio.CancelScope(shield=True):
-                        await conn.cancel_safe(timeout=calls.CLEANUP_TIMEOUT)
-                        await finished.wait()
-            if failure and cancelled is None:
-                raise failure[0]  # translated to DatabaseError on leaving the loan
-        if cancelled is not None:
-            if rows:  # read just before the cancel took effect: hand them back
-                await sub.release([self._envelope(sub, r) for r in rows])
-            raise cancelled
+                        while not finished.is_set():
+                            if holder:
+                                try:
+                                    await holder[0].cancel_safe(timeout=calls.CLEANUP_TIMEOUT)
+                                except Exception as exc:  # still wait for the statement
+                                    logger.warning("pgmq %s: cancel failed: %s", self.name, exc)
+                            with anyio.move_on_after(1.0):
+                                await finished.wait()
+                    raise
+        except BaseException:
+            if rows:  # read, never returned: hand them back
+                with anyio.CancelScope(shield=True):
+                    await sub.release([self._envelope(sub, r) for r in rows])
+            raise
+        if failure:
+            error = failure[0]
+            if isinstance(error, psycopg.Error):
+                raise database_error(error) from error
+            raise error
         return rows
 
     def __repr__(self) -> str:

@@ -22,12 +22,13 @@ SELECT to_regclass('pgmq.meta') IS NOT NULL,
        EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pgmq')
 """
 
-# Message headers arrived in pgmq 1.5; pgstreams relies on them (dead-letter details).
-_HAS_HEADERS = """
-SELECT EXISTS (
-    SELECT FROM pg_attribute a JOIN pg_type t ON a.attrelid = t.typrelid
-    WHERE t.oid = 'pgmq.message_record'::regtype AND a.attname = 'headers'
-)
+# What pgstreams relies on: message headers (pgmq 1.5), last_read_at (1.10) and throttled
+# insert notifications (pgmq.notify_insert_throttle, later still). The pgmq package's
+# bundled SQL (1.13) has them all.
+_FEATURES = """
+SELECT count(*) = 2 AND to_regclass('pgmq.notify_insert_throttle') IS NOT NULL
+FROM pg_attribute a JOIN pg_type t ON a.attrelid = t.typrelid
+WHERE t.oid = 'pgmq.message_record'::regtype AND a.attname IN ('headers', 'last_read_at')
 """
 
 
@@ -74,11 +75,12 @@ async def ensure_pgmq(db: Database) -> None:
                         await conn.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
                     else:
                         await conn.execute(bundled_sql().encode())
-        cur = await conn.execute(_HAS_HEADERS)
+        cur = await conn.execute(_FEATURES)
         row = await cur.fetchone()
         if not (row and row[0]):
             raise DatabaseError(
-                "the installed pgmq predates message headers (pgmq 1.5); upgrade it"
-                " (ALTER EXTENSION pgmq UPDATE) to use it with pgstreams"
+                "the installed pgmq lacks message headers, last_read_at or throttled insert"
+                " notifications; upgrade it (ALTER EXTENSION pgmq UPDATE) to use it with"
+                " pgstreams"
             )
     db._pgmq_checked = True

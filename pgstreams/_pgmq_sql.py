@@ -108,7 +108,8 @@ RETURNING msg_id
 NACK = """
 UPDATE {qtable}
 SET vt = clock_timestamp() + %(delay)s * interval '1 second',
-    headers = coalesce(headers, '{{}}'::jsonb) || jsonb_build_object(
+    headers = CASE jsonb_typeof(headers) WHEN 'object' THEN headers ELSE '{{}}' END
+              || jsonb_build_object(
         'pgstreams_nack', jsonb_build_object('read_ct', read_ct, 'error', %(error)s::text))
 WHERE msg_id = %(id)s AND read_ct = %(read_ct)s
 RETURNING msg_id
@@ -129,7 +130,8 @@ SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 FROM {qtable}
 # Dead-lettering, in one transaction: lock the deliveries, copy them to the DLQ, delete.
 DEAD_LOCK = """
 SELECT m.msg_id, m.message::text,
-       (coalesce(m.headers, '{{}}'::jsonb) - 'pgstreams_nack'
+       (CASE jsonb_typeof(m.headers) WHEN 'object' THEN m.headers ELSE '{{}}' END
+        - 'pgstreams_nack'
         || jsonb_build_object('pgstreams_dead', jsonb_build_object(
                'queue', %(queue)s::text,
                'msg_id', m.msg_id,

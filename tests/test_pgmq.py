@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections import Counter
 
@@ -455,3 +456,80 @@ async def test_bad_arguments_are_rejected_before_writing(db: ps.Database) -> Non
     assert await env.ack()
     m = await q.metrics()
     assert (m.queue_length, m.total_sent) == (0, 1)  # nothing bad was ever written
+
+
+# -- cancellation and throttling under load -------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["standard", "poll"])
+async def test_cancelled_consumers_never_strand_a_message(db: ps.Database, kind: str) -> None:
+    # Consumers are cancelled at random moments -- mid-read, mid-poll, between reads. A
+    # message read but never handed out must go back at once, not stay hidden for its vt.
+    q = await ps.PgmqQueue.create(db, qname())
+    total = 200
+    rng = random.Random(7)
+    delivered: set[int] = set()
+    mode = (
+        ps.ReadMode.poll(vt=60, qty=3, max_poll_seconds=2, poll_interval_ms=5)
+        if kind == "poll"
+        else ps.ReadMode.standard(vt=60, qty=3)
+    )
+
+    async def produce() -> None:
+        for i in range(total):
+            await q.publish(i)
+            await anyio.sleep(rng.uniform(0, 0.004))
+
+    async def consume() -> None:
+        while len(delivered) < total:
+            with anyio.move_on_after(rng.uniform(0.0, 0.02)):
+                async with q.subscribe_ack(read_mode=mode, poll_interval=0.05) as envelopes:
+                    async for env in envelopes:
+                        delivered.add(env.id)  # kept under its 60 s lease, never acked
+
+    with anyio.move_on_after(25):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            for _ in range(3):
+                tg.start_soon(consume)
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            psycopg.sql.SQL("SELECT msg_id, read_ct FROM {}").format(
+                psycopg.sql.Identifier("pgmq", f"q_{q.name}")
+            )
+        )
+        rows = await cur.fetchall()
+    stranded = [(msg_id, reads) for msg_id, reads in rows if msg_id not in delivered and reads]
+    assert stranded == []
+    assert len(delivered) == total
+
+
+async def test_throttle_recheck_after_a_notification_that_came_while_busy(
+    db: ps.Database,
+) -> None:
+    q = await ps.PgmqQueue.create(db, qname())
+    await q.enable_notify(throttle_ms=500)
+    seen: dict[str, float] = {}
+    got_b = anyio.Event()
+
+    async def consume() -> None:
+        async with q.subscribe(poll_interval=3600) as stream:
+            async for value in stream:
+                seen[value] = anyio.current_time()
+                if value == "slow":
+                    await anyio.sleep(1.0)  # busy while "a" is notified
+                if value == "b":
+                    got_b.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await until_idle(db, 1)
+        await q.publish("slow")
+        await anyio.sleep(0.75)
+        await q.publish("a")  # notified while the consumer is busy: window until +0.5 s
+        await anyio.sleep(0.35)
+        await q.publish("b")  # inside that window: pgmq sends no NOTIFY
+        with anyio.fail_after(10):  # the hour-long poll would not deliver it
+            await got_b.wait()
+        tg.cancel_scope.cancel()
+    assert list(seen) == ["slow", "a", "b"]
