@@ -43,7 +43,7 @@ from ._listen import Wakeup
 from ._migrate import advisory_key
 from ._queue import _Retry, channel_for
 from ._stream import Stream, closing_cleanly
-from ._validate import check_name, check_positive_int, check_seconds, to_json
+from ._validate import check_positive_int, check_seconds, to_json
 
 __all__ = ["Change", "ChangeLag", "PgChangeStream"]
 
@@ -272,7 +272,7 @@ class PgChangeStream(Generic[T]):
         consumer name at a time.
         """
         if consumer is not None:
-            check_name("consumer", consumer)
+            _check_consumer(consumer)
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
         check_positive_int("page_size", page_size)
         return Stream(lambda: self._run(consumer, None, poll, page_size))
@@ -421,7 +421,7 @@ class PgChangeStream(Generic[T]):
                 self._db, self._sql["LAG_HELD"], {"stream": key}, owner=f"changes of {key}"
             )
             return ChangeLag(int(row[0]), float(row[1]))
-        check_name("consumer", consumer)
+        _check_consumer(consumer)
         row = await calls.fetchone(
             self._db,
             self._sql["LAG_CONSUMER"],
@@ -436,7 +436,7 @@ class PgChangeStream(Generic[T]):
         """Register a durable consumer positioned "now" (idempotent: an existing one keeps
         its position). ``subscribe(consumer=...)`` does this on its first read; doing it
         ahead makes sure nothing from this moment on is missed."""
-        check_name("consumer", consumer)
+        _check_consumer(consumer)
         await self._db.ensure_migrated()
         key = await self.key()
         await calls.fetchone(
@@ -454,7 +454,7 @@ class PgChangeStream(Generic[T]):
 
     async def remove_consumer(self, consumer: str) -> None:
         """Forget a durable consumer (it no longer holds back ``prune``)."""
-        check_name("consumer", consumer)
+        _check_consumer(consumer)
         key = await self.key()
         async with self._db.connection() as conn:
             await conn.execute(self._sql["CONSUMER_DROP"], {"stream": key, "name": consumer})
@@ -558,6 +558,13 @@ def _change(key: str, row: Sequence[Any]) -> Change[Any]:
         txid=int(txid),
         pk=None if pk is None else json.loads(pk),
     )
+
+
+def _check_consumer(name: object) -> str:
+    """A consumer name is a value, not an identifier: any 1-200 printable characters."""
+    if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
+        raise InvalidArgumentError(f"consumer must be 1-200 printable characters, got {name!r}")
+    return name
 
 
 def _check_table(table: object) -> str | tuple[str, str]:

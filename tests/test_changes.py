@@ -382,7 +382,7 @@ async def test_durable_consumer_killed_mid_stream(db: ps.Database, dsn: str) -> 
     table = await make_table(db)
     cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
     await cs.install_trigger()
-    await cs.add_consumer("billing")
+    await cs.add_consumer("billing-sync")
     await execute(
         db,
         sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, 30) g").format(
@@ -390,10 +390,10 @@ async def test_durable_consumer_killed_mid_stream(db: ps.Database, dsn: str) -> 
         ),
     )
     script = Path(__file__).with_name("_change_consumer.py")
-    handed = await kill_when_ready(script, dsn, table, "billing", "12")
+    handed = await kill_when_ready(script, dsn, table, "billing-sync", "12")
     assert len(handed) == 12
     finished, unfinished = handed[:-1], handed[-1]
-    rest = await cs.subscribe(consumer="billing").take(30 - len(finished)).collect()
+    rest = await cs.subscribe(consumer="billing-sync").take(30 - len(finished)).collect()
     again = [c.id for c in rest]
     assert again[0] == unfinished  # the one it held is delivered again ...
     assert not set(again) & set(finished)  # ... and nothing it had finished
@@ -514,6 +514,6 @@ async def test_a_view_is_not_a_table(db: ps.Database) -> None:
     with pytest.raises(ps.InvalidArgumentError, match="not a table"):
         await ps.PgChangeStream(db, view).install_trigger()
     with pytest.raises(ps.InvalidArgumentError):
-        ps.PgChangeStream(db, existing).subscribe(consumer="Bad Name")
+        ps.PgChangeStream(db, existing).subscribe(consumer="tab\there")
     with pytest.raises(ps.InvalidArgumentError):
         ps.PgChangeStream(db, existing).subscribe_from(datetime(2020, 1, 1))  # naive
