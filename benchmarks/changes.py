@@ -6,8 +6,9 @@ Run::
 
 1. Capture overhead: pgbench (from the same PostgreSQL build as the server when embedded,
    else the one on PATH) runs one-row INSERT transactions for ``--seconds`` against a plain
-   table and against the same table with capture installed (NOTIFY per statement, and
-   NOTIFY off), with 1 and 4 clients, rounds interleaved. Ratio = TPS / plain TPS.
+   table and against the same table with capture installed (statement-level with NOTIFY,
+   statement-level without, row-level with and without), with 1 and 4 clients, rounds
+   interleaved. Ratio = TPS / plain TPS.
 2. Latency: a writer commits single-row inserts 3 ms apart; a subscriber (LISTEN on)
    records when each change reaches its handler. Latency = handler time - the moment the
    writer's commit returned (same process, same clock).
@@ -49,10 +50,12 @@ from benchmarks._common import (
     server_facts,
 )
 
-PLAIN, CAPTURED, QUIET, FEED, LOG = (
+PLAIN, CAPTURED, QUIET, ROWS, ROWS_QUIET, FEED, LOG = (
     "bench_plain",
     "bench_captured",
     "bench_quiet",
+    "bench_rows",
+    "bench_rows_quiet",
     "bench_feed",
     "bench_log",
 )
@@ -129,7 +132,13 @@ async def create_table(conn: psycopg.AsyncConnection[Any], name: str) -> None:
 async def overhead(dsn: str, seconds: int, rounds: int) -> list[list[str]]:
     rows: list[list[str]] = []
     for clients in (1, 4):
-        tps: dict[str, list[float]] = {PLAIN: [], CAPTURED: [], QUIET: []}
+        tps: dict[str, list[float]] = {
+            PLAIN: [],
+            CAPTURED: [],
+            QUIET: [],
+            ROWS: [],
+            ROWS_QUIET: [],
+        }
         for _ in range(rounds):
             for table in tps:
                 tps[table].append(
@@ -139,8 +148,10 @@ async def overhead(dsn: str, seconds: int, rounds: int) -> list[list[str]]:
                 )
         for table, label in (
             (PLAIN, "plain table"),
-            (CAPTURED, "captured, NOTIFY per statement"),
-            (QUIET, "captured, NOTIFY off"),
+            (CAPTURED, "statement-level capture (default)"),
+            (QUIET, "statement-level capture, NOTIFY off"),
+            (ROWS, 'row-level capture (capture="row")'),
+            (ROWS_QUIET, "row-level capture, NOTIFY off"),
         ):
             ratios = [t / p for t, p in zip(tps[table], tps[PLAIN], strict=True)]
             rows.append(
@@ -278,10 +289,12 @@ async def main(args: argparse.Namespace) -> None:
             ps.connect(dsn) as db,
             await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
         ):
-            for name in (PLAIN, CAPTURED, QUIET, FEED, LOG):
+            for name in (PLAIN, CAPTURED, QUIET, ROWS, ROWS_QUIET, FEED, LOG):
                 await create_table(conn, name)
             await ps.PgChangeStream(db, CAPTURED).install_trigger()
             await ps.PgChangeStream(db, QUIET, notify="off").install_trigger()
+            await ps.PgChangeStream(db, ROWS, capture="row").install_trigger()
+            await ps.PgChangeStream(db, ROWS_QUIET, capture="row", notify="off").install_trigger()
             await ps.PgChangeStream(db, FEED).install_trigger()
             await ps.PgChangeStream(db, LOG).install_trigger()
             await conn.execute(

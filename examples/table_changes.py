@@ -5,6 +5,7 @@ Run: python examples/table_changes.py   (no server needed: it starts an embedded
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -21,7 +22,6 @@ async def main() -> None:
         await users.add_consumer("search-indexer")  # durable position: from now on
 
         async def write() -> None:
-            await anyio.sleep(0.5)  # subscribe() starts "now": let it start first
             async with db.connection() as conn:
                 await conn.execute(
                     "INSERT INTO users VALUES (1, 'ada@example.com', 'free'),"
@@ -31,10 +31,17 @@ async def main() -> None:
                 await conn.execute("DELETE FROM users WHERE id = 2")
             await users.notify({"reindex": "all"})
 
+        # subscribe() follows changes from the moment it starts; subscribe_from(t) also
+        # replays the log from t first, so here nothing written after t can be missed.
+        async with db.connection() as conn:
+            cur = await conn.execute("SELECT statement_timestamp()")
+            row = await cur.fetchone()
+            assert row is not None
+            start: datetime = row[0]
         async with anyio.create_task_group() as tg:
             tg.start_soon(write)
-            async for change in users.subscribe().take(5):
-                print(f"live  #{change.id} {change.op:<6} old={change.old} new={change.new}")
+            async for change in users.subscribe_from(start).take(5):
+                print(f"#{change.id} {change.op:<6} old={change.old} new={change.new}")
 
         # The indexer was not running: it picks up everything since it was registered,
         # and resumes after the last change it finished with.

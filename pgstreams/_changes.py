@@ -58,13 +58,21 @@ DEFAULT_PAGE = 500
 _HELD_RETRY_MIN = 0.01
 _EPOCH = datetime(1, 1, 1, tzinfo=UTC)
 
-_TRIGGER_EVENTS = {
+CaptureMode = Literal["statement", "row"]
+
+_STATEMENT_EVENTS = {
     "insert": sql.SQL("AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows"),
     "update": sql.SQL(
         "AFTER UPDATE ON {table} REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
     ),
     "delete": sql.SQL("AFTER DELETE ON {table} REFERENCING OLD TABLE AS old_rows"),
 }
+
+
+def _text_array(items: Sequence[str]) -> str:
+    """A text[] literal (trigger arguments can only be string constants)."""
+    quoted = ('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items)
+    return "{" + ",".join(quoted) + "}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +140,7 @@ class PgChangeStream(Generic[T]):
         operations: Sequence[Operation] = OPERATIONS,
         columns: Sequence[str] | None = None,
         notify: NotifyMode = "statement",
+        capture: CaptureMode = "statement",
         retention: timedelta | None = None,
     ) -> None:
         self._db = db
@@ -141,6 +150,9 @@ class PgChangeStream(Generic[T]):
         if notify not in ("statement", "off"):
             raise InvalidArgumentError(f"notify must be 'statement' or 'off', got {notify!r}")
         self.notify_mode: NotifyMode = notify
+        if capture not in ("statement", "row"):
+            raise InvalidArgumentError(f"capture must be 'statement' or 'row', got {capture!r}")
+        self.capture_mode: CaptureMode = capture
         if retention is not None and (
             not isinstance(retention, timedelta) or retention <= timedelta(0)
         ):
@@ -185,23 +197,33 @@ class PgChangeStream(Generic[T]):
             args = [
                 sql.Literal(table.key),
                 sql.Literal(channel if self.notify_mode == "statement" else ""),
-                sql.Literal("" if self.columns is None else json.dumps(list(self.columns))),
-                sql.Literal(json.dumps(pk)),
+                sql.Literal("" if self.columns is None else _text_array(self.columns)),
+                sql.Literal(_text_array(pk)),
             ]
-            function = sql.Identifier(self._db.schema, "capture_changes")
+            per_row = self.capture_mode == "row"
+            function = sql.Identifier(
+                self._db.schema, "capture_row_changes" if per_row else "capture_changes"
+            )
             for op in OPERATIONS:
                 trigger = self._trigger_name(op)
                 await conn.execute(
                     sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, ident)
                 )
                 if op in self.operations:
+                    event = (
+                        sql.SQL("AFTER {op} ON {table} FOR EACH ROW").format(
+                            op=sql.SQL(op.upper()), table=ident
+                        )
+                        if per_row
+                        else _STATEMENT_EVENTS[op].format(table=ident)
+                        + sql.SQL(" FOR EACH STATEMENT")
+                    )
                     await conn.execute(
                         sql.SQL(
-                            "CREATE TRIGGER {trigger} {event} FOR EACH STATEMENT"
-                            " EXECUTE FUNCTION {function}({args})"
+                            "CREATE TRIGGER {trigger} {event} EXECUTE FUNCTION {function}({args})"
                         ).format(
                             trigger=trigger,
-                            event=_TRIGGER_EVENTS[op].format(table=ident),
+                            event=event,
                             function=function,
                             args=sql.SQL(", ").join(args),
                         )
@@ -213,6 +235,7 @@ class PgChangeStream(Generic[T]):
                     "operations": list(self.operations),
                     "columns": None if self.columns is None else json.dumps(list(self.columns)),
                     "notify": self.notify_mode,
+                    "capture": self.capture_mode,
                     "retention": self.retention,
                 },
             )

@@ -46,11 +46,12 @@ ORDER BY array_position(i.indkey::int2[], a.attnum)
 """
 
 REGISTER = """
-INSERT INTO {captures} AS c (stream, operations, columns, notify, retention)
-VALUES (%(stream)s, %(operations)s, %(columns)s::jsonb, %(notify)s, %(retention)s)
+INSERT INTO {captures} AS c (stream, operations, columns, notify, capture, retention)
+VALUES (%(stream)s, %(operations)s, %(columns)s::jsonb, %(notify)s, %(capture)s, %(retention)s)
 ON CONFLICT (stream) DO UPDATE
 SET operations = EXCLUDED.operations, columns = EXCLUDED.columns, notify = EXCLUDED.notify,
-    retention = EXCLUDED.retention, installed_at = now(), removed_at = NULL
+    capture = EXCLUDED.capture, retention = EXCLUDED.retention, installed_at = now(),
+    removed_at = NULL
 """
 
 UNREGISTER = "UPDATE {captures} SET removed_at = now() WHERE stream = %(stream)s"

@@ -7,7 +7,7 @@ import random
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import psycopg
@@ -21,6 +21,8 @@ from ._killed_consumer import kill_when_ready
 from .pgserver import allow_connections, terminate_backends
 
 Row = dict[str, Any]
+Capture = Literal["statement", "row"]
+CAPTURES: list[Capture] = ["statement", "row"]
 
 
 def tname() -> str:
@@ -78,9 +80,12 @@ async def triggers_on(db: ps.Database, table: str) -> int:
 # -- capture --------------------------------------------------------------------------
 
 
-async def test_insert_update_delete_are_captured_with_images(db: ps.Database) -> None:
+@pytest.mark.parametrize("capture", CAPTURES)
+async def test_insert_update_delete_are_captured_with_images(
+    db: ps.Database, capture: Capture
+) -> None:
     table = await make_table(db)
-    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table, capture=capture)
     await cs.install_trigger()
     async with db.connection() as conn:
         await conn.execute(
@@ -127,13 +132,19 @@ async def test_remove_trigger_stops_capture_and_keeps_the_log(db: ps.Database) -
     assert len(await logged_ids(db, await cs.key())) == 1
 
 
-async def test_quoted_names_operations_and_columns(db: ps.Database) -> None:
+@pytest.mark.parametrize("capture", CAPTURES)
+async def test_quoted_names_operations_and_columns(db: ps.Database, capture: Capture) -> None:
     await execute(db, 'CREATE SCHEMA IF NOT EXISTS "Sales Dept"')
+    await execute(db, 'DROP TABLE IF EXISTS "Sales Dept"."Order Lines"')
     await execute(
         db, 'CREATE TABLE "Sales Dept"."Order Lines" ("Id" int PRIMARY KEY, "Qty" int, note text)'
     )
     cs: ps.PgChangeStream[Row] = ps.PgChangeStream(
-        db, ("Sales Dept", "Order Lines"), operations=("insert", "delete"), columns=["Qty"]
+        db,
+        ("Sales Dept", "Order Lines"),
+        operations=("insert", "delete"),
+        capture=capture,
+        columns=["Qty"],
     )
     await cs.install_trigger()
     assert await triggers_on(db, '"Sales Dept"."Order Lines"') == 2
@@ -149,10 +160,13 @@ async def test_quoted_names_operations_and_columns(db: ps.Database) -> None:
     ]
 
 
-async def test_table_without_primary_key_and_notify_events(db: ps.Database) -> None:
+@pytest.mark.parametrize("capture", CAPTURES)
+async def test_table_without_primary_key_and_notify_events(
+    db: ps.Database, capture: Capture
+) -> None:
     table = tname()
     await execute(db, sql.SQL("CREATE TABLE {} (x int)").format(sql.Identifier(table)))
-    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, table)
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, table, capture=capture)
     await cs.install_trigger()
     await execute(db, sql.SQL("INSERT INTO {} VALUES (7)").format(sql.Identifier(table)))
     note_id = await cs.notify({"user_id": "u_42"})
@@ -221,10 +235,13 @@ async def test_late_commit_of_an_earlier_transaction_is_not_skipped(
     assert [c.new["id"] for c in got if c.new] == [1, 2]
 
 
-async def test_concurrent_writers_every_change_once_in_row_order(db: ps.Database, dsn: str) -> None:
+@pytest.mark.parametrize("capture", CAPTURES)
+async def test_concurrent_writers_every_change_once_in_row_order(
+    db: ps.Database, dsn: str, capture: Capture
+) -> None:
     table = await make_table(db)
     ident = sql.Identifier(table)
-    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table, capture=capture)
     await cs.install_trigger()
     shared = 40
     await execute(
@@ -484,6 +501,7 @@ async def test_prune_keeps_what_a_consumer_has_not_reached(db: ps.Database) -> N
         ("EXISTING", {"columns": ["no_such_column"]}),
         ("EXISTING", {"columns": []}),
         ("EXISTING", {"notify": "transaction"}),
+        ("EXISTING", {"capture": "bulk"}),
         ("EXISTING", {"retention": timedelta(0)}),
     ],
 )

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS {schema}.change_captures (
     operations    text[]      NOT NULL,
     columns       jsonb,
     notify        text        NOT NULL,
+    capture       text        NOT NULL DEFAULT 'statement',
     retention     interval,
     installed_at  timestamptz NOT NULL DEFAULT now(),
     removed_at    timestamptz
@@ -47,18 +48,16 @@ CREATE TABLE IF NOT EXISTS {schema}.change_consumers (
     PRIMARY KEY (stream, name)
 );
 
+-- Trigger arguments (both capture functions): stream key, NOTIFY channel ('' = none),
+-- captured columns as a text[] literal ('' = all), primary-key columns as a text[] literal.
+
 -- Statement-level capture: one INSERT ... SELECT per statement from the transition tables.
--- Arguments: stream key, NOTIFY channel ('' = none), JSON array of captured columns ('' =
--- all), JSON array of primary-key columns.
 CREATE OR REPLACE FUNCTION {schema}.capture_changes() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    cols text[];
-    pkcols text[] := ARRAY(SELECT jsonb_array_elements_text(TG_ARGV[3]::jsonb));
+    cols text[] := NULLIF(TG_ARGV[2], '')::text[];
+    pkcols text[] := TG_ARGV[3]::text[];
 BEGIN
-    IF TG_ARGV[2] <> '' THEN
-        cols := ARRAY(SELECT jsonb_array_elements_text(TG_ARGV[2]::jsonb));
-    END IF;
     -- Images: the whole row unless columns were chosen. Keys: most have one column.
     IF TG_OP = 'INSERT' THEN
         INSERT INTO {schema}.changes (stream, op, pk, new)
@@ -92,6 +91,34 @@ BEGIN
           ON a.rn = b.rn;
     END IF;
     IF FOUND AND TG_ARGV[1] <> '' THEN
+        PERFORM pg_notify(TG_ARGV[1], '');
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- Row-level capture: one INSERT per row. For single-row statements -- most OLTP writes --
+-- it costs the writer less than the statement-level kind (no transition tables).
+CREATE OR REPLACE FUNCTION {schema}.capture_row_changes() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    cols text[] := NULLIF(TG_ARGV[2], '')::text[];
+    pkcols text[] := TG_ARGV[3]::text[];
+    n jsonb;
+    o jsonb;
+    k jsonb;
+BEGIN
+    IF TG_OP <> 'DELETE' THEN n := to_jsonb(NEW); END IF;
+    IF TG_OP <> 'INSERT' THEN o := to_jsonb(OLD); END IF;
+    k := coalesce(n, o);
+    INSERT INTO {schema}.changes (stream, op, pk, new, old)
+    VALUES (TG_ARGV[0], lower(TG_OP),
+            CASE cardinality(pkcols) WHEN 0 THEN NULL
+                 WHEN 1 THEN jsonb_build_object(pkcols[1], k -> pkcols[1])
+                 ELSE {schema}.capture_pick(k, pkcols) END,
+            CASE WHEN cols IS NULL THEN n ELSE {schema}.capture_pick(n, cols) END,
+            CASE WHEN cols IS NULL THEN o ELSE {schema}.capture_pick(o, cols) END);
+    IF TG_ARGV[1] <> '' THEN
         PERFORM pg_notify(TG_ARGV[1], '');
     END IF;
     RETURN NULL;
