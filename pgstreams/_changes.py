@@ -6,13 +6,13 @@ transaction's id (``xid8``), and send one tiny NOTIFY (no row data) per statemen
 
 Delivery never loses a change. A change's id is assigned before its transaction commits,
 so a reader that remembers "the last id I saw" skips changes whose transaction commits
-late. A reader here delivers a range of transaction ids ``[lo, hi)`` only once every
-transaction in it has ended (``hi`` is the snapshot's xmin, the oldest transaction still
-running), and within a range goes in id order. Nothing can join a range after it is read,
-and changes of one row come out in the order they were made (a later change of a row waits
-for the earlier one's transaction to end, so it gets a later id and never an earlier
-range). The price: a change waits for every older transaction in the cluster to end --
-one long-running transaction delays delivery (``lag()`` shows by how much).
+late. A reader here goes in rounds: each delivers, in id order, the changes of the
+transactions that committed between the previous round's snapshot and this one's. A
+transaction's changes become visible all at once, at commit, so none can appear behind a
+finished round; and a later change of a row is made after the earlier one's transaction
+committed, so it comes in the same round with a later id, or in a later round -- changes of
+one row come out in the order they were made. A long-running transaction holds up nothing
+but its own changes.
 
 Subscribers wake on the NOTIFY and also poll, so a lost notification costs latency only.
 A durable consumer (``subscribe(consumer=...)``) stores its position in PostgreSQL after
@@ -55,7 +55,6 @@ NotifyMode = Literal["statement", "off"]
 OPERATIONS: tuple[Operation, ...] = ("insert", "update", "delete")
 DEFAULT_POLL_INTERVAL = 2.0
 DEFAULT_PAGE = 500
-_HELD_RETRY_MIN = 0.01
 _EPOCH = datetime(1, 1, 1, tzinfo=UTC)
 
 CaptureMode = Literal["statement", "row"]
@@ -104,15 +103,47 @@ class ChangeLag:
     """Age of the oldest of them (0 when there are none)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """A pg_snapshot: every transaction below xmin had ended, none from xmax on had, and
+    those in ``xip`` were in progress."""
+
+    text: str
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> _Snapshot:
+        xmin, xmax, xip = text.split(":")
+        return cls(text, int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def sees(self, txid: int) -> bool:
+        """Whether a transaction that committed is visible in this snapshot."""
+        return txid < self.xmin or (txid < self.xmax and txid not in self.xip)
+
+
+_NOTHING = _Snapshot("0:0:", 0, 0, frozenset())
+"""A snapshot that sees nothing: a replay's first round takes every visible change."""
+
+
 @dataclass(slots=True)
 class _Cursor:
-    lo: int
-    hi: int
+    prev: _Snapshot
+    cur: _Snapshot
+    """The round delivers changes visible in ``cur`` and not in ``prev``, in id order."""
     after: int
+    """The last id delivered in this round."""
     top: int
-    """The highest id in the range [lo, hi)."""
+    """The highest id in this round."""
     exhausted: bool
-    """True once the range [lo, hi) has been read to its end."""
+    """True once the round has been read to its end."""
+
+    def position(self) -> tuple[str, str, int, int]:
+        return self.prev.text, self.cur.text, self.after, self.top
+
+    def in_round(self, txid: int) -> bool:
+        return self.cur.sees(txid) and not self.prev.sees(txid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,14 +362,14 @@ class PgChangeStream(Generic[T]):
         }
         cursor = await self._open(key, consumer, since is not None, filters)
         retry = _Retry(f"changes of {key}")
-        unsaved: tuple[int, int, int, int] | None = None  # the last item handed out, not saved
+        unsaved: tuple[str, str, int, int] | None = None  # the last item handed out
         try:
             async with self._db.wakeups(channel_for(self._db.schema, "changes", key)) as wake:
                 while True:
                     rows = await self._next_rows(cursor, filters, wake, poll, retry)
                     for row in rows:
                         cursor.after = row[0]
-                        unsaved = (cursor.lo, cursor.hi, row[0], cursor.top)
+                        unsaved = cursor.position()
                         yield _change(key, row)
                         # Asked for the next item: the downstream is done with this one.
                         if consumer is not None:
@@ -352,21 +383,23 @@ class PgChangeStream(Generic[T]):
     async def _open(
         self, key: str, consumer: str | None, replay: bool, filters: dict[str, Any]
     ) -> _Cursor:
+        owner = f"changes of {key}"
         if consumer is not None:
             row = await calls.fetchone(
                 self._db,
                 self._sql["CONSUMER_OPEN"],
                 {"stream": key, "name": consumer},
-                owner=f"changes of {key}",
+                owner=owner,
             )
-            return _Cursor(int(row[0]), int(row[1]), int(row[2]), int(row[3]), exhausted=False)
+            prev, cur = _Snapshot.parse(row[0]), _Snapshot.parse(row[1])
+            return _Cursor(prev, cur, int(row[2]), int(row[3]), exhausted=False)
         row = await calls.fetchone(
-            self._db,
-            self._sql["START"],
-            {**filters, "replay": replay},
-            owner=f"changes of {key}",
+            self._db, self._sql["START"], {**filters, "replay": replay}, owner=owner
         )
-        return _Cursor(int(row[0]), int(row[1]), int(row[2]), int(row[3]), exhausted=not replay)
+        cur = _Snapshot.parse(row[0])
+        if replay:  # first round: every matching change visible now, by id
+            return _Cursor(_NOTHING, cur, int(row[1]), int(row[2]), exhausted=False)
+        return _Cursor(cur, cur, 0, 0, exhausted=True)  # from now on
 
     async def _next_rows(
         self,
@@ -377,53 +410,51 @@ class PgChangeStream(Generic[T]):
         retry: _Retry,
     ) -> list[Any]:
         """The next rows in delivery order, waiting while there are none."""
-        held_wait = _HELD_RETRY_MIN
         while True:
             await anyio.lowlevel.checkpoint_if_cancelled()
             wake.arm()
             try:
                 if not cursor.exhausted and cursor.after < cursor.top:
-                    params = {
-                        **filters,
-                        "lo": cursor.lo,
-                        "hi": cursor.hi,
-                        "after": cursor.after,
-                        "top": cursor.top,
-                    }
+                    params = {**filters, "after": cursor.after, "top": cursor.top}
                     rows = await calls.fetchall_shielded(self._db, self._sql["PAGE"], params)
                     retry.reset()
                     cursor.exhausted = len(rows) < filters["n"]
                     if rows:
                         cursor.after = int(rows[-1][0])
-                        mine = [r for r in rows if cursor.lo <= int(r[1]) < cursor.hi]
+                        mine = [r for r in rows if cursor.in_round(int(r[1]))]
                         if mine:
                             return mine
                     continue
                 cursor.exhausted = True
-                params = {**filters, "lo": cursor.hi}
+                params = {
+                    **filters,
+                    "prev_xmax": cursor.cur.xmax,
+                    "prev_xip": [str(x) for x in sorted(cursor.cur.xip)],
+                }
                 result = await calls.fetchall_shielded(self._db, self._sql["ADVANCE"], params)
                 retry.reset()
             except DatabaseError as exc:
                 await retry.after(exc)
                 continue
-            hi, held, top = int(result[0][0]), bool(result[0][1]), int(result[0][2])
-            rows = [r[3:] for r in result if r[3] is not None]
-            if hi != cursor.hi:
-                cursor.lo, cursor.hi, cursor.after, cursor.top = cursor.hi, hi, 0, top
-                cursor.exhausted = len(rows) < filters["n"]
+            cur, top = _Snapshot.parse(result[0][0]), int(result[0][1])
+            rows = [r[2:] for r in result if r[2] is not None]
+            cursor.prev, cursor.cur, cursor.after, cursor.top = cursor.cur, cur, 0, top
+            cursor.exhausted = len(rows) < filters["n"]
             if rows:
                 return rows
-            if held:  # committed changes wait for an older transaction: look again soon
-                await wake.wait(min(held_wait, poll))
-                held_wait = min(held_wait * 2, poll)
-            else:
-                held_wait = _HELD_RETRY_MIN
-                await wake.wait(poll)
+            await wake.wait(poll)
 
-    async def _save(self, key: str, consumer: str, position: tuple[int, int, int, int]) -> None:
+    async def _save(self, key: str, consumer: str, position: tuple[str, str, int, int]) -> None:
         """Store a durable consumer's position, riding out connection failures."""
-        lo, hi, after, top = position
-        params = {"stream": key, "name": consumer, "lo": lo, "hi": hi, "after": after, "top": top}
+        prev, cur, after, top = position
+        params = {
+            "stream": key,
+            "name": consumer,
+            "prev": prev,
+            "cur": cur,
+            "after": after,
+            "top": top,
+        }
         retry = _Retry(f"consumer {consumer} of {key}")
         while True:
             try:
@@ -435,16 +466,11 @@ class PgChangeStream(Generic[T]):
 
     # -- operations --------------------------------------------------------------------
 
-    async def lag(self, consumer: str | None = None) -> ChangeLag:
-        """How far behind: a durable consumer (changes it has not finished with), or, with
-        no consumer, the changes committed but held back by an older running transaction."""
-        key = await self.key()
-        if consumer is None:
-            row = await calls.fetchone(
-                self._db, self._sql["LAG_HELD"], {"stream": key}, owner=f"changes of {key}"
-            )
-            return ChangeLag(int(row[0]), float(row[1]))
+    async def lag(self, consumer: str) -> ChangeLag:
+        """How far behind a durable consumer is: the committed changes it has not finished
+        with, and the age of the oldest."""
         _check_consumer(consumer)
+        key = await self.key()
         row = await calls.fetchone(
             self._db,
             self._sql["LAG_CONSUMER"],

@@ -66,27 +66,30 @@ SELECT id, pg_notify(%(channel)s, '') FROM c
 
 _COLUMNS = "c.id, c.txid::text, c.op, c.pk::text, c.new::text, c.old::text, c.at"
 
-# Where a subscription starts: every transaction older than the snapshot's xmin has ended,
-# so from xmin on nothing can be missed. With a replay filter, from the oldest transaction
-# that wrote a matching change; that first range [lo, hi) is then read by id, from first_id
-# to top_id.
+# Delivery goes in rounds. A round delivers the changes of every transaction that committed
+# between two snapshots -- visible in the round's snapshot ("cur"), not in the previous one
+# ("prev") -- in id order. A transaction's changes all become visible at once, at commit,
+# so nothing can slip in behind a finished round; and a later change of a row is made after
+# the earlier one's transaction committed, so it comes in the same round (with a later id)
+# or a later one. Snapshots travel as pg_snapshot text ("xmin:xmax:xip,...").
+
+# A live subscription starts at the current snapshot: the first round brings what commits
+# after it. A replay starts from an empty one: its first round is every matching change
+# visible now, read by id from first_id to top_id.
 START = """
-WITH w AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS hi),
+WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS cur),
 f AS MATERIALIZED (
-    SELECT min(c.txid) AS lo, min(c.id) AS first_id, max(c.id) AS top_id
-    FROM {changes} c, w
-    WHERE %(replay)s AND c.stream = %(stream)s AND c.txid < w.hi
+    SELECT min(c.id) AS first_id, max(c.id) AS top_id
+    FROM {changes} c
+    WHERE %(replay)s AND c.stream = %(stream)s
       AND c.at >= %(since_at)s AND c.id >= %(since_id)s
 )
-SELECT coalesce(f.lo, w.hi)::text, w.hi::text, coalesce(f.first_id - 1, 0),
-       coalesce(f.top_id, 0)
-FROM w, f
+SELECT (SELECT cur FROM s)::text, coalesce(f.first_id - 1, 0), coalesce(f.top_id, 0) FROM f
 """
 
-# The next page of the current range [lo, hi), by primary key: ids in (after, top]. Every
-# transaction in the range had ended when hi was read, so the range is complete. The page
-# may also hold changes of later ranges (their ids interleave); the reader skips those,
-# which keeps this a plain key-range scan whatever the planner thinks of transaction ids.
+# The rest of a round, by primary key: ids in (after, top]. The page may also hold changes
+# of other rounds (ids interleave); the reader skips those, which keeps this a plain
+# key-range scan whatever the planner thinks of transaction ids.
 PAGE = f"""
 SELECT {_COLUMNS}
 FROM {{changes}} c
@@ -96,26 +99,20 @@ ORDER BY c.id
 LIMIT %(n)s
 """
 
-# A new range [lo, xmin now), its highest id and its first page, in one snapshot. The range
-# is found through the txid index and its page fetched by primary key (an id-ordered scan
-# for "the range, by id" would start at the stream's oldest change). ``held`` says whether
-# committed changes wait behind an older transaction still running. Scalar subqueries keep
-# xmin a plain parameter of the index conditions; "id + 0" and "ORDER BY txid LIMIT 1" keep
-# the planner on the txid index when it cannot know how selective a condition is.
+# A new round in one snapshot: its snapshot, its highest id and its first page. Changes not
+# visible in prev are those of transactions at or above prev's xmax or in its in-progress
+# list -- an index condition on txid however old prev's xmin (a long transaction) is; this
+# statement sees exactly the committed ones. "id + 0" keeps the planner off the primary key.
 ADVANCE = f"""
-WITH w AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS hi),
+WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS cur),
 r AS MATERIALIZED (
     SELECT c.id FROM {{changes}} c
-    WHERE c.txid >= %(lo)s::text::xid8 AND c.txid < (SELECT hi FROM w)
+    WHERE (c.txid >= %(prev_xmax)s::text::xid8
+           OR c.txid = ANY (%(prev_xip)s::text[]::xid8[]))
       AND c.stream = %(stream)s AND c.at >= %(since_at)s AND c.id + 0 >= %(since_id)s
 ),
 p AS MATERIALIZED (SELECT id FROM r ORDER BY id LIMIT %(n)s)
-SELECT (SELECT hi FROM w)::text,
-       (SELECT x.txid FROM {{changes}} x
-        WHERE x.txid >= (SELECT hi FROM w) AND x.stream = %(stream)s
-        ORDER BY x.txid LIMIT 1) IS NOT NULL,
-       (SELECT coalesce(max(id), 0) FROM r),
-       c.*
+SELECT (SELECT cur FROM s)::text, (SELECT coalesce(max(id), 0) FROM r), c.*
 FROM (SELECT) AS one
 LEFT JOIN (
     SELECT {_COLUMNS} FROM {{changes}} c WHERE c.id = ANY (ARRAY(SELECT id FROM p))
@@ -124,16 +121,15 @@ ORDER BY c.id
 """
 
 CONSUMER_OPEN = """
-WITH w AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x)
-INSERT INTO {consumers} (stream, name, lo, hi)
-SELECT %(stream)s, %(name)s, w.x, w.x FROM w
+INSERT INTO {consumers} (stream, name, prev_snap, cur_snap)
+VALUES (%(stream)s, %(name)s, pg_current_snapshot(), pg_current_snapshot())
 ON CONFLICT (stream, name) DO UPDATE SET updated_at = {consumers}.updated_at
-RETURNING lo::text, hi::text, after_id, top_id
+RETURNING prev_snap::text, cur_snap::text, after_id, top_id
 """
 
 CONSUMER_SAVE = """
 UPDATE {consumers}
-SET lo = %(lo)s::text::xid8, hi = %(hi)s::text::xid8, after_id = %(after)s,
+SET prev_snap = %(prev)s::pg_snapshot, cur_snap = %(cur)s::pg_snapshot, after_id = %(after)s,
     top_id = %(top)s, updated_at = now()
 WHERE stream = %(stream)s AND name = %(name)s
 """
@@ -141,26 +137,20 @@ WHERE stream = %(stream)s AND name = %(name)s
 CONSUMER_DROP = "DELETE FROM {consumers} WHERE stream = %(stream)s AND name = %(name)s"
 
 CONSUMERS = """
-SELECT name, lo::text, hi::text, after_id, updated_at FROM {consumers}
-WHERE stream = %(stream)s ORDER BY name
+SELECT name FROM {consumers} WHERE stream = %(stream)s ORDER BY name
 """
 
-# Changes a consumer has not finished with: every range from its lo on, less what it
-# finished in its current range.
+# Changes a consumer has not finished with: not visible in its prev snapshot, less those of
+# its current round it has finished.
 LAG_CONSUMER = """
 SELECT count(c.*), coalesce(extract(epoch FROM now() - min(c.at)), 0)::float8,
        bool_or(k.name IS NOT NULL)
-FROM (SELECT 1) AS one
+FROM (SELECT) AS one
 LEFT JOIN {consumers} k ON k.stream = %(stream)s AND k.name = %(name)s
-LEFT JOIN {changes} c ON c.stream = %(stream)s AND c.txid >= k.lo
-     AND NOT (c.txid < k.hi AND c.id <= k.after_id)
-"""
-
-# Changes committed but not yet deliverable: an older transaction is still running.
-LAG_HELD = """
-SELECT count(*), coalesce(extract(epoch FROM now() - min(at)), 0)::float8
-FROM {changes}
-WHERE stream = %(stream)s AND txid >= pg_snapshot_xmin(pg_current_snapshot())
+LEFT JOIN {changes} c ON c.stream = %(stream)s
+     AND c.txid >= pg_snapshot_xmin(k.prev_snap)
+     AND NOT pg_visible_in_snapshot(c.txid, k.prev_snap)
+     AND NOT (pg_visible_in_snapshot(c.txid, k.cur_snap) AND c.id <= k.after_id)
 """
 
 RETENTION = "SELECT retention FROM {captures} WHERE stream = %(stream)s"
@@ -169,7 +159,8 @@ PRUNE = """
 WITH d AS (
     DELETE FROM {changes} c
     WHERE c.stream = %(stream)s AND c.at < %(cutoff)s
-      AND (%(force)s OR c.txid < ALL (SELECT k.lo FROM {consumers} k WHERE k.stream = %(stream)s))
+      AND (%(force)s OR c.txid < ALL (
+          SELECT pg_snapshot_xmin(k.prev_snap) FROM {consumers} k WHERE k.stream = %(stream)s))
     RETURNING 1
 )
 SELECT count(*) FROM d

@@ -205,6 +205,8 @@ async def test_large_row_is_delivered_intact(db: ps.Database) -> None:
 async def test_late_commit_of_an_earlier_transaction_is_not_skipped(
     db: ps.Database, dsn: str
 ) -> None:
+    # A takes the smaller change id but commits after B. A reader that remembered "the last
+    # id I delivered" would skip A's change for good once it had delivered B's.
     table = await make_table(db)
     cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
     await cs.install_trigger()
@@ -216,23 +218,57 @@ async def test_late_commit_of_an_earlier_transaction_is_not_skipped(
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(forward, cs.subscribe(poll_interval=0.05), send)
-        await a.execute(insert, [1])  # A: the smaller change id and transaction id, open
+        await until_idle(db, 1)
+        await a.execute(insert, [1])  # A: the smaller change id, still open
         await b.execute(insert, [2])
-        await b.commit()  # B commits first
-        # The subscriber polls many times meanwhile; B's change waits for A to end.
-        with anyio.move_on_after(0.5):
-            early = await receive.receive()
-            pytest.fail(f"delivered before the older transaction ended: {early}")
-        assert (await cs.lag()).changes == 1  # B's change, held back
+        await b.commit()
+        with anyio.fail_after(10):
+            first = await receive.receive()  # B's, without waiting for A
+        await anyio.sleep(0.2)  # the subscriber polls on, past B's id
         await a.commit()
         with anyio.fail_after(10):
-            got = [await receive.receive(), await receive.receive()]
+            second = await receive.receive()
         with anyio.move_on_after(0.3):
             extra = await receive.receive()
             pytest.fail(f"delivered twice: {extra}")
         tg.cancel_scope.cancel()
     receive.close()
-    assert [c.new["id"] for c in got if c.new] == [1, 2]
+    assert [(c.new or {})["id"] for c in (first, second)] == [2, 1]
+    assert first.id > second.id
+
+
+async def test_row_order_holds_across_interleaved_transactions(db: ps.Database, dsn: str) -> None:
+    # T2 gets a transaction id before R, and R before T1. T1 updates the row and commits;
+    # T2 then updates the same row and commits while R is still open. A reader that
+    # delivers by ranges of transaction ids below the oldest open one (R) would hand out
+    # T2's update -- made second -- before T1's.
+    table = await make_table(db)
+    ident = sql.Identifier(table)
+    await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (1)").format(ident))
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    update = sql.SQL("UPDATE {} SET v = v + 1 WHERE id = 1").format(ident)
+    send, receive = anyio.create_memory_object_stream[ps.Change[Row]](10)
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as t2,
+        await psycopg.AsyncConnection.connect(dsn) as r,
+        await psycopg.AsyncConnection.connect(dsn) as t1,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(forward, cs.subscribe(poll_interval=0.05), send)
+        await until_idle(db, 1)
+        for conn in (t2, r, t1):
+            await conn.execute("SELECT pg_current_xact_id()")  # ids in this order
+        await t1.execute(update)
+        await t1.commit()
+        await t2.execute(update)
+        await t2.commit()
+        with anyio.fail_after(10):
+            got = [await receive.receive(), await receive.receive()]
+        await r.commit()
+        tg.cancel_scope.cancel()
+    receive.close()
+    assert [((c.old or {})["v"], (c.new or {})["v"]) for c in got] == [(0, 1), (1, 2)]
 
 
 @pytest.mark.parametrize("capture", CAPTURES)

@@ -2,9 +2,9 @@
 -- trigger function. {schema} is substituted as a quoted identifier; braces that belong to
 -- SQL are doubled.
 
--- One row per captured change. txid is the writing transaction: readers deliver only rows
--- of transactions older than every transaction still running (the snapshot's xmin), so a
--- transaction that commits late can never slip in behind a reader's cursor.
+-- One row per captured change. txid is the writing (top-level) transaction: readers
+-- deliver, round by round, the changes of the transactions that committed between two
+-- snapshots, so a transaction that commits late can never slip in behind a reader.
 CREATE TABLE IF NOT EXISTS {schema}.changes (
     stream  text        NOT NULL,
     id      bigint      GENERATED ALWAYS AS IDENTITY,
@@ -33,14 +33,14 @@ CREATE TABLE IF NOT EXISTS {schema}.change_captures (
     removed_at    timestamptz
 );
 
--- Durable consumers: the position after the last item the consumer finished with.
--- [lo, hi) is a range of transaction ids that had all ended when hi was read; within it,
--- changes go out in id order (none above top_id), and after_id is the last one finished.
+-- Durable consumers: the position after the last change the consumer finished with. A
+-- round delivers the changes committed between prev_snap and cur_snap in id order (none
+-- above top_id); after_id is the last one finished.
 CREATE TABLE IF NOT EXISTS {schema}.change_consumers (
     stream      text        NOT NULL,
     name        text        NOT NULL,
-    lo          xid8        NOT NULL,
-    hi          xid8        NOT NULL,
+    prev_snap   pg_snapshot NOT NULL,
+    cur_snap    pg_snapshot NOT NULL,
     after_id    bigint      NOT NULL DEFAULT 0,
     top_id      bigint      NOT NULL DEFAULT 0,
     created_at  timestamptz NOT NULL DEFAULT now(),
