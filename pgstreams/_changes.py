@@ -146,12 +146,38 @@ class _Cursor:
         return self.cur.sees(txid) and not self.prev.sees(txid)
 
 
+class _Progress:
+    """What a durable consumer's stream shares with its give-back hook: the position just
+    before each recently delivered change, and whether a rewind was stored."""
+
+    __slots__ = ("_before", "rewound")
+
+    _KEEP = 4096
+
+    def __init__(self) -> None:
+        self._before: dict[int, tuple[str, str, int, int]] = {}
+        self.rewound = False
+
+    def remember(self, change_id: int, position: tuple[str, str, int, int]) -> None:
+        prev, cur, _, top = position
+        self._before[change_id] = (prev, cur, change_id - 1, top)
+        if len(self._before) > self._KEEP:
+            del self._before[next(iter(self._before))]
+
+    def before(self, change_id: int) -> tuple[str, str, int, int] | None:
+        return self._before.get(change_id)
+
+
 @dataclass(frozen=True, slots=True)
 class _Table:
     oid: int
     schema: str
     name: str
     key: str
+    kind: str
+    """pg_class.relkind: "r" a table, "p" a partitioned table."""
+    has_children: bool
+    """Partitions or inheritance children, which can be written directly."""
 
 
 class PgChangeStream(Generic[T]):
@@ -213,6 +239,20 @@ class PgChangeStream(Generic[T]):
         async with self._db.connection() as conn, conn.transaction():
             table = await self._resolve(conn, required=True)
             assert table is not None
+            if table.schema == self._db.schema:
+                raise InvalidArgumentError(
+                    f"{table.key} belongs to pgstreams itself and cannot be captured"
+                )
+            if table.kind == "p" and self.capture_mode == "statement":
+                # Statement triggers on a partitioned table do not fire for statements that
+                # write a partition directly; row triggers are cloned to every partition.
+                raise InvalidArgumentError(f'{table.key} is partitioned: use capture="row"')
+            if table.kind == "r" and table.has_children:
+                # Inheritance children get no triggers from their parent at all.
+                raise InvalidArgumentError(
+                    f"{table.key} has inheritance children, whose writes its triggers would"
+                    " miss: capture each table of the hierarchy on its own"
+                )
             cur = await conn.execute(self._sql["COLUMNS"], {"oid": table.oid})
             existing = {str(r[0]) for r in await cur.fetchall()}
             missing = [c for c in self.columns or () if c not in existing]
@@ -325,11 +365,25 @@ class PgChangeStream(Generic[T]):
         resume after the last item finished with (see module docstring). Run one stream per
         consumer name at a time.
         """
-        if consumer is not None:
-            _check_consumer(consumer)
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
         check_positive_int("page_size", page_size)
-        return Stream(lambda: self._run(consumer, None, poll, page_size))
+        if consumer is None:
+            return Stream(lambda: self._run(None, None, poll, page_size, _Progress()))
+        _check_consumer(consumer)
+        progress = _Progress()
+
+        async def rewind(items: list[Any]) -> None:
+            await self._rewind(consumer, progress, items)
+
+        return Stream(
+            lambda: self._run(consumer, None, poll, page_size, progress),
+            putback=rewind,
+            sequential=(
+                f"durable consumer {consumer!r} commits a change when the next one is asked"
+                " for; use batch/buffer/concurrency on a stream without a consumer, or"
+                " handle each change before asking for the next"
+            ),
+        )
 
     def subscribe_from(
         self,
@@ -345,12 +399,19 @@ class PgChangeStream(Generic[T]):
             raise InvalidArgumentError(f"since must be a datetime or a change id, got {since!r}")
         if isinstance(since, datetime) and since.tzinfo is None:
             raise InvalidArgumentError("since must be timezone-aware")
+        if isinstance(since, int) and since < 0:
+            raise InvalidArgumentError(f"since must not be a negative change id, got {since}")
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
         check_positive_int("page_size", page_size)
-        return Stream(lambda: self._run(None, since, poll, page_size))
+        return Stream(lambda: self._run(None, since, poll, page_size, _Progress()))
 
     async def _run(
-        self, consumer: str | None, since: datetime | int | None, poll: float, n: int
+        self,
+        consumer: str | None,
+        since: datetime | int | None,
+        poll: float,
+        n: int,
+        progress: _Progress,
     ) -> AsyncIterator[Change[T]]:
         await self._db.ensure_migrated()
         key = await self.key()
@@ -368,17 +429,24 @@ class PgChangeStream(Generic[T]):
                 while True:
                     rows = await self._next_rows(cursor, filters, wake, poll, retry)
                     for row in rows:
-                        cursor.after = row[0]
-                        unsaved = cursor.position()
+                        cursor.after = max(cursor.after, row[0])
+                        unsaved = (cursor.prev.text, cursor.cur.text, row[0], cursor.top)
+                        if consumer is not None:
+                            progress.remember(row[0], unsaved)
                         yield _change(key, row)
                         # Asked for the next item: the downstream is done with this one.
                         if consumer is not None:
                             await self._save(key, consumer, unsaved)
                         unsaved = None
         finally:
-            if consumer is not None and unsaved is not None and closing_cleanly():
-                with anyio.CancelScope(shield=True):
-                    await self._save(key, consumer, unsaved)
+            # A clean close finishes the last item -- unless an operator gave items back.
+            if (
+                consumer is not None
+                and unsaved is not None
+                and not progress.rewound
+                and closing_cleanly()
+            ):
+                await self._save_on_close(key, consumer, unsaved)
 
     async def _open(
         self, key: str, consumer: str | None, replay: bool, filters: dict[str, Any]
@@ -443,6 +511,27 @@ class PgChangeStream(Generic[T]):
             if rows:
                 return rows
             await wake.wait(poll)
+
+    async def _rewind(self, consumer: str, progress: _Progress, items: list[Any]) -> None:
+        """Items an operator read but never handed on: store the position just before the
+        earliest of them, so that they come again."""
+        ids = [c.id for c in items if isinstance(c, Change)]
+        position = progress.before(min(ids)) if ids else None
+        if position is None:
+            return
+        progress.rewound = True
+        await self._save_on_close(await self.key(), consumer, position)
+
+    async def _save_on_close(
+        self, key: str, consumer: str, position: tuple[str, str, int, int]
+    ) -> None:
+        # Shielded but bounded: a database that stays away must not hang the close. Not
+        # saving costs duplicates after a restart, never a loss.
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(calls.CLEANUP_TIMEOUT) as scope:
+                await self._save(key, consumer, position)
+            if scope.cancelled_caught:
+                logger.error("consumer %s of %s: could not save its position", consumer, key)
 
     async def _save(self, key: str, consumer: str, position: tuple[str, str, int, int]) -> None:
         """Store a durable consumer's position, riding out connection failures."""
@@ -551,6 +640,7 @@ class PgChangeStream(Generic[T]):
     async def key(self) -> str:
         """The stream's key: the table's schema-qualified, quoted name."""
         if self._key is None:
+            await self._db.ensure_migrated()
             async with self._db.connection() as conn:
                 table = await self._resolve(conn, required=False)
                 self._key = table.key if table is not None else await self._key_from_name(conn)
@@ -573,7 +663,7 @@ class PgChangeStream(Generic[T]):
             return None
         if row[3] not in ("r", "p"):
             raise InvalidArgumentError(f"{row[4]} is not a table (relkind {row[3]!r})")
-        return _Table(int(row[0]), str(row[1]), str(row[2]), str(row[4]))
+        return _Table(int(row[0]), str(row[1]), str(row[2]), str(row[4]), str(row[3]), bool(row[5]))
 
     async def _key_from_name(self, conn: AsyncConnection[Any]) -> str:
         arg = self._table_arg

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 # The table a user named: a regclass-style string (quoted parts keep their case) ...
 RESOLVE_NAME = """
-SELECT c.oid, n.nspname, c.relname, c.relkind::text, format('%%I.%%I', n.nspname, c.relname)
+SELECT c.oid, n.nspname, c.relname, c.relkind::text, format('%%I.%%I', n.nspname, c.relname),
+       c.relhassubclass
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = to_regclass(%(table)s)
 """
 
 # ... or exact (schema, name) parts.
 RESOLVE_PARTS = """
-SELECT c.oid, n.nspname, c.relname, c.relkind::text, format('%%I.%%I', n.nspname, c.relname)
+SELECT c.oid, n.nspname, c.relname, c.relkind::text, format('%%I.%%I', n.nspname, c.relname),
+       c.relhassubclass
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = %(name)s
 """

@@ -72,13 +72,14 @@ class Stream(Generic[T_co]):
     the chain at once rather than when the garbage collector gets to it.
     """
 
-    __slots__ = ("_factory", "_iterator", "_putback", "_started")
+    __slots__ = ("_factory", "_iterator", "_putback", "_sequential", "_started")
 
     def __init__(
         self,
         source: AsyncIterable[T_co] | Callable[[], AsyncIterable[T_co]],
         *,
         putback: PutBack | None = None,
+        sequential: str | None = None,
     ) -> None:
         if callable(source) and not isinstance(source, AsyncIterable):
             self._factory: Callable[[], AsyncIterable[T_co]] = source
@@ -86,6 +87,11 @@ class Stream(Generic[T_co]):
             iterable = source
             self._factory = lambda: iterable
         self._putback = putback
+        self._sequential = sequential
+        """Why this chain must stay sequential, if it must: its source takes "the
+        downstream asks for the next item" to mean "the last one is finished" (a durable
+        change consumer commits its position then). Operators that read ahead or run
+        items concurrently refuse such a chain."""
         self._iterator: AsyncIterator[T_co] | None = None
         self._started = False
 
@@ -127,7 +133,18 @@ class Stream(Generic[T_co]):
     ) -> Stream[U]:
         # An operator that hands on upstream's own items (filter, take, ...) can pass a
         # give-back request straight up; one that makes new items cannot.
-        return Stream(lambda: op(self), putback=self._putback if passthrough else None)
+        return Stream(
+            lambda: op(self),
+            putback=self._putback if passthrough else None,
+            sequential=self._sequential,
+        )
+
+    def _refuse_if_sequential(self, operator: str) -> None:
+        if self._sequential is not None:
+            raise InvalidArgumentError(
+                f"{operator} reads ahead or runs items concurrently, which this stream"
+                f" cannot allow: {self._sequential}"
+            )
 
     # -- operators ---------------------------------------------------------------------
 
@@ -147,6 +164,8 @@ class Stream(Generic[T_co]):
         With ``ordered=True`` results come out in input order; otherwise as they finish.
         """
         _check_int("concurrency", concurrency)
+        if concurrency > 1:
+            self._refuse_if_sequential("map(concurrency > 1)")
         if concurrency == 1:
             return self._pipe(lambda src: _map_serial(src, fn))
         return self._pipe(lambda src: _map_concurrent(src, fn, concurrency, ordered))
@@ -186,6 +205,7 @@ class Stream(Generic[T_co]):
             async with _closing(src):
                 async for item in src:
                     if not await _call(pred, item):
+                        await _give_back(src, [item])  # read, never handed on
                         return
                     yield item
 
@@ -221,6 +241,7 @@ class Stream(Generic[T_co]):
         """Group items into lists of ``size``; with ``within``, a partial batch is emitted
         once ``within`` seconds have passed since its first item. The last partial batch
         is always emitted when upstream ends."""
+        self._refuse_if_sequential("batch")
         _check_int("size", size)
         if within is not None and (not within > 0 or math.isinf(within)):
             raise InvalidArgumentError(f"within must be a positive number, got {within!r}")
@@ -236,6 +257,7 @@ class Stream(Generic[T_co]):
 
     def buffer(self, n: int) -> Stream[T_co]:
         """Read ahead up to ``n`` items in a background task (decouples producer and consumer)."""
+        self._refuse_if_sequential("buffer")
         _check_int("n", n)
         return self._pipe(lambda src: _buffer(src, n), passthrough=True)
 
@@ -272,7 +294,7 @@ class Stream(Generic[T_co]):
                     async for item in iterator:
                         yield item
 
-        return Stream(gen)
+        return Stream(gen, sequential=self._sequential)
 
     # -- terminals ---------------------------------------------------------------------
 
@@ -309,6 +331,10 @@ def merge(*streams: AsyncIterable[T]) -> Stream[T]:
     The first error from any input closes all of them and propagates unchanged. An item in
     transit when the merge closes goes back to the stream it came from.
     """
+
+    for stream in streams:
+        if isinstance(stream, Stream):
+            stream._refuse_if_sequential("merge")
 
     async def gen() -> AsyncIterator[T]:
         handoff = _Handoff(1)

@@ -134,25 +134,30 @@ async def test_remove_trigger_stops_capture_and_keeps_the_log(db: ps.Database) -
 
 @pytest.mark.parametrize("capture", CAPTURES)
 async def test_quoted_names_operations_and_columns(db: ps.Database, capture: Capture) -> None:
+    table = f"Order Lines {capture}"
     await execute(db, 'CREATE SCHEMA IF NOT EXISTS "Sales Dept"')
-    await execute(db, 'DROP TABLE IF EXISTS "Sales Dept"."Order Lines"')
     await execute(
-        db, 'CREATE TABLE "Sales Dept"."Order Lines" ("Id" int PRIMARY KEY, "Qty" int, note text)'
+        db,
+        sql.SQL('CREATE TABLE {} ("Id" int PRIMARY KEY, "Qty" int, note text)').format(
+            sql.Identifier("Sales Dept", table)
+        ),
     )
+    quoted = sql.Identifier("Sales Dept", table)
     cs: ps.PgChangeStream[Row] = ps.PgChangeStream(
         db,
-        ("Sales Dept", "Order Lines"),
+        ("Sales Dept", table),
         operations=("insert", "delete"),
         capture=capture,
         columns=["Qty"],
     )
     await cs.install_trigger()
-    assert await triggers_on(db, '"Sales Dept"."Order Lines"') == 2
-    await execute(db, """INSERT INTO "Sales Dept"."Order Lines" VALUES (1, 5, 'x')""")
-    await execute(db, """UPDATE "Sales Dept"."Order Lines" SET "Qty" = 6""")  # not captured
-    await execute(db, """DELETE FROM "Sales Dept"."Order Lines" """)
-    same: ps.PgChangeStream[Row] = ps.PgChangeStream(db, '"Sales Dept"."Order Lines"')
-    assert await same.key() == await cs.key() == '"Sales Dept"."Order Lines"'
+    name = f'"Sales Dept"."{table}"'
+    assert await triggers_on(db, name) == 2
+    await execute(db, sql.SQL("INSERT INTO {} VALUES (1, 5, 'x')").format(quoted))
+    await execute(db, sql.SQL('UPDATE {} SET "Qty" = 6').format(quoted))  # not captured
+    await execute(db, sql.SQL("DELETE FROM {}").format(quoted))
+    same: ps.PgChangeStream[Row] = ps.PgChangeStream(db, name)
+    assert await same.key() == await cs.key() == name
     changes = await same.subscribe_from(0).take(2).collect()
     assert [(c.op, c.pk, c.new, c.old) for c in changes] == [
         ("insert", {"Id": 1}, {"Qty": 5}, None),
@@ -571,3 +576,76 @@ async def test_a_view_is_not_a_table(db: ps.Database) -> None:
         ps.PgChangeStream(db, existing).subscribe(consumer="tab\there")
     with pytest.raises(ps.InvalidArgumentError):
         ps.PgChangeStream(db, existing).subscribe_from(datetime(2020, 1, 1))  # naive
+
+
+async def test_durable_consumers_refuse_read_ahead_and_redeliver_given_back(
+    db: ps.Database,
+) -> None:
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    # These would ask for changes before the handler is done with earlier ones, which a
+    # durable consumer takes as "finished": refused before anything runs.
+    durable = cs.subscribe(consumer="idx")
+    for make in (
+        lambda: durable.buffer(5),
+        lambda: durable.batch(5),
+        lambda: durable.map(lambda c: c, concurrency=2),
+        lambda: durable.filter(lambda c: True).batch(2),
+        lambda: ps.merge(durable, cs.subscribe()),
+    ):
+        with pytest.raises(ps.InvalidArgumentError, match="durable consumer"):
+            make()
+    await durable.aclose()
+    assert await cs.subscribe().buffer(5).take(0).collect() == []  # fine without a consumer
+
+    await cs.add_consumer("idx")
+    await execute(
+        db,
+        sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, 6) g").format(
+            sql.Identifier(table)
+        ),
+    )
+    below_3 = cs.subscribe(consumer="idx").take_while(lambda c: (c.pk or {})["id"] < 3)
+    assert [(c.pk or {})["id"] for c in await below_3.collect()] == [1, 2]
+    # 3 was read to test the predicate but never handed on: it comes again.
+    again = await cs.subscribe(consumer="idx").take(4).collect()
+    assert [(c.pk or {})["id"] for c in again] == [3, 4, 5, 6]
+
+
+async def test_partitioned_tables_and_refusals(db: ps.Database) -> None:
+    parent = tname()
+    ident = sql.Identifier(parent)
+    await execute(
+        db,
+        sql.SQL(
+            "CREATE TABLE {} (id int, region text, PRIMARY KEY (id, region))"
+            " PARTITION BY LIST (region)"
+        ).format(ident),
+    )
+    part = sql.Identifier(f"{parent}_eu")
+    await execute(
+        db, sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES IN ('eu')").format(part, ident)
+    )
+    with pytest.raises(ps.InvalidArgumentError, match='capture="row"'):
+        await ps.PgChangeStream(db, parent).install_trigger()
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, parent, capture="row")
+    await cs.install_trigger()
+    await execute(db, sql.SQL("INSERT INTO {} VALUES (1, 'eu')").format(ident))
+    await execute(db, sql.SQL("INSERT INTO {} VALUES (2, 'eu')").format(part))  # directly
+    changes = await cs.subscribe_from(0).take(2).collect()
+    assert [(c.table, c.pk) for c in changes] == [
+        (f"public.{parent}", {"id": 1, "region": "eu"}),
+        (f"public.{parent}", {"id": 2, "region": "eu"}),
+    ]
+    with pytest.raises(ps.InvalidArgumentError, match="pgstreams itself"):
+        await ps.PgChangeStream(db, "pgstreams.changes").install_trigger()
+    base = await make_table(db)
+    await execute(
+        db,
+        sql.SQL("CREATE TABLE {} () INHERITS ({})").format(
+            sql.Identifier(tname()), sql.Identifier(base)
+        ),
+    )
+    with pytest.raises(ps.InvalidArgumentError, match="inheritance"):
+        await ps.PgChangeStream(db, base, capture="row").install_trigger()

@@ -363,3 +363,14 @@ async def test_unclean_close_after_errors_and_cancellation() -> None:
     await stream.__anext__()
     await stream.aclose()  # a bare aclose() cannot know whether the item was finished
     assert closes == [False, False, False, False]
+
+
+async def test_take_while_gives_back_the_item_it_rejected() -> None:
+    given_back: list[list[int]] = []
+
+    async def putback(items: list[int]) -> None:
+        given_back.append(items)
+
+    stream = ps.Stream(lambda: agen([1, 2, 3, 4]), putback=putback)
+    assert await stream.take_while(lambda x: x < 3).collect() == [1, 2]
+    assert given_back == [[3]]  # read to test the predicate, never handed on

@@ -125,8 +125,8 @@ BEGIN
 END
 $fn$;
 
--- The row image restricted to ``keys``.
+-- The row image restricted to ``keys`` (NULL for no image: STRICT).
 CREATE OR REPLACE FUNCTION {schema}.capture_pick(j jsonb, keys text[]) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
     SELECT coalesce(jsonb_object_agg(k, j -> k), '{{}}'::jsonb) FROM unnest(keys) AS k
 $fn$;
