@@ -5,10 +5,13 @@ Run::
     python benchmarks/changes.py [--dsn DSN] [--embedded] [--seconds S]
 
 1. Capture overhead: pgbench (from the same PostgreSQL build as the server when embedded,
-   else the one on PATH) runs one-row INSERT transactions for ``--seconds`` against a plain
+   else the one on PATH; prepared statements) runs one-row INSERT transactions for
+   ``--seconds`` against a plain
    table and against the same table with capture installed (statement-level with NOTIFY,
    statement-level without, row-level with and without), with 1 and 4 clients, rounds
-   interleaved. Ratio = TPS / plain TPS.
+   interleaved. Ratio = TPS / plain TPS. A "floor" row does the least any capture that
+   logs each change in the writing transaction must do: the INSERT plus a log INSERT of
+   its row image, in one statement, with no trigger and no NOTIFY.
 2. Latency: a writer commits single-row inserts 3 ms apart; a subscriber (LISTEN on)
    records when each change reaches its handler. Latency = handler time - the moment the
    writer's commit returned (same process, same clock).
@@ -50,8 +53,9 @@ from benchmarks._common import (
     server_facts,
 )
 
-PLAIN, CAPTURED, QUIET, ROWS, ROWS_QUIET, FEED, LOG = (
+PLAIN, FLOOR, CAPTURED, QUIET, ROWS, ROWS_QUIET, FEED, LOG = (
     "bench_plain",
+    "bench_floor",
     "bench_captured",
     "bench_quiet",
     "bench_rows",
@@ -88,6 +92,8 @@ def pgbench(dsn: str, script: str, clients: int, seconds: int) -> float:
             [
                 pgbench_path(),
                 "-n",
+                "-M",
+                "prepared",  # as drivers do for repeated statements (psycopg after 5 runs)
                 "-c",
                 str(clients),
                 "-j",
@@ -108,7 +114,19 @@ def pgbench(dsn: str, script: str, clients: int, seconds: int) -> float:
     raise RuntimeError(f"no tps in pgbench output:\n{out}")
 
 
+# The floor of any capture that logs each change in the writing transaction: the same
+# INSERT plus a hand-written INSERT of its row image into a log table shaped like the
+# library's, in one statement -- no trigger, no NOTIFY.
+FLOOR_SCRIPT = (
+    "WITH a AS (INSERT INTO bench_floor (v, body) VALUES (1, 'payload of a typical row')"
+    " RETURNING *) INSERT INTO bench_floor_log (stream, op, pk, new)"
+    " SELECT 'floor', 'insert', jsonb_build_object('id', a.id), to_jsonb(a) FROM a;\n"
+)
+
+
 def insert_script(table: str, rows: int = 1) -> str:
+    if table == FLOOR:
+        return FLOOR_SCRIPT
     if rows == 1:
         return f"INSERT INTO {table} (v, body) VALUES (1, 'payload of a typical row');\n"
     return (
@@ -134,6 +152,7 @@ async def overhead(dsn: str, seconds: int, rounds: int) -> list[list[str]]:
     for clients in (1, 4):
         tps: dict[str, list[float]] = {
             PLAIN: [],
+            FLOOR: [],
             CAPTURED: [],
             QUIET: [],
             ROWS: [],
@@ -148,6 +167,7 @@ async def overhead(dsn: str, seconds: int, rounds: int) -> list[list[str]]:
                 )
         for table, label in (
             (PLAIN, "plain table"),
+            (FLOOR, "floor: the INSERT plus a log INSERT, one statement"),
             (CAPTURED, "statement-level capture (default)"),
             (QUIET, "statement-level capture, NOTIFY off"),
             (ROWS, 'row-level capture (capture="row")'),
@@ -289,8 +309,15 @@ async def main(args: argparse.Namespace) -> None:
             ps.connect(dsn) as db,
             await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
         ):
-            for name in (PLAIN, CAPTURED, QUIET, ROWS, ROWS_QUIET, FEED, LOG):
+            for name in (PLAIN, FLOOR, CAPTURED, QUIET, ROWS, ROWS_QUIET, FEED, LOG):
                 await create_table(conn, name)
+            await db.migrate()
+            await conn.execute(
+                "CREATE TABLE bench_floor_log"
+                " (LIKE pgstreams.changes INCLUDING DEFAULTS INCLUDING IDENTITY);"
+                " ALTER TABLE bench_floor_log ADD PRIMARY KEY (id);"
+                " CREATE INDEX ON bench_floor_log (txid)"
+            )
             await ps.PgChangeStream(db, CAPTURED).install_trigger()
             await ps.PgChangeStream(db, QUIET, notify="off").install_trigger()
             await ps.PgChangeStream(db, ROWS, capture="row").install_trigger()
