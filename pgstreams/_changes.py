@@ -270,6 +270,7 @@ class PgChangeStream(Generic[T]):
                 sql.Literal(channel if self.notify_mode == "statement" else ""),
                 sql.Literal("" if self.columns is None else _text_array(self.columns)),
                 sql.Literal(_text_array(pk)),
+                sql.Literal(pk[0] if len(pk) == 1 else ""),
             ]
             per_row = self.capture_mode == "row"
             function = sql.Identifier(

@@ -49,31 +49,29 @@ CREATE TABLE IF NOT EXISTS {schema}.change_consumers (
 );
 
 -- Trigger arguments (both capture functions): stream key, NOTIFY channel ('' = none),
--- captured columns as a text[] literal ('' = all), primary-key columns as a text[] literal.
+-- captured columns as a text[] literal ('' = all), primary-key columns as a text[] literal,
+-- and the primary key's column when it has just one ('' otherwise). The common case -- all
+-- columns, a one-column key -- needs no array parsing per call.
 
 -- Statement-level capture: one INSERT ... SELECT per statement from the transition tables.
 CREATE OR REPLACE FUNCTION {schema}.capture_changes() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
-DECLARE
-    cols text[] := NULLIF(TG_ARGV[2], '')::text[];
-    pkcols text[] := TG_ARGV[3]::text[];
 BEGIN
-    -- Images: the whole row unless columns were chosen. Keys: most have one column.
     IF TG_OP = 'INSERT' THEN
         INSERT INTO {schema}.changes (stream, op, pk, new)
         SELECT TG_ARGV[0], 'insert',
-               CASE cardinality(pkcols) WHEN 0 THEN NULL
-                    WHEN 1 THEN jsonb_build_object(pkcols[1], j -> pkcols[1])
-                    ELSE {schema}.capture_pick(j, pkcols) END,
-               CASE WHEN cols IS NULL THEN j ELSE {schema}.capture_pick(j, cols) END
+               CASE WHEN TG_ARGV[4] <> '' THEN jsonb_build_object(TG_ARGV[4], j -> TG_ARGV[4])
+                    WHEN TG_ARGV[3] = '{{}}' THEN NULL
+                    ELSE {schema}.capture_pick(j, TG_ARGV[3]::text[]) END,
+               CASE WHEN TG_ARGV[2] = '' THEN j ELSE {schema}.capture_pick(j, TG_ARGV[2]::text[]) END
         FROM new_rows n, LATERAL to_jsonb(n) AS j;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO {schema}.changes (stream, op, pk, old)
         SELECT TG_ARGV[0], 'delete',
-               CASE cardinality(pkcols) WHEN 0 THEN NULL
-                    WHEN 1 THEN jsonb_build_object(pkcols[1], j -> pkcols[1])
-                    ELSE {schema}.capture_pick(j, pkcols) END,
-               CASE WHEN cols IS NULL THEN j ELSE {schema}.capture_pick(j, cols) END
+               CASE WHEN TG_ARGV[4] <> '' THEN jsonb_build_object(TG_ARGV[4], j -> TG_ARGV[4])
+                    WHEN TG_ARGV[3] = '{{}}' THEN NULL
+                    ELSE {schema}.capture_pick(j, TG_ARGV[3]::text[]) END,
+               CASE WHEN TG_ARGV[2] = '' THEN j ELSE {schema}.capture_pick(j, TG_ARGV[2]::text[]) END
         FROM old_rows o, LATERAL to_jsonb(o) AS j;
     ELSE
         -- Both transition tables receive an updated row's two versions in the same call,
@@ -81,11 +79,11 @@ BEGIN
         -- the UPDATE changed).
         INSERT INTO {schema}.changes (stream, op, pk, new, old)
         SELECT TG_ARGV[0], 'update',
-               CASE cardinality(pkcols) WHEN 0 THEN NULL
-                    WHEN 1 THEN jsonb_build_object(pkcols[1], a.j -> pkcols[1])
-                    ELSE {schema}.capture_pick(a.j, pkcols) END,
-               CASE WHEN cols IS NULL THEN a.j ELSE {schema}.capture_pick(a.j, cols) END,
-               CASE WHEN cols IS NULL THEN b.j ELSE {schema}.capture_pick(b.j, cols) END
+               CASE WHEN TG_ARGV[4] <> '' THEN jsonb_build_object(TG_ARGV[4], a.j -> TG_ARGV[4])
+                    WHEN TG_ARGV[3] = '{{}}' THEN NULL
+                    ELSE {schema}.capture_pick(a.j, TG_ARGV[3]::text[]) END,
+               CASE WHEN TG_ARGV[2] = '' THEN a.j ELSE {schema}.capture_pick(a.j, TG_ARGV[2]::text[]) END,
+               CASE WHEN TG_ARGV[2] = '' THEN b.j ELSE {schema}.capture_pick(b.j, TG_ARGV[2]::text[]) END
         FROM (SELECT row_number() OVER () AS rn, to_jsonb(n) AS j FROM new_rows n) a
         JOIN (SELECT row_number() OVER () AS rn, to_jsonb(o) AS j FROM old_rows o) b
           ON a.rn = b.rn;
@@ -102,22 +100,18 @@ $fn$;
 CREATE OR REPLACE FUNCTION {schema}.capture_row_changes() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    cols text[] := NULLIF(TG_ARGV[2], '')::text[];
-    pkcols text[] := TG_ARGV[3]::text[];
     n jsonb;
     o jsonb;
-    k jsonb;
 BEGIN
     IF TG_OP <> 'DELETE' THEN n := to_jsonb(NEW); END IF;
     IF TG_OP <> 'INSERT' THEN o := to_jsonb(OLD); END IF;
-    k := coalesce(n, o);
     INSERT INTO {schema}.changes (stream, op, pk, new, old)
     VALUES (TG_ARGV[0], lower(TG_OP),
-            CASE cardinality(pkcols) WHEN 0 THEN NULL
-                 WHEN 1 THEN jsonb_build_object(pkcols[1], k -> pkcols[1])
-                 ELSE {schema}.capture_pick(k, pkcols) END,
-            CASE WHEN cols IS NULL THEN n ELSE {schema}.capture_pick(n, cols) END,
-            CASE WHEN cols IS NULL THEN o ELSE {schema}.capture_pick(o, cols) END);
+            CASE WHEN TG_ARGV[4] <> '' THEN jsonb_build_object(TG_ARGV[4], coalesce(n, o) -> TG_ARGV[4])
+                    WHEN TG_ARGV[3] = '{{}}' THEN NULL
+                    ELSE {schema}.capture_pick(coalesce(n, o), TG_ARGV[3]::text[]) END,
+            CASE WHEN TG_ARGV[2] = '' THEN n ELSE {schema}.capture_pick(n, TG_ARGV[2]::text[]) END,
+            CASE WHEN TG_ARGV[2] = '' THEN o ELSE {schema}.capture_pick(o, TG_ARGV[2]::text[]) END);
     IF TG_ARGV[1] <> '' THEN
         PERFORM pg_notify(TG_ARGV[1], '');
     END IF;
