@@ -87,7 +87,9 @@ class Stream(Generic[T_co]):
             iterable = source
             self._factory = lambda: iterable
         self._putback = putback
-        self._sequential = sequential
+        if sequential is None and isinstance(source, Stream):
+            sequential = _sequential_of(source)  # wrapping a stream keeps its constraint
+        self._sequential: str | None = sequential
         """Why this chain must stay sequential, if it must: its source takes "the
         downstream asks for the next item" to mean "the last one is finished" (a durable
         change consumer commits its position then). Operators that read ahead or run
@@ -323,6 +325,10 @@ class Stream(Generic[T_co]):
             async for item in self:
                 return item
         raise EmptyStreamError("the stream ended without producing an item")
+
+
+def _sequential_of(stream: Stream[Any]) -> str | None:
+    return stream._sequential
 
 
 def merge(*streams: AsyncIterable[T]) -> Stream[T]:

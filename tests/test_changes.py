@@ -593,6 +593,7 @@ async def test_durable_consumers_refuse_read_ahead_and_redeliver_given_back(
         lambda: durable.map(lambda c: c, concurrency=2),
         lambda: durable.filter(lambda c: True).batch(2),
         lambda: ps.merge(durable, cs.subscribe()),
+        lambda: ps.Stream(durable).buffer(2),
     ):
         with pytest.raises(ps.InvalidArgumentError, match="durable consumer"):
             make()
