@@ -139,9 +139,6 @@ class _Cursor:
     exhausted: bool
     """True once the round has been read to its end."""
 
-    def position(self) -> tuple[str, str, int, int]:
-        return self.prev.text, self.cur.text, self.after, self.top
-
     def in_round(self, txid: int) -> bool:
         return self.cur.sees(txid) and not self.prev.sees(txid)
 
@@ -461,11 +458,13 @@ class PgChangeStream(Generic[T]):
                 owner=owner,
             )
             prev, cur = _Snapshot.parse(row[0]), _Snapshot.parse(row[1])
+            _check_server(bool(row[5]), _Snapshot.parse(row[4]), cur)
             return _Cursor(prev, cur, int(row[2]), int(row[3]), exhausted=False)
         row = await calls.fetchone(
             self._db, self._sql["START"], {**filters, "replay": replay}, owner=owner
         )
         cur = _Snapshot.parse(row[0])
+        _check_server(bool(row[3]), cur, cur)
         if replay:  # first round: every matching change visible now, by id
             return _Cursor(_NOTHING, cur, int(row[1]), int(row[2]), exhausted=False)
         return _Cursor(cur, cur, 0, 0, exhausted=True)  # from now on
@@ -506,7 +505,8 @@ class PgChangeStream(Generic[T]):
                 await retry.after(exc)
                 continue
             cur, top = _Snapshot.parse(result[0][0]), int(result[0][1])
-            rows = [r[2:] for r in result if r[2] is not None]
+            _check_server(bool(result[0][2]), cur, cursor.cur)
+            rows = [r[3:] for r in result if r[3] is not None]
             cursor.prev, cursor.cur, cursor.after, cursor.top = cursor.cur, cur, 0, top
             cursor.exhausted = len(rows) < filters["n"]
             if rows:
@@ -516,8 +516,9 @@ class PgChangeStream(Generic[T]):
     async def _rewind(self, consumer: str, progress: _Progress, items: list[Any]) -> None:
         """Items an operator read but never handed on: store the position just before the
         earliest of them, so that they come again."""
+        # Given-back items come in delivery order: the first is the earliest.
         ids = [c.id for c in items if isinstance(c, Change)]
-        position = progress.before(min(ids)) if ids else None
+        position = progress.before(ids[0]) if ids else None
         if position is None:
             return
         progress.rewound = True
@@ -698,6 +699,19 @@ def _change(key: str, row: Sequence[Any]) -> Change[Any]:
         txid=int(txid),
         pk=None if pk is None else json.loads(pk),
     )
+
+
+def _check_server(in_recovery: bool, now: _Snapshot, seen: _Snapshot) -> None:
+    """Refuse what would make snapshot rounds skip changes: a hot standby (its snapshots
+    list running transactions where pg_current_snapshot() does not show them), and
+    transaction ids that went backwards (a failover to a replica that lagged, a restore)."""
+    if in_recovery:
+        raise DatabaseError("change streams must read from the primary: this server is a standby")
+    if now.xmax < seen.xmax:
+        raise DatabaseError(
+            f"the server's transaction ids went backwards ({now.xmax} < {seen.xmax}):"
+            " a failover or a restore? Positions taken before it no longer apply"
+        )
 
 
 def _check_consumer(name: object) -> str:

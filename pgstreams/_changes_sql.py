@@ -86,7 +86,9 @@ f AS MATERIALIZED (
     WHERE %(replay)s AND c.stream = %(stream)s
       AND c.at >= %(since_at)s AND c.id >= %(since_id)s
 )
-SELECT (SELECT cur FROM s)::text, coalesce(f.first_id - 1, 0), coalesce(f.top_id, 0) FROM f
+SELECT (SELECT cur FROM s)::text, coalesce(f.first_id - 1, 0), coalesce(f.top_id, 0),
+       pg_is_in_recovery()
+FROM f
 """
 
 # The rest of a round, by primary key: ids in (after, top]. The page may also hold changes
@@ -114,7 +116,8 @@ r AS MATERIALIZED (
       AND c.stream = %(stream)s AND c.at >= %(since_at)s AND c.id + 0 >= %(since_id)s
 ),
 p AS MATERIALIZED (SELECT id FROM r ORDER BY id LIMIT %(n)s)
-SELECT (SELECT cur FROM s)::text, (SELECT coalesce(max(id), 0) FROM r), c.*
+SELECT (SELECT cur FROM s)::text, (SELECT coalesce(max(id), 0) FROM r), pg_is_in_recovery(),
+       c.*
 FROM (SELECT) AS one
 LEFT JOIN (
     SELECT {_COLUMNS} FROM {{changes}} c WHERE c.id = ANY (ARRAY(SELECT id FROM p))
@@ -126,7 +129,8 @@ CONSUMER_OPEN = """
 INSERT INTO {consumers} (stream, name, prev_snap, cur_snap)
 VALUES (%(stream)s, %(name)s, pg_current_snapshot(), pg_current_snapshot())
 ON CONFLICT (stream, name) DO UPDATE SET updated_at = {consumers}.updated_at
-RETURNING prev_snap::text, cur_snap::text, after_id, top_id
+RETURNING prev_snap::text, cur_snap::text, after_id, top_id, pg_current_snapshot()::text,
+          pg_is_in_recovery()
 """
 
 CONSUMER_SAVE = """
@@ -161,8 +165,9 @@ PRUNE = """
 WITH d AS (
     DELETE FROM {changes} c
     WHERE c.stream = %(stream)s AND c.at < %(cutoff)s
-      AND (%(force)s OR c.txid < ALL (
-          SELECT pg_snapshot_xmin(k.prev_snap) FROM {consumers} k WHERE k.stream = %(stream)s))
+      AND (%(force)s OR NOT EXISTS (
+          SELECT FROM {consumers} k
+          WHERE k.stream = %(stream)s AND NOT pg_visible_in_snapshot(c.txid, k.prev_snap)))
     RETURNING 1
 )
 SELECT count(*) FROM d

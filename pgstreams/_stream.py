@@ -26,7 +26,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, C
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Generic, Self, TypeAlias, TypeVar, Union, overload
+from typing import Any, Generic, NoReturn, Self, TypeAlias, TypeVar, Union, overload
 
 import anyio
 
@@ -59,6 +59,14 @@ class _Failure:
 
 class _Done:
     pass
+
+
+class _Rejected(Exception):
+    """take_while's way to close its upstream as not clean (never escapes it)."""
+
+
+def _reject() -> NoReturn:
+    raise _Rejected
 
 
 _DONE = _Done()
@@ -204,12 +212,16 @@ class Stream(Generic[T_co]):
         """Items up to (not including) the first for which ``pred`` is false."""
 
         async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
-            async with _closing(src):
-                async for item in src:
-                    if not await _call(pred, item):
-                        await _give_back(src, [item])  # read, never handed on
-                        return
-                    yield item
+            try:
+                async with _closing(src):
+                    async for item in src:
+                        if not await _call(pred, item):
+                            # Read, never handed on: close upstream as not clean, so that a
+                            # source committing progress does not count it as finished.
+                            _reject()
+                        yield item
+            except _Rejected:
+                return
 
         return self._pipe(op, passthrough=True)
 
