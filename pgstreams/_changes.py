@@ -550,10 +550,15 @@ class PgChangeStream(Generic[T]):
         while True:
             try:
                 async with self._db.connection() as conn:
-                    await conn.execute(self._sql["CONSUMER_SAVE"], params)
-                return
+                    result = await conn.execute(self._sql["CONSUMER_SAVE"], params)
+                    saved = result.rowcount == 1
+                break
             except DatabaseError as exc:
                 await retry.after(exc)
+        if not saved:
+            raise InvalidArgumentError(
+                f"consumer {consumer!r} of {key} was removed while its stream ran"
+            )
 
     # -- operations --------------------------------------------------------------------
 

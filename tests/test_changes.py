@@ -430,7 +430,14 @@ async def test_durable_consumer_resumes_after_the_last_finished_item(db: ps.Data
     assert ids(await cs.subscribe(consumer="idx").take(6).collect()) == [5, 6, 7, 8, 9, 10]
     assert (await cs.lag("idx")).changes == 0
     assert await cs.consumers() == ["idx"]
-    await cs.remove_consumer("idx")
+    async with cs.subscribe(consumer="idx") as stream:
+        await execute(
+            db, sql.SQL("INSERT INTO {} (id) VALUES (11), (12)").format(sql.Identifier(table))
+        )
+        assert ids([await stream.__anext__()]) == [11]
+        await cs.remove_consumer("idx")
+        with pytest.raises(ps.InvalidArgumentError, match="removed"):
+            await stream.__anext__()  # it cannot store that 11 is finished
     assert await cs.consumers() == []
     with pytest.raises(ps.InvalidArgumentError):
         await cs.lag("idx")
