@@ -5,17 +5,48 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
+import psycopg
 from psycopg import AsyncConnection
 
-from ._db import Database, translate_errors
+from ._db import Database, database_error
 from ._errors import DatabaseError
 
-__all__ = ["cleanup", "fetchall", "fetchall_shielded", "fetchone"]
+__all__ = ["cleanup", "fetchall", "fetchall_shielded", "fetchone", "idle_wait", "using"]
 
 CLEANUP_TIMEOUT = 10.0
+IDLE_QUERY_TIMEOUT = 10.0
+MIN_IDLE_WAIT = 0.02
+
+
+class _Joined:
+    """The caller's connection, as is (its transaction is theirs), with driver errors
+    translated as a lent connection's are."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: AsyncConnection[Any]) -> None:
+        self._conn = conn
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        return self._conn
+
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if isinstance(exc, psycopg.Error):
+            raise database_error(exc) from exc
+
+
+def using(
+    db: Database, conn: AsyncConnection[Any] | None
+) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+    """``conn`` if the caller gave one (the statement joins its transaction), else a
+    connection lent by ``db``."""
+    return db.connection() if conn is None else _Joined(conn)
 
 
 async def fetchone(
@@ -28,14 +59,9 @@ async def fetchone(
     owner: str,
 ) -> Any:
     """The first row; with ``conn`` the statement joins that connection's transaction."""
-    if conn is not None:
-        with translate_errors():
-            cur = await conn.execute(query, params)
-            row = await cur.fetchone()
-    else:
-        async with db.connection() as own:
-            cur = await own.execute(query, params)
-            row = await cur.fetchone()
+    async with using(db, conn) as c:
+        cur = await c.execute(query, params)
+        row = await cur.fetchone()
     if row is None and not allow_none:
         raise DatabaseError(f"{owner}: the statement returned no row")
     return row
@@ -47,14 +73,9 @@ async def fetchall(
     params: Mapping[str, Any] | None,
     conn: AsyncConnection[Any] | None = None,
 ) -> list[Any]:
-    if conn is not None:
-        with translate_errors():
-            cur = await conn.execute(query, params)
-            rows = await cur.fetchall()
-    else:
-        async with db.connection() as own:
-            cur = await own.execute(query, params)
-            rows = await cur.fetchall()
+    async with using(db, conn) as c:
+        cur = await c.execute(query, params)
+        rows = await cur.fetchall()
     return rows
 
 
@@ -91,3 +112,16 @@ async def cleanup(
                 return
         if scope.cancelled_caught:
             logger.error("timed out trying to %s", what)
+
+
+async def idle_wait(db: Database, query: bytes, poll: float) -> float:
+    """How long an idle subscriber may sleep: ``poll``, or less if ``query`` (seconds until
+    the next delayed message or expiring lease becomes visible, NULL if none) says so."""
+    # Shielded (and bounded): cancelling a query mid-flight would cost the connection.
+    with anyio.CancelScope(shield=True), anyio.move_on_after(IDLE_QUERY_TIMEOUT):
+        async with db.connection() as conn:
+            cur = await conn.execute(query)
+            row = await cur.fetchone()
+        if row is not None and row[0] is not None:
+            return min(poll, max(MIN_IDLE_WAIT, float(row[0]) + 0.001))
+    return poll

@@ -59,8 +59,6 @@ PGMQ_NAME_MAX = 43
 DEFAULT_POLL_INTERVAL = 1.0
 SETTINGS_TTL = 5.0
 """Seconds a handle trusts its cached max_attempts and notification throttle."""
-_MIN_IDLE_WAIT = 0.02
-_IDLE_QUERY_TIMEOUT = 10.0
 _REQUEUE_CHUNK = 1000
 
 AckMode = Literal["delete", "archive"]
@@ -499,7 +497,9 @@ class PgmqQueue(Generic[T]):
                 if rows:
                     retry.reset()
                     return rows, limit
-                timeout = idle.timeout(poll, await self._next_visible(poll), throttle)
+                timeout = idle.timeout(
+                    await calls.idle_wait(self._db, self._sql["NEXT_VISIBLE"], poll)
+                )
                 if await wakeup.wait(timeout):
                     idle.woken(throttle)
             except DatabaseError as exc:
@@ -676,13 +676,6 @@ class PgmqQueue(Generic[T]):
             self._settings = (now, row[0], row[1])
         return self._settings[1], self._settings[2]
 
-    async def _next_visible(self, poll: float) -> float:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_IDLE_QUERY_TIMEOUT):
-            row = await self._fetchone(self._sql["NEXT_VISIBLE"], None)
-            if row[0] is not None:
-                return max(_MIN_IDLE_WAIT, float(row[0]) + 0.001)
-        return poll
-
     async def _unpop(self, rows: Sequence[Sequence[Any]]) -> None:
         params = {
             "ids": [r[0] for r in rows],
@@ -839,12 +832,12 @@ class _Idle:
         if throttle_ms:
             self._recheck_at = anyio.current_time() + throttle_ms / 1000
 
-    def timeout(self, poll: float, next_visible: float, throttle_ms: int | None) -> float:
-        wait = min(poll, next_visible)
+    def timeout(self, wait: float) -> float:
+        """``wait`` (the poll, or less), shortened to the pending re-check if any."""
         if self._recheck_at is not None:
             left = self._recheck_at - anyio.current_time()
             if left > 0:
-                wait = min(wait, max(_MIN_IDLE_WAIT, left))
+                wait = min(wait, max(calls.MIN_IDLE_WAIT, left))
             else:
                 self._recheck_at = None
         return wait

@@ -47,8 +47,6 @@ T = TypeVar("T")
 logger = logging.getLogger("pgstreams.queue")
 
 DEFAULT_POLL_INTERVAL = 5.0
-_MIN_IDLE_WAIT = 0.02
-_IDLE_QUERY_TIMEOUT = 10.0
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _HANDED_MEMORY = 4096
 _HANDED_BYTES = 8 * 1024 * 1024
@@ -420,7 +418,9 @@ class PgQueue(Generic[T]):
                     params["max"] = await self._max_attempts()
                 rows = await self._fetchall_shielded(query, params)
                 if not rows:
-                    await wakeup.wait(await self._idle_wait(poll))
+                    await wakeup.wait(
+                        await calls.idle_wait(self._db, self._sql["NEXT_VISIBLE"], poll)
+                    )
                     continue
             except DatabaseError as exc:
                 await retry.after(exc)
@@ -438,16 +438,6 @@ class PgQueue(Generic[T]):
             enqueued_at=row[4],
             lease=row[6],
         )
-
-    async def _idle_wait(self, poll: float) -> float:
-        """How long an idle subscriber may sleep: until the poll interval or the moment the
-        next delayed message or expiring lease becomes visible, whichever is sooner."""
-        # Shielded (and bounded): cancelling a query mid-flight would cost the connection.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_IDLE_QUERY_TIMEOUT):
-            row = await self._fetchone(self._sql["NEXT_VISIBLE"], None)
-            if row[0] is not None:
-                return min(poll, max(_MIN_IDLE_WAIT, float(row[0]) + 0.001))
-        return poll
 
     # -- giving back what was read but not delivered -----------------------------------
 
