@@ -12,13 +12,13 @@ from typing import Any, Literal
 import anyio
 import psycopg
 import pytest
-from anyio.streams.memory import MemoryObjectSendStream
 from psycopg import sql
 
 import pgstreams as ps
 
 from ._killed_consumer import kill_when_ready
 from .pgserver import allow_connections, terminate_backends
+from .streams import forward, until_idle
 
 Row = dict[str, Any]
 Capture = Literal["statement", "row"]
@@ -43,19 +43,6 @@ async def make_table(db: ps.Database, name: str | None = None) -> str:
         ).format(sql.Identifier(name)),
     )
     return name
-
-
-async def forward(stream: ps.Stream[ps.Change[Row]], send: MemoryObjectSendStream[Any]) -> None:
-    async with send, stream:
-        async for change in stream:
-            await send.send(change)
-
-
-async def until_idle(db: ps.Database, subscribers: int) -> None:
-    """Wait until that many subscribers sleep, having read everything visible."""
-    with anyio.fail_after(10):
-        while db.listener.idle_count() < subscribers:  # noqa: ASYNC110 - no event to await
-            await anyio.sleep(0.005)
 
 
 async def logged_ids(db: ps.Database, key: str) -> list[int]:

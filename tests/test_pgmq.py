@@ -9,23 +9,17 @@ from collections import Counter
 import anyio
 import psycopg
 import pytest
-from anyio.streams.memory import MemoryObjectSendStream
 
 import pgstreams as ps
 import pgstreams._pgmq_install as install
 
 from ._killed_consumer import run_and_kill
 from .pgserver import fresh_database
+from .streams import forward, until_idle
 
 
 def qname() -> str:
     return f"m_{uuid.uuid4().hex[:10]}"
-
-
-async def until_idle(db: ps.Database, subscribers: int) -> None:
-    with anyio.fail_after(10):
-        while db.listener.idle_count() < subscribers:  # noqa: ASYNC110 - no event to await
-            await anyio.sleep(0.005)
 
 
 async def count_rows(db: ps.Database, table: str) -> int:
@@ -36,13 +30,6 @@ async def count_rows(db: ps.Database, table: str) -> int:
         row = await cur.fetchone()
     assert row is not None
     return int(row[0])
-
-
-async def forward_forever(q: ps.PgmqQueue[str], send: MemoryObjectSendStream[str]) -> None:
-    """Subscribe with a poll interval far beyond any test: only a NOTIFY delivers in time."""
-    async with send, q.subscribe(poll_interval=3600) as stream:
-        async for value in stream:
-            await send.send(value)
 
 
 # -- publishing and popping -----------------------------------------------------------
@@ -306,7 +293,7 @@ async def test_notify_wakes_an_idle_subscriber(db: ps.Database) -> None:
     await q.enable_notify(throttle_ms=0)
     send, receive = anyio.create_memory_object_stream[str](10)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(forward_forever, q, send)
+        tg.start_soon(forward, q.subscribe(poll_interval=3600), send)
         await until_idle(db, 1)
         await q.publish("wake up")
         with anyio.fail_after(10):  # polling alone would take an hour
@@ -322,7 +309,7 @@ async def test_throttled_notification_is_not_left_to_the_poll(db: ps.Database) -
     await q.enable_notify(throttle_ms=300)
     send, receive = anyio.create_memory_object_stream[str](10)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(forward_forever, q, send)
+        tg.start_soon(forward, q.subscribe(poll_interval=3600), send)
         await until_idle(db, 1)
         await q.publish("first")
         with anyio.fail_after(10):

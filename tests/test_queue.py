@@ -9,7 +9,6 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
-from anyio.streams.memory import MemoryObjectSendStream
 from psycopg.conninfo import make_conninfo
 
 import pgstreams as ps
@@ -17,20 +16,7 @@ import pgstreams._queue
 
 from ._killed_consumer import run_and_kill
 from .pgserver import allow_connections, terminate_backends
-
-
-async def until_idle(db: ps.Database, subscribers: int) -> None:
-    """Wait until that many subscribers sleep, having read everything visible."""
-    with anyio.fail_after(10):
-        while db.listener.idle_count() < subscribers:  # noqa: ASYNC110 - no event to await
-            await anyio.sleep(0.005)
-
-
-async def forward_forever(q: ps.PgQueue[int], send: MemoryObjectSendStream[int]) -> None:
-    """Subscribe with a poll interval far beyond any test: only LISTEN delivers in time."""
-    async with send, q.subscribe(poll_interval=3600) as stream:
-        async for value in stream:
-            await send.send(value)
+from .streams import forward, until_idle
 
 
 def qname() -> str:
@@ -278,7 +264,7 @@ async def test_listener_killed_mid_stream_loses_nothing(db: ps.Database, dsn: st
 
     with anyio.fail_after(30):
         async with receive, anyio.create_task_group() as tg:
-            tg.start_soon(forward_forever, q, send)
+            tg.start_soon(forward, q.subscribe(poll_interval=3600), send)
             await q.publish(0)
             assert await receive.receive() == 0
             await until_idle(db, 1)  # the consumer has read everything and sleeps
@@ -461,7 +447,7 @@ async def test_subscriber_survives_losing_its_pool_connections(dsn: str) -> None
         send, receive = anyio.create_memory_object_stream[int](10)
         with anyio.fail_after(20):
             async with receive, anyio.create_task_group() as tg:
-                tg.start_soon(forward_forever, q, send)
+                tg.start_soon(forward, q.subscribe(poll_interval=3600), send)
                 await q.publish(1)
                 assert await receive.receive() == 1
                 await until_idle(db, 1)
