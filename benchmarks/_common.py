@@ -11,6 +11,7 @@ import argparse
 import gc
 import os
 import secrets
+import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -146,6 +147,39 @@ async def interleaved(
 
 
 # -- report --------------------------------------------------------------------------------
+
+
+def queue_args(doc: str | None, batch: int, argv: list[str] | None = None) -> argparse.Namespace:
+    """Options of the queue benchmarks: server, ``--messages``, ``--rounds``, ``--verbose``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    add_server_options(parser)
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help=f"messages per run of the batched rows (a multiple of {batch}); "
+        "the one-message-per-call rows use N/10 (default: 20000)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per row (default 5)")
+    parser.add_argument("--verbose", action="store_true", help="print every run's rate")
+    args = parser.parse_args(argv)
+    if args.messages < 10 * batch or args.messages % batch:
+        parser.error(f"--messages must be a multiple of {batch} and at least {10 * batch}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> str:
+    """The median of per-round ratios: each round times every side back to back, so the
+    ratio of one round is immune to the machine's slow drifts."""
+    ratios = [n / d for n, d in zip(numerators, denominators, strict=True)]
+    return f"{statistics.median(ratios):.2f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int) -> str:

@@ -44,10 +44,12 @@ from psycopg.rows import TupleRow
 import pgstreams as ps
 from benchmarks._common import (
     Contender,
-    add_server_options,
     fresh_database,
     interleaved,
     markdown_table,
+    median_ratio,
+    queue_args,
+    rate,
     server,
     server_facts,
 )
@@ -278,36 +280,6 @@ class Bench:
         return [contender(name, side) for name, side in self.sides.items()]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    add_server_options(parser)
-    parser.add_argument(
-        "--messages",
-        type=int,
-        default=20_000,
-        metavar="N",
-        help="messages per run of the batched rows (a multiple of 100); "
-        "the one-message-per-call rows use N/10 (default: 20000)",
-    )
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per row (default 5)")
-    parser.add_argument("--verbose", action="store_true", help="print every run's rate")
-    args = parser.parse_args(argv)
-    if args.messages < 10 * BATCH or args.messages % BATCH:
-        parser.error(f"--messages must be a multiple of {BATCH} and at least {10 * BATCH}")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    return args
-
-
-def rate(value: float) -> str:
-    return f"{value:,.0f}"
-
-
-def median_ratio(numerators: list[float], denominators: list[float]) -> str:
-    # Every round times all sides back to back: per-round ratios shrug off slow drifts.
-    return f"{statistics.median(n / d for n, d in zip(numerators, denominators, strict=True)):.2f}"
-
-
 async def main(args: argparse.Namespace) -> None:
     async with (
         server(args.dsn, embedded=args.embedded) as srv,
@@ -374,4 +346,4 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, parse_args())
+    anyio.run(main, queue_args(__doc__, BATCH))
