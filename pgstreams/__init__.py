@@ -5,6 +5,7 @@ Queues (plain tables or pgmq), change data capture, schedules and durable workfl
 """
 
 from ._changes import Change, ChangeLag, PgChangeStream
+from ._clock import Clock, ManualClock, SystemClock
 from ._db import Database, connect, embedded
 from ._envelope import Envelope
 from ._errors import (
@@ -15,9 +16,11 @@ from ._errors import (
     LeaseLostError,
     PayloadError,
     PgStreamsError,
+    ScheduleNotFoundError,
 )
 from ._pgmq import PgmqMetrics, PgmqQueue, ReadMode
 from ._queue import DeadMessage, PgQueue, QueueMetrics
+from ._scheduler import Schedule, Scheduler, ScheduleTick
 from ._stream import Stream, merge
 
 __version__ = "0.1.0"
@@ -25,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Change",
     "ChangeLag",
+    "Clock",
     "Database",
     "DatabaseError",
     "DeadMessage",
@@ -33,6 +37,7 @@ __all__ = [
     "Envelope",
     "InvalidArgumentError",
     "LeaseLostError",
+    "ManualClock",
     "PayloadError",
     "PgChangeStream",
     "PgQueue",
@@ -41,7 +46,12 @@ __all__ = [
     "PgmqQueue",
     "QueueMetrics",
     "ReadMode",
+    "Schedule",
+    "ScheduleNotFoundError",
+    "ScheduleTick",
+    "Scheduler",
     "Stream",
+    "SystemClock",
     "__version__",
     "connect",
     "embedded",

@@ -114,13 +114,15 @@ async def cleanup(
             logger.error("timed out trying to %s", what)
 
 
-async def idle_wait(db: Database, query: bytes, poll: float) -> float:
+async def idle_wait(
+    db: Database, query: bytes, poll: float, params: Mapping[str, Any] | None = None
+) -> float:
     """How long an idle subscriber may sleep: ``poll``, or less if ``query`` (seconds until
     the next delayed message or expiring lease becomes visible, NULL if none) says so."""
     # Shielded (and bounded): cancelling a query mid-flight would cost the connection.
     with anyio.CancelScope(shield=True), anyio.move_on_after(IDLE_QUERY_TIMEOUT):
         async with db.connection() as conn:
-            cur = await conn.execute(query)
+            cur = await conn.execute(query, params)
             row = await cur.fetchone()
         if row is not None and row[0] is not None:
             return min(poll, max(MIN_IDLE_WAIT, float(row[0]) + 0.001))

@@ -10,6 +10,7 @@ __all__ = [
     "LeaseLostError",
     "PayloadError",
     "PgStreamsError",
+    "ScheduleNotFoundError",
 ]
 
 
@@ -47,3 +48,7 @@ class EmptyStreamError(PgStreamsError):
 
 class EmbeddedPostgresError(PgStreamsError):
     """The embedded PostgreSQL server could not be found, started or stopped."""
+
+
+class ScheduleNotFoundError(PgStreamsError, LookupError):
+    """No schedule is registered under that id."""
