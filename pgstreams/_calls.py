@@ -6,16 +6,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
+from types import ModuleType
 from typing import Any
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 
 from ._db import Database, database_error
 from ._errors import DatabaseError
 
-__all__ = ["cleanup", "fetchall", "fetchall_shielded", "fetchone", "idle_wait", "using"]
+__all__ = [
+    "cleanup",
+    "fetchall",
+    "fetchall_shielded",
+    "fetchone",
+    "idle_wait",
+    "render_queries",
+    "using",
+]
 
 CLEANUP_TIMEOUT = 10.0
 IDLE_QUERY_TIMEOUT = 10.0
@@ -127,3 +136,13 @@ async def idle_wait(
         if row is not None and row[0] is not None:
             return min(poll, max(MIN_IDLE_WAIT, float(row[0]) + 0.001))
     return poll
+
+
+def render_queries(module: ModuleType, names: Mapping[str, sql.Composable]) -> dict[str, bytes]:
+    """Every public upper-case string of ``module`` (an SQL module) with its ``{name}``
+    identifiers substituted: rendered once, so each call sends ready bytes."""
+    return {
+        key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
+        for key, text in vars(module).items()
+        if key.isupper() and not key.startswith("_") and isinstance(text, str)
+    }

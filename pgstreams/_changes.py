@@ -217,11 +217,7 @@ class PgChangeStream(Generic[T]):
             "captures": sql.Identifier(db.schema, "change_captures"),
             "consumers": sql.Identifier(db.schema, "change_consumers"),
         }
-        self._sql: dict[str, bytes] = {
-            key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
-            for key, text in vars(C).items()
-            if key.isupper() and not key.startswith("_") and isinstance(text, str)
-        }
+        self._sql = calls.render_queries(C, names)
         self._key: str | None = None
 
     # -- capture -----------------------------------------------------------------------

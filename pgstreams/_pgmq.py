@@ -191,11 +191,7 @@ class PgmqQueue(Generic[T]):
             "dtable": sql.Identifier("pgmq", f"q_{self.dead_letter_queue}"),
             "registry": sql.Identifier(db.schema, "pgmq_queues"),
         }
-        self._sql: dict[str, bytes] = {
-            key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
-            for key, text in vars(S).items()
-            if key.isupper() and not key.startswith("_") and isinstance(text, str)
-        }
+        self._sql = calls.render_queries(S, names)
         self._settings: tuple[float, int | None, int | None] | None = None
         """(read at, max_attempts, notify throttle ms or None when notify is off)."""
 

@@ -208,12 +208,7 @@ class PgQueue(Generic[T]):
             "queues": sql.Identifier(db.schema, "queues"),
         }
         self._limit: tuple[float, int] | None = None  # (read at, max_attempts)
-        # Rendered once: identifiers are fixed per queue, so each call sends ready bytes.
-        self._sql: dict[str, bytes] = {
-            key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
-            for key, text in vars(Q).items()
-            if key.isupper() and not key.startswith("_") and isinstance(text, str)
-        }
+        self._sql = calls.render_queries(Q, names)
 
     @classmethod
     async def create(

@@ -149,11 +149,7 @@ class Scheduler:
             "ticks": sql.Identifier(db.schema, "schedule_ticks"),
             "state": sql.Identifier(db.schema, "scheduler_state"),
         }
-        self._sql: dict[str, bytes] = {
-            key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
-            for key, text in vars(S).items()
-            if key.isupper() and not key.endswith("_COLUMNS") and isinstance(text, str)
-        }
+        self._sql = calls.render_queries(S, names)
         self._changed = channel_for(db.schema, "scheduler", "schedules")
         self._ticked = channel_for(db.schema, "scheduler", "ticks")
         self._lock_key = advisory_key("scheduler", db.schema)

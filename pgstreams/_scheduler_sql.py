@@ -5,12 +5,12 @@ and due times) are parameters from the scheduler's clock; leases use the server'
 
 from __future__ import annotations
 
-SCHEDULE_COLUMNS = """
+_SCHEDULE_COLUMNS = """
 id, name, cron, interval_us, timezone, anchor, max_catch_up, jitter, overlap, metadata, paused,
 next_at, created_at, updated_at
 """
 
-TICK_COLUMNS = """
+_TICK_COLUMNS = """
 id, schedule_id, scheduled_at, due_at, fired_at, done_at, kind, status, jitter, metadata, claims
 """
 
@@ -37,12 +37,12 @@ ON CONFLICT (id) DO UPDATE SET
     anchor = CASE WHEN {_SAME_TIMING} THEN s.anchor ELSE EXCLUDED.anchor END,
     next_at = CASE WHEN {_SAME_TIMING} THEN s.next_at ELSE EXCLUDED.next_at END,
     updated_at = now()
-RETURNING {SCHEDULE_COLUMNS}
+RETURNING {_SCHEDULE_COLUMNS}
 """
 
-GET = f"SELECT {SCHEDULE_COLUMNS} FROM {{schedules}} WHERE id = %(id)s"
-GET_FOR_UPDATE = f"SELECT {SCHEDULE_COLUMNS} FROM {{schedules}} WHERE id = %(id)s FOR NO KEY UPDATE"
-LIST = f"SELECT {SCHEDULE_COLUMNS} FROM {{schedules}} ORDER BY id"
+GET = f"SELECT {_SCHEDULE_COLUMNS} FROM {{schedules}} WHERE id = %(id)s"
+GET_FOR_UPDATE = f"{GET} FOR NO KEY UPDATE"
+LIST = f"SELECT {_SCHEDULE_COLUMNS} FROM {{schedules}} ORDER BY id"
 UNREGISTER = "DELETE FROM {schedules} WHERE id = %(id)s RETURNING id"
 PAUSE = "UPDATE {schedules} SET paused = true, updated_at = now() WHERE id = %(id)s RETURNING id"
 RESUME = """
@@ -60,7 +60,7 @@ UPDATE {state} SET alive_at = %(now)s FROM prev RETURNING prev.alive_at
 """
 
 LEAD_DUE = f"""
-SELECT {SCHEDULE_COLUMNS} FROM {{schedules}}
+SELECT {_SCHEDULE_COLUMNS} FROM {{schedules}}
 WHERE NOT paused AND next_at <= %(now)s
 ORDER BY next_at
 FOR NO KEY UPDATE
@@ -130,7 +130,7 @@ SET status = 'running', claimed_by = %(me)s, claims = t.claims + 1, fired_at = %
     lease_until = clock_timestamp() + %(lease)s * interval '1 second'
 FROM c
 WHERE t.id = c.id
-RETURNING {", ".join("t." + c.strip() for c in TICK_COLUMNS.split(","))}
+RETURNING {", ".join("t." + c.strip() for c in _TICK_COLUMNS.split(","))}
 """
 
 # Seconds (on the scheduler's clock) until the next takeable tick is due; NULL if none.
@@ -171,7 +171,7 @@ INSERT INTO {{ticks}} (schedule_id, scheduled_at, due_at, kind, serial, status, 
                        created_at)
 SELECT s.id, %(now)s, %(now)s, 'manual', s.overlap <> 'allow', 'pending', s.metadata, %(now)s
 FROM {{schedules}} s WHERE s.id = %(id)s
-RETURNING {TICK_COLUMNS}
+RETURNING {_TICK_COLUMNS}
 """
 
 BACKFILL = f"""
@@ -182,10 +182,10 @@ FROM {{schedules}} s, unnest(%(fires)s::timestamptz[]) AS f(at)
 WHERE s.id = %(id)s
 ORDER BY f.at
 ON CONFLICT (schedule_id, scheduled_at) WHERE kind <> 'manual' DO NOTHING
-RETURNING {TICK_COLUMNS}
+RETURNING {_TICK_COLUMNS}
 """
 
 HISTORY = f"""
-SELECT {TICK_COLUMNS} FROM {{ticks}} WHERE schedule_id = %(id)s
+SELECT {_TICK_COLUMNS} FROM {{ticks}} WHERE schedule_id = %(id)s
 ORDER BY scheduled_at DESC, id DESC LIMIT %(limit)s
 """
