@@ -7,6 +7,7 @@ Queues (plain tables or pgmq), change data capture, schedules and durable workfl
 from ._changes import Change, ChangeLag, PgChangeStream
 from ._clock import Clock, ManualClock, SystemClock
 from ._db import Database, connect, embedded
+from ._engine import RunHandle, WorkflowEngine
 from ._envelope import Envelope
 from ._errors import (
     DatabaseError,
@@ -22,6 +23,17 @@ from ._pgmq import PgmqMetrics, PgmqQueue, ReadMode
 from ._queue import DeadMessage, PgQueue, QueueMetrics
 from ._scheduler import Schedule, Scheduler, ScheduleTick
 from ._stream import Stream, merge
+from ._trigger import DuplicateWorkflowError, TriggerResult, trigger
+from ._workflow import (
+    StepFailedError,
+    Workflow,
+    WorkflowCancelledError,
+    WorkflowContext,
+    WorkflowFailedError,
+)
+from ._workflow_pg import PgWorkflowStorage
+from ._workflow_redis import RedisWorkflowStorage
+from ._workflow_storage import RunRecord, StepAttempt, StepRecord, WorkflowStorage
 
 __version__ = "0.1.0"
 
@@ -32,6 +44,7 @@ __all__ = [
     "Database",
     "DatabaseError",
     "DeadMessage",
+    "DuplicateWorkflowError",
     "EmbeddedPostgresError",
     "EmptyStreamError",
     "Envelope",
@@ -42,18 +55,33 @@ __all__ = [
     "PgChangeStream",
     "PgQueue",
     "PgStreamsError",
+    "PgWorkflowStorage",
     "PgmqMetrics",
     "PgmqQueue",
     "QueueMetrics",
     "ReadMode",
+    "RedisWorkflowStorage",
+    "RunHandle",
+    "RunRecord",
     "Schedule",
     "ScheduleNotFoundError",
     "ScheduleTick",
     "Scheduler",
+    "StepAttempt",
+    "StepFailedError",
+    "StepRecord",
     "Stream",
     "SystemClock",
+    "TriggerResult",
+    "Workflow",
+    "WorkflowCancelledError",
+    "WorkflowContext",
+    "WorkflowEngine",
+    "WorkflowFailedError",
+    "WorkflowStorage",
     "__version__",
     "connect",
     "embedded",
     "merge",
+    "trigger",
 ]

@@ -1,0 +1,253 @@
+"""WorkflowEngine: start runs idempotently, and execute them in workers.
+
+``start`` creates a run keyed by its workflow id in one atomic statement, so however many
+callers race, one run exists. ``worker(concurrency=N)`` claims queued runs -- and runs
+whose worker died, once their lease has run out -- takes the run lock, and executes them,
+renewing the lease while they run. Runs spread across every process that shares the
+storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from ._db import Database
+from ._errors import DatabaseError, InvalidArgumentError
+from ._validate import check_positive_int, check_seconds, to_json
+from ._workflow import (
+    Workflow,
+    WorkflowCancelledError,
+    WorkflowContext,
+    WorkflowFailedError,
+    describe,
+)
+from ._workflow_pg import PgWorkflowStorage
+from ._workflow_storage import RunRecord, RunStatus, WorkflowStorage
+
+__all__ = ["RunHandle", "WorkflowEngine"]
+
+logger = logging.getLogger("pgstreams.workflows")
+
+_IDLE_MIN, _IDLE_MAX = 0.005, 0.5
+"""A worker with nothing to do polls again after this long, doubling up to the maximum."""
+
+
+class RunHandle:
+    """A run, by workflow id: ``status()``, ``result()``, ``cancel()``.
+
+    ``created`` is False when ``start`` found the run already there (a duplicate).
+    """
+
+    def __init__(self, engine: WorkflowEngine, workflow_id: str, created: bool) -> None:
+        self._engine = engine
+        self.workflow_id = workflow_id
+        self.created = created
+
+    async def status(self) -> RunStatus:
+        return (await self._record()).status
+
+    async def result(self) -> Any:
+        """Wait until the run ends; its output, or WorkflowFailedError /
+        WorkflowCancelledError."""
+        delay = _IDLE_MIN
+        while True:
+            run = await self._record()
+            if run.status == "completed":
+                return run.output
+            if run.status == "failed":
+                raise WorkflowFailedError(self.workflow_id, run.error)
+            if run.status == "cancelled":
+                raise WorkflowCancelledError(f"workflow {self.workflow_id!r} was cancelled")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _IDLE_MAX)
+
+    async def cancel(self) -> bool:
+        """Cancel the run: at once if queued, at its worker's next lease renewal if
+        running. False if it had already ended."""
+        run = await self._engine.storage.request_cancel(self.workflow_id)
+        return run is not None and (
+            run.status == "cancelled" or (run.status == "running" and run.cancel_requested)
+        )
+
+    async def _record(self) -> RunRecord:
+        run = await self._engine.storage.get_run(self.workflow_id)
+        if run is None:
+            raise InvalidArgumentError(f"no workflow run {self.workflow_id!r}")
+        return run
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.workflow_id!r}, created={self.created})"
+
+
+class WorkflowEngine:
+    """Starts and executes workflow runs on one storage (see module docstring).
+
+    ``lease``: seconds a worker holds a run without renewing it; a run whose worker died
+    is resumed elsewhere after that long.
+    """
+
+    def __init__(
+        self,
+        db: Database | None = None,
+        *,
+        storage: WorkflowStorage | None = None,
+        workflows: list[Workflow[Any, Any]] | None = None,
+        lease: float = 30.0,
+    ) -> None:
+        if (db is None) == (storage is None):
+            raise InvalidArgumentError("WorkflowEngine needs exactly one of db or storage=")
+        self.storage: WorkflowStorage = storage if storage is not None else PgWorkflowStorage(db)  # type: ignore[arg-type]
+        self._lease = check_seconds("lease", lease, allow_zero=False)
+        self._workflows: dict[str, Workflow[Any, Any]] = {}
+        for wf in workflows or []:
+            self.register(wf)
+        self._work = anyio.Event()  # set by start(): a local worker need not wait its poll
+
+    def register(self, workflow: Workflow[Any, Any]) -> None:
+        """Make ``workflow`` known to this engine's workers (``start`` does it too)."""
+        if not isinstance(workflow, Workflow):
+            raise InvalidArgumentError(f"not a Workflow: {workflow!r}")
+        if workflow.fn is None:
+            raise InvalidArgumentError(f"workflow {workflow.name!r} has no @run function")
+        known = self._workflows.get(workflow.name)
+        if known is not None and known is not workflow:
+            raise InvalidArgumentError(f"another workflow is registered as {workflow.name!r}")
+        self._workflows[workflow.name] = workflow
+
+    async def start(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        input: Any = None,
+        *,
+        workflow_id: str | None = None,
+    ) -> RunHandle:
+        """Queue a run of ``workflow`` unless one with ``workflow_id`` exists (then return
+        a handle on that one, ``created=False``)."""
+        if isinstance(workflow, str):
+            if workflow not in self._workflows:
+                raise InvalidArgumentError(f"unknown workflow {workflow!r}")
+            workflow = self._workflows[workflow]
+        self.register(workflow)
+        to_json("workflow input", input)  # refuse what cannot be stored, before writing
+        if workflow_id is None:
+            workflow_id = uuid.uuid4().hex
+        elif not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > 200:
+            raise InvalidArgumentError(
+                f"workflow_id must be a 1-200 character str: {workflow_id!r}"
+            )
+        run, created = await self.storage.create_run(workflow_id, workflow.name, input)
+        if created:
+            self._work.set()
+        elif run.workflow != workflow.name:
+            raise InvalidArgumentError(
+                f"workflow id {workflow_id!r} belongs to a run of {run.workflow!r}"
+            )
+        return RunHandle(self, workflow_id, created)
+
+    def handle(self, workflow_id: str) -> RunHandle:
+        """A handle on an existing run."""
+        return RunHandle(self, workflow_id, False)
+
+    # -- workers -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def worker(
+        self, *, concurrency: int = 1, poll_interval: float = _IDLE_MAX
+    ) -> AsyncIterator[WorkflowEngine]:
+        """Execute runs of the registered workflows, ``concurrency`` at a time, until the
+        block exits (runs still executing then are resumed later, by any worker)."""
+        check_positive_int("concurrency", concurrency)
+        poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
+        if not self._workflows:
+            raise InvalidArgumentError("no workflow is registered with this engine")
+        owner = f"{uuid.uuid4().hex[:12]}"
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(self._slot, owner, poll)
+            try:
+                yield self
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _slot(self, owner: str, poll: float) -> None:
+        idle = _IDLE_MIN
+        names = list(self._workflows)
+        while True:
+            try:
+                run = await self.storage.claim_run(names, owner, self._lease)
+            except DatabaseError as exc:
+                if not exc.transient:
+                    raise
+                logger.warning("workflow worker: %s; retrying", exc)
+                run = None
+            if run is None:
+                self._work = anyio.Event() if self._work.is_set() else self._work
+                with anyio.move_on_after(min(idle, poll)):
+                    await self._work.wait()
+                idle = min(idle * 2, poll)
+                continue
+            idle = _IDLE_MIN
+            if not await self.storage.lock_run(run.workflow_id, owner, self._lease):
+                continue  # another process still executes it; its lease lapsed meanwhile
+            try:
+                await self._execute(run, owner)
+            except anyio.get_cancelled_exc_class():
+                # The worker is stopping: hand the run back for any worker to resume now
+                # rather than after its lease.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await self.storage.update_run(run.workflow_id, "queued", owner=owner)
+                raise
+            finally:
+                await self.storage.unlock_run(run.workflow_id, owner)
+
+    async def _execute(self, run: RunRecord, owner: str) -> None:
+        workflow = self._workflows[run.workflow]
+        assert workflow.fn is not None
+        if run.cancel_requested:
+            await self.storage.update_run(run.workflow_id, "cancelled", owner=owner)
+            return
+        outcome: tuple[RunStatus, Any, dict[str, Any] | None] | None = None
+        async with anyio.create_task_group() as tg:
+            cancelled = anyio.Event()
+            tg.start_soon(self._keep, run.workflow_id, owner, tg.cancel_scope, cancelled)
+            try:
+                output = await workflow.fn(WorkflowContext(self.storage, run), run.input)
+                to_json("workflow output", output)
+                outcome = ("completed", output, None)
+            except Exception as exc:
+                outcome = ("failed", None, describe(exc))
+            tg.cancel_scope.cancel()
+        if cancelled.is_set():
+            outcome = ("cancelled", None, None)
+        if outcome is None:
+            return  # the lease was lost: the run belongs to another worker now
+        status, output, error = outcome
+        with anyio.CancelScope(shield=True):
+            await self.storage.update_run(
+                run.workflow_id, status, owner=owner, output=output, error=error
+            )
+
+    async def _keep(
+        self, workflow_id: str, owner: str, scope: anyio.CancelScope, cancelled: anyio.Event
+    ) -> None:
+        """Renew the lease and the lock; stop the run if either is lost or it is cancelled."""
+        while True:
+            await anyio.sleep(self._lease / 3)
+            try:
+                kept = await self.storage.renew_run(workflow_id, owner, self._lease)
+                kept = kept and await self.storage.extend_lock(workflow_id, owner, self._lease)
+                run = await self.storage.get_run(workflow_id) if kept else None
+            except DatabaseError as exc:
+                logger.warning("workflow %s: could not renew its lease: %s", workflow_id, exc)
+                continue
+            if run is not None and run.cancel_requested:
+                cancelled.set()
+            if run is None or run.cancel_requested:
+                scope.cancel()
+                return

@@ -1,0 +1,411 @@
+"""RedisWorkflowStorage: workflow state in Redis (the ``redis`` extra, redis-py asyncio).
+
+Keys under ``key_prefix``: a hash per run and per step, a list plus a hash per run for its
+step history, and per workflow a sorted set of runs a worker may claim, scored by when
+(creation time while queued, lease expiry while running). Every multi-key change is one
+Lua script, so it is atomic; times are Redis server time. The run lock is ``SET NX PX``
+with an owner token, extended and released only by its owner (Lua), taken with a bounded
+number of retries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._errors import InvalidArgumentError
+from ._validate import to_json
+from ._workflow_storage import RunRecord, RunStatus, StepAttempt, StepRecord, StepStatus
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["RedisWorkflowStorage"]
+
+_LOCK_TRIES = 3
+_LOCK_RETRY_DELAY = 0.05
+
+# KEYS[1] run hash, KEYS[2] the workflow's ready set. ARGV: id, workflow, input json.
+_CREATE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'workflow', ARGV[2], 'status', 'queued', 'input', ARGV[3],
+           'executions', 0, 'cancel_requested', 0, 'created_at', now, 'updated_at', now)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+return 1
+"""
+
+# KEYS: ready sets of the workflows. ARGV: key prefix, owner, lease ms. Returns the id.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local best, best_key, best_score = nil, nil, nil
+for _, key in ipairs(KEYS) do
+    local first = redis.call('ZRANGE', key, '-inf', now, 'BYSCORE', 'LIMIT', 0, 1, 'WITHSCORES')
+    if first[1] and (best_score == nil or tonumber(first[2]) < best_score) then
+        best, best_key, best_score = first[1], key, tonumber(first[2])
+    end
+end
+if best == nil then return false end
+local run = ARGV[1] .. 'run:' .. best
+local until_ms = now + tonumber(ARGV[3])
+redis.call('HSET', run, 'status', 'running', 'owner', ARGV[2], 'lease_until', until_ms,
+           'updated_at', now)
+redis.call('HINCRBY', run, 'executions', 1)
+redis.call('ZADD', best_key, until_ms, best)
+return best
+"""
+
+# KEYS[1] run, KEYS[2] ready set. ARGV: owner, lease ms. Returns 1 if renewed.
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local t = redis.call('TIME')
+local until_ms = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'lease_until', until_ms)
+redis.call('ZADD', KEYS[2], until_ms, ARGV[3])
+return 1
+"""
+
+# KEYS[1] run, KEYS[2] ready set. ARGV: id, status, owner ('' = any), output, error.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if ARGV[3] ~= '' and (redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3]
+   or status == 'completed' or status == 'failed' or status == 'cancelled') then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'output', ARGV[4], 'error', ARGV[5],
+           'updated_at', now)
+redis.call('HDEL', KEYS[1], 'lease_until')
+if ARGV[2] == 'queued' then
+    redis.call('HDEL', KEYS[1], 'owner')
+    redis.call('ZADD', KEYS[2], now, ARGV[1])
+elseif ARGV[2] ~= 'running' then
+    redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# KEYS[1] run, KEYS[2] ready set. ARGV: id.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+if status == 'queued' then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled')
+    redis.call('ZREM', KEYS[2], ARGV[1])
+elseif status == 'running' then
+    redis.call('HSET', KEYS[1], 'cancel_requested', 1)
+end
+return 1
+"""
+
+# KEYS[1] step, KEYS[2] history list, KEYS[3] history entries. ARGV: step name.
+_ATTEMPT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'running')
+local entry = ARGV[1] .. '\\31' .. n
+redis.call('RPUSH', KEYS[2], entry)
+redis.call('HSET', KEYS[3], entry, cjson.encode({status = 'running', started_at = now}))
+return n
+"""
+
+# KEYS[1] step, KEYS[2] history entries. ARGV: name, status, attempt ('' = none),
+# output json ('' = none), error json ('' = none).
+_MARK = """
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'output', ARGV[4], 'error', ARGV[5])
+redis.call('HSETNX', KEYS[1], 'attempts', 0)
+if ARGV[3] ~= '' then
+    local entry = ARGV[1] .. '\\31' .. ARGV[3]
+    local old = redis.call('HGET', KEYS[2], entry)
+    if old then
+        local t = redis.call('TIME')
+        local e = cjson.decode(old)
+        e.status = ARGV[2]
+        e.output = ARGV[4]
+        e.error = ARGV[5]
+        if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' then
+            e.finished_at = t[1] * 1000 + math.floor(t[2] / 1000)
+        end
+        redis.call('HSET', KEYS[2], entry, cjson.encode(e))
+    end
+end
+return 1
+"""
+
+_EXTEND_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisWorkflowStorage:
+    """Workflow state in Redis (see module docstring). Give a URL (the storage makes and
+    closes its client) or a ``redis.asyncio.Redis`` you own (``close()`` leaves it open)."""
+
+    def __init__(self, url_or_client: str | Redis, *, key_prefix: str = "pgstreams:wf:") -> None:
+        try:
+            from redis.asyncio import Redis
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise InvalidArgumentError(
+                "RedisWorkflowStorage needs the redis extra: pip install 'pgstreams[redis]'"
+            ) from exc
+        if isinstance(url_or_client, str):
+            self._redis: Redis = Redis.from_url(url_or_client)
+            self._owned = True
+        elif isinstance(url_or_client, Redis):
+            self._redis = url_or_client
+            self._owned = False
+        else:
+            raise InvalidArgumentError(f"expected a Redis URL or client, got {url_or_client!r}")
+        if not isinstance(key_prefix, str):
+            raise InvalidArgumentError(f"key_prefix must be a str, got {key_prefix!r}")
+        self.key_prefix = key_prefix
+        self._scripts = {
+            name: self._redis.register_script(text)
+            for name, text in {
+                "create": _CREATE,
+                "claim": _CLAIM,
+                "renew": _RENEW,
+                "update": _UPDATE,
+                "cancel": _CANCEL,
+                "attempt": _ATTEMPT,
+                "mark": _MARK,
+                "extend": _EXTEND_LOCK,
+                "release": _RELEASE_LOCK,
+            }.items()
+        }
+
+    # -- keys --------------------------------------------------------------------------
+
+    def _run_key(self, workflow_id: str) -> str:
+        return f"{self.key_prefix}run:{workflow_id}"
+
+    def _ready_key(self, workflow: str) -> str:
+        return f"{self.key_prefix}ready:{workflow}"
+
+    def _step_keys(self, workflow_id: str, name: str) -> list[str]:
+        p = self.key_prefix
+        return [
+            f"{p}step:{workflow_id}:{name}",
+            f"{p}history:{workflow_id}",
+            f"{p}attempts:{workflow_id}",
+        ]
+
+    async def _ready_of(self, workflow_id: str) -> str:
+        workflow = await self._redis.hget(self._run_key(workflow_id), "workflow")
+        return self._ready_key(_text(workflow) or "")
+
+    # -- runs --------------------------------------------------------------------------
+
+    async def create_run(
+        self, workflow_id: str, workflow: str, input: Any
+    ) -> tuple[RunRecord, bool]:
+        text = to_json("input", input)
+        created = await self._scripts["create"](
+            keys=[self._run_key(workflow_id), self._ready_key(workflow)],
+            args=[workflow_id, workflow, text],
+        )
+        run = await self.get_run(workflow_id)
+        assert run is not None
+        return run, bool(created)
+
+    async def get_run(self, workflow_id: str) -> RunRecord | None:
+        raw = await self._redis.hgetall(self._run_key(workflow_id))
+        if not raw:
+            return None
+        h = {_text(k): _text(v) for k, v in raw.items()}
+        return RunRecord(
+            workflow_id=workflow_id,
+            workflow=h["workflow"] or "",
+            status=h["status"],  # type: ignore[arg-type]
+            input=_json(h.get("input")),
+            output=_json(h.get("output")),
+            error=_json(h.get("error")),
+            executions=int(h.get("executions") or 0),
+            cancel_requested=h.get("cancel_requested") == "1",
+            owner=h.get("owner") or None,
+            created_at=_time(h.get("created_at")),
+            updated_at=_time(h.get("updated_at")),
+        )
+
+    async def claim_run(
+        self, workflows: Sequence[str], owner: str, lease: float
+    ) -> RunRecord | None:
+        if not workflows:
+            return None
+        claimed = await self._scripts["claim"](
+            keys=[self._ready_key(w) for w in workflows],
+            args=[self.key_prefix, owner, int(lease * 1000)],
+        )
+        return None if claimed is None else await self.get_run(_text(claimed) or "")
+
+    async def renew_run(self, workflow_id: str, owner: str, lease: float) -> bool:
+        renewed = await self._scripts["renew"](
+            keys=[self._run_key(workflow_id), await self._ready_of(workflow_id)],
+            args=[owner, int(lease * 1000), workflow_id],
+        )
+        return bool(renewed)
+
+    async def update_run(
+        self,
+        workflow_id: str,
+        status: RunStatus,
+        *,
+        owner: str | None = None,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> bool:
+        updated = await self._scripts["update"](
+            keys=[self._run_key(workflow_id), await self._ready_of(workflow_id)],
+            args=[
+                workflow_id,
+                status,
+                owner or "",
+                "" if output is None else to_json("output", output),
+                "" if error is None else json.dumps(error),
+            ],
+        )
+        return bool(updated)
+
+    async def request_cancel(self, workflow_id: str) -> RunRecord | None:
+        await self._scripts["cancel"](
+            keys=[self._run_key(workflow_id), await self._ready_of(workflow_id)],
+            args=[workflow_id],
+        )
+        return await self.get_run(workflow_id)
+
+    async def run_history(self, workflow_id: str) -> list[StepAttempt]:
+        _, history, entries = self._step_keys(workflow_id, "")
+        order = [_text(e) or "" for e in await self._redis.lrange(history, 0, -1)]
+        if not order:
+            return []
+        found = await self._redis.hmget(entries, order)
+        attempts = []
+        for key, raw in zip(order, found, strict=True):
+            step, _, number = key.rpartition("\x1f")
+            e = json.loads(_text(raw) or "{}")
+            attempts.append(
+                StepAttempt(
+                    workflow_id=workflow_id,
+                    step=step,
+                    attempt=int(number),
+                    status=e.get("status", "running"),
+                    output=_json(e.get("output")),
+                    error=_json(e.get("error")),
+                    started_at=_time(e.get("started_at")),
+                    finished_at=_time(e.get("finished_at")),
+                )
+            )
+        return attempts
+
+    # -- steps -------------------------------------------------------------------------
+
+    async def insert_step(self, workflow_id: str, name: str) -> StepRecord:
+        key = self._step_keys(workflow_id, name)[0]
+        await self._redis.hsetnx(key, "status", "scheduled")
+        await self._redis.hsetnx(key, "attempts", 0)
+        step = await self.get_step(workflow_id, name)
+        assert step is not None
+        return step
+
+    async def get_step(self, workflow_id: str, name: str) -> StepRecord | None:
+        raw = await self._redis.hgetall(self._step_keys(workflow_id, name)[0])
+        if not raw:
+            return None
+        h = {_text(k): _text(v) for k, v in raw.items()}
+        return StepRecord(
+            workflow_id=workflow_id,
+            name=name,
+            status=h["status"],  # type: ignore[arg-type]
+            attempts=int(h.get("attempts") or 0),
+            output=_json(h.get("output")),
+            error=_json(h.get("error")),
+        )
+
+    async def create_attempt(self, workflow_id: str, name: str) -> int:
+        return int(
+            await self._scripts["attempt"](keys=self._step_keys(workflow_id, name), args=[name])
+        )
+
+    async def mark_step(
+        self,
+        workflow_id: str,
+        name: str,
+        status: StepStatus,
+        *,
+        attempt: int | None = None,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        step, _, entries = self._step_keys(workflow_id, name)
+        await self._scripts["mark"](
+            keys=[step, entries],
+            args=[
+                name,
+                status,
+                "" if attempt is None else str(attempt),
+                "" if output is None else to_json("step output", output),
+                "" if error is None else json.dumps(error),
+            ],
+        )
+
+    # -- the run lock ------------------------------------------------------------------
+
+    def _lock_key(self, workflow_id: str) -> str:
+        return f"{self.key_prefix}lock:{workflow_id}"
+
+    async def lock_run(self, workflow_id: str, owner: str, ttl: float) -> bool:
+        for attempt in range(_LOCK_TRIES):
+            if await self._redis.set(
+                self._lock_key(workflow_id), owner, nx=True, px=int(ttl * 1000)
+            ):
+                return True
+            if attempt + 1 < _LOCK_TRIES:
+                await anyio.sleep(_LOCK_RETRY_DELAY)
+        return False
+
+    async def extend_lock(self, workflow_id: str, owner: str, ttl: float) -> bool:
+        extended = await self._scripts["extend"](
+            keys=[self._lock_key(workflow_id)], args=[owner, int(ttl * 1000)]
+        )
+        return bool(extended)
+
+    async def unlock_run(self, workflow_id: str, owner: str) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._scripts["release"](keys=[self._lock_key(workflow_id)], args=[owner])
+
+    async def close(self) -> None:
+        if self._owned:
+            await self._redis.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisWorkflowStorage(key_prefix={self.key_prefix!r})"
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _json(text: Any) -> Any:
+    return None if text in (None, "") else json.loads(text)
+
+
+def _time(ms: Any) -> datetime | None:
+    return None if ms in (None, "") else datetime.fromtimestamp(int(ms) / 1000, UTC)

@@ -1,0 +1,147 @@
+"""What a workflow engine stores, and the protocol every storage backend implements.
+
+Values (inputs, outputs, step results) are JSON values; errors are ``{"type", "message"}``
+objects. A run is claimed with a lease (``owner`` until ``lease_until``) that its worker
+renews; a run whose lease ran out is orphaned and may be claimed again. The run lock is a
+second, independent guard: one process executes a given run at a time, even if a lease
+lapses while its worker still runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "RunRecord",
+    "RunStatus",
+    "StepAttempt",
+    "StepRecord",
+    "StepStatus",
+    "WorkflowStorage",
+]
+
+RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+StepStatus = Literal["scheduled", "running", "succeeded", "failed"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    workflow_id: str
+    workflow: str
+    status: RunStatus
+    input: Any
+    output: Any = None
+    error: dict[str, Any] | None = None
+    executions: int = 0
+    """How many times a worker has started (or resumed) the run."""
+    cancel_requested: bool = False
+    owner: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    workflow_id: str
+    name: str
+    status: StepStatus
+    attempts: int
+    output: Any = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepAttempt:
+    """One attempt at one step, as recorded in the run's history."""
+
+    workflow_id: str
+    step: str
+    attempt: int
+    status: StepStatus
+    output: Any = None
+    error: dict[str, Any] | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@runtime_checkable
+class WorkflowStorage(Protocol):
+    """Where runs, steps and their history live (PostgreSQL or Redis)."""
+
+    async def create_run(
+        self, workflow_id: str, workflow: str, input: Any
+    ) -> tuple[RunRecord, bool]:
+        """Create a queued run, atomically: if ``workflow_id`` exists, return it and False."""
+        ...
+
+    async def get_run(self, workflow_id: str) -> RunRecord | None: ...
+
+    async def claim_run(
+        self, workflows: Sequence[str], owner: str, lease: float
+    ) -> RunRecord | None:
+        """Lease the oldest queued or orphaned run of one of ``workflows`` to ``owner``."""
+        ...
+
+    async def renew_run(self, workflow_id: str, owner: str, lease: float) -> bool:
+        """Extend ``owner``'s lease; False if the run is no longer theirs or not running."""
+        ...
+
+    async def update_run(
+        self,
+        workflow_id: str,
+        status: RunStatus,
+        *,
+        owner: str | None = None,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> bool:
+        """Set the status (and output or error); with ``owner``, only if they hold it."""
+        ...
+
+    async def request_cancel(self, workflow_id: str) -> RunRecord | None:
+        """Cancel a queued run at once; flag a running one for its worker. None if unknown."""
+        ...
+
+    async def run_history(self, workflow_id: str) -> list[StepAttempt]:
+        """Every step attempt of the run, in the order they started."""
+        ...
+
+    async def insert_step(self, workflow_id: str, name: str) -> StepRecord:
+        """Record the step as scheduled (no-op if it exists); returns its state."""
+        ...
+
+    async def get_step(self, workflow_id: str, name: str) -> StepRecord | None: ...
+
+    async def create_attempt(self, workflow_id: str, name: str) -> int:
+        """Start the step's next attempt (scheduling it if needed): the step is running,
+        the history gains a running attempt; returns its number (1, 2, ...)."""
+        ...
+
+    async def mark_step(
+        self,
+        workflow_id: str,
+        name: str,
+        status: StepStatus,
+        *,
+        attempt: int | None = None,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """Set the step's status; with ``attempt``, finish that history entry too."""
+        ...
+
+    async def lock_run(self, workflow_id: str, owner: str, ttl: float) -> bool:
+        """Take the run lock (True) unless another owner holds it."""
+        ...
+
+    async def extend_lock(self, workflow_id: str, owner: str, ttl: float) -> bool: ...
+
+    async def unlock_run(self, workflow_id: str, owner: str) -> None:
+        """Release the run lock if ``owner`` holds it."""
+        ...
+
+    async def close(self) -> None: ...

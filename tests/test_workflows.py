@@ -1,0 +1,491 @@
+"""Workflows: one storage suite run on PostgreSQL and Redis, the engine, trigger().
+
+Redis tests need a server at $PGSTREAMS_TEST_REDIS_URL (default redis://127.0.0.1:6379/0)
+and skip, saying so, when none answers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import pgstreams as ps
+
+from . import _workflow_worker as child
+from ._killed_consumer import kill_when_ready
+
+REDIS_URL = os.environ.get("PGSTREAMS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def redis_client() -> Any:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        with anyio.fail_after(2):
+            await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        pytest.skip(
+            f"no Redis answers at {REDIS_URL} ({type(exc).__name__}); set PGSTREAMS_TEST_REDIS_URL"
+        )
+    return client
+
+
+@pytest.fixture(params=["postgres", "redis"])
+async def storage(
+    request: pytest.FixtureRequest, db: ps.Database
+) -> AsyncIterator[ps.WorkflowStorage]:
+    tag = uuid.uuid4().hex[:8]
+    calls.clear()  # step functions count their calls by workflow id
+    flaky_calls.clear()
+    if request.param == "postgres":
+        pg = ps.PgWorkflowStorage(db, table_prefix=f"t{tag}_")
+        yield pg
+        await pg.close()
+        return
+    client = await redis_client()
+    store = ps.RedisWorkflowStorage(client, key_prefix=f"pgstreams-test:{tag}:")
+    try:
+        yield store
+    finally:
+        await store.close()
+        assert await client.ping()  # a client the caller owns stays open
+        keys = [k async for k in client.scan_iter(match=f"pgstreams-test:{tag}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    with anyio.fail_after(10):
+        while not await check():  # noqa: ASYNC110 - storage has no event to await
+            await anyio.sleep(0.01)
+
+
+# -- the storage suite ---------------------------------------------------------------------
+
+
+async def test_create_run_is_atomic_and_idempotent(storage: ps.WorkflowStorage) -> None:
+    run, created = await storage.create_run("w1", "onboard", {"user": 1})
+    assert created and (run.status, run.input, run.workflow) == ("queued", {"user": 1}, "onboard")
+    again, created = await storage.create_run("w1", "onboard", {"user": 2})
+    assert not created and again.input == {"user": 1}
+    races = await _gather([lambda: storage.create_run("w2", "onboard", 0)] * 10)
+    assert sum(created for _, created in races) == 1
+    assert await storage.get_run("missing") is None
+
+
+async def test_claim_lease_and_orphans(storage: ps.WorkflowStorage) -> None:
+    await storage.create_run("a", "wf", 1)
+    await anyio.sleep(0.002)
+    await storage.create_run("b", "wf", 2)
+    await storage.create_run("c", "other", 3)
+    first = await storage.claim_run(["wf"], "w1", 0.3)
+    assert first is not None and (first.workflow_id, first.status, first.executions) == (
+        "a",
+        "running",
+        1,
+    )
+    second = await storage.claim_run(["wf"], "w2", 30)
+    assert second is not None and second.workflow_id == "b"
+    assert await storage.claim_run(["wf"], "w2", 30) is None  # "c" is another workflow's
+    assert await storage.renew_run("a", "w1", 0.3)
+    assert not await storage.renew_run("a", "w2", 0.3)  # not theirs
+    await anyio.sleep(0.4)  # w1 stops renewing: "a" is orphaned
+    orphan = await storage.claim_run(["wf"], "w3", 30)
+    assert orphan is not None and (orphan.workflow_id, orphan.executions, orphan.owner) == (
+        "a",
+        2,
+        "w3",
+    )
+    assert not await storage.renew_run("a", "w1", 30)
+
+
+async def test_update_run_is_owner_checked(storage: ps.WorkflowStorage) -> None:
+    await storage.create_run("r", "wf", None)
+    await storage.claim_run(["wf"], "me", 30)
+    assert not await storage.update_run("r", "completed", owner="someone else", output=1)
+    assert await storage.update_run("r", "queued", owner="me")  # handed back
+    again = await storage.claim_run(["wf"], "you", 30)
+    assert again is not None and again.workflow_id == "r"
+    assert await storage.update_run("r", "completed", owner="you", output={"ok": True})
+    assert not await storage.update_run(
+        "r", "failed", owner="you", error={"type": "X", "message": ""}
+    )
+    done = await storage.get_run("r")
+    assert done is not None and (done.status, done.output) == ("completed", {"ok": True})
+    assert await storage.claim_run(["wf"], "me", 30) is None
+
+
+async def test_cancel_queued_at_once_running_by_flag(storage: ps.WorkflowStorage) -> None:
+    await storage.create_run("q", "wf", None)
+    cancelled = await storage.request_cancel("q")
+    assert cancelled is not None and cancelled.status == "cancelled"
+    assert await storage.claim_run(["wf"], "me", 30) is None
+    await storage.create_run("r", "wf", None)
+    await storage.claim_run(["wf"], "me", 30)
+    flagged = await storage.request_cancel("r")
+    assert flagged is not None and (flagged.status, flagged.cancel_requested) == ("running", True)
+    assert await storage.request_cancel("unknown") is None
+
+
+async def test_steps_attempts_and_history(storage: ps.WorkflowStorage) -> None:
+    await storage.create_run("r", "wf", None)
+    scheduled = await storage.insert_step("r", "fetch")
+    assert (scheduled.status, scheduled.attempts) == ("scheduled", 0)
+    assert (await storage.insert_step("r", "fetch")).status == "scheduled"
+    assert await storage.create_attempt("r", "fetch") == 1
+    await storage.mark_step(
+        "r", "fetch", "failed", attempt=1, error={"type": "E", "message": "boom"}
+    )
+    assert await storage.create_attempt("r", "fetch") == 2
+    await storage.mark_step("r", "fetch", "succeeded", attempt=2, output={"n": 1})
+    assert await storage.create_attempt("r", "save") == 1
+    step = await storage.get_step("r", "fetch")
+    assert step is not None and (step.status, step.attempts, step.output) == (
+        "succeeded",
+        2,
+        {"n": 1},
+    )
+    assert await storage.get_step("r", "nope") is None
+    history = await storage.run_history("r")
+    assert [(h.step, h.attempt, h.status) for h in history] == [
+        ("fetch", 1, "failed"),
+        ("fetch", 2, "succeeded"),
+        ("save", 1, "running"),
+    ]
+    assert history[0].error == {"type": "E", "message": "boom"} and history[1].output == {"n": 1}
+    assert history[1].finished_at is not None and history[2].finished_at is None
+
+
+async def test_run_lock_is_owner_checked(storage: ps.WorkflowStorage) -> None:
+    assert await storage.lock_run("r", "a", 5)
+    assert not await storage.lock_run("r", "b", 5)
+    assert await storage.extend_lock("r", "a", 5)
+    assert not await storage.extend_lock("r", "b", 5)
+    await storage.unlock_run("r", "b")  # not theirs: nothing happens
+    assert not await storage.lock_run("r", "b", 5)
+    await storage.unlock_run("r", "a")
+    assert await storage.lock_run("r", "b", 5)
+    await storage.unlock_run("r", "b")
+
+
+async def items(values: list[Any]) -> AsyncIterator[Any]:
+    for value in values:
+        yield value
+
+
+async def _gather(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    results: list[Any] = [None] * len(calls)
+
+    async def one(i: int) -> None:
+        results[i] = await calls[i]()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(calls)):
+            tg.start_soon(one, i)
+    return results
+
+
+# -- the engine --------------------------------------------------------------------------
+
+calls: dict[str, int] = {}
+
+
+def counted(name: str) -> Callable[..., Any]:
+    def fn(*args: Any) -> Any:
+        calls[name] = calls.get(name, 0) + 1
+        return {"step": name, "args": list(args)}
+
+    return fn
+
+
+three = ps.Workflow[dict[str, Any], dict[str, Any]]("three-steps")
+
+
+@three.run
+async def _three(ctx: ps.WorkflowContext, input: dict[str, Any]) -> dict[str, Any]:
+    a = await ctx.step("one", counted(f"{ctx.workflow_id}:one"), input["n"])
+    if "gate" in input:
+        await gates[input["gate"]].wait()
+    b = await ctx.step("two", counted(f"{ctx.workflow_id}:two"), a["args"])
+    c = await ctx.step("three", counted(f"{ctx.workflow_id}:three"))
+    return {"a": a, "b": b["args"], "c": c["step"]}
+
+
+gates: dict[str, anyio.Event] = {}
+
+
+async def test_a_three_step_run_completes_and_records_each_step(
+    storage: ps.WorkflowStorage,
+) -> None:
+    engine = ps.WorkflowEngine(storage=storage)
+    run = await engine.start(three, {"n": 7}, workflow_id="run-1")
+    assert run.created and await run.status() == "queued"
+    async with engine.worker(concurrency=2):
+        with anyio.fail_after(10):
+            out = await run.result()
+    assert out == {"a": {"step": "run-1:one", "args": [7]}, "b": [[7]], "c": "run-1:three"}
+    assert await run.status() == "completed"
+    history = await storage.run_history("run-1")
+    assert [(h.step, h.attempt, h.status) for h in history] == [
+        ("one", 1, "succeeded"),
+        ("two", 1, "succeeded"),
+        ("three", 1, "succeeded"),
+    ]
+
+
+async def test_a_stopped_worker_s_run_resumes_elsewhere_without_redoing_steps(
+    storage: ps.WorkflowStorage,
+) -> None:
+    gates["stop"] = anyio.Event()
+    engine = ps.WorkflowEngine(storage=storage, lease=0.5)
+    run = await engine.start(three, {"n": 1, "gate": "stop"}, workflow_id="resume-1")
+    async with engine.worker():
+
+        async def step_one_done() -> bool:
+            return calls.get("resume-1:one") == 1
+
+        await eventually(step_one_done, "step one")
+    # The worker stopped between steps one and two; another one resumes the run.
+    gates["stop"].set()
+    other = ps.WorkflowEngine(storage=storage, workflows=[three], lease=0.5)
+    async with other.worker():
+        with anyio.fail_after(10):
+            await run.result()
+    assert [calls[f"resume-1:{s}"] for s in ("one", "two", "three")] == [1, 1, 1]
+    assert (await storage.get_run("resume-1")).executions == 2  # type: ignore[union-attr]
+
+
+async def test_ten_concurrent_starts_of_one_id_make_one_run(storage: ps.WorkflowStorage) -> None:
+    engine = ps.WorkflowEngine(storage=storage)
+    handles = await _gather(
+        [lambda: engine.start(three, {"n": 3}, workflow_id="once") for _ in range(10)]
+    )
+    assert sum(h.created for h in handles) == 1
+    async with engine.worker(concurrency=4):
+        with anyio.fail_after(10):
+            await handles[0].result()
+    assert calls["once:one"] == 1
+
+
+flaky_calls: dict[str, int] = {}
+
+
+def flaky(key: str, failures: int) -> Any:
+    flaky_calls[key] = flaky_calls.get(key, 0) + 1
+    if flaky_calls[key] <= failures:
+        raise ConnectionError(f"attempt {flaky_calls[key]} failed")
+    return flaky_calls[key]
+
+
+retrying = ps.Workflow[dict[str, Any], Any]("retrying")
+
+
+@retrying.run
+async def _retrying(ctx: ps.WorkflowContext, input: dict[str, Any]) -> Any:
+    return await ctx.step(
+        "flaky", flaky, ctx.workflow_id, input["failures"], retries=2, backoff=0.01
+    )
+
+
+async def test_retries_back_off_and_every_attempt_is_recorded(storage: ps.WorkflowStorage) -> None:
+    engine = ps.WorkflowEngine(storage=storage)
+    ok = await engine.start(retrying, {"failures": 2}, workflow_id="retry-ok")
+    bad = await engine.start(retrying, {"failures": 5}, workflow_id="retry-bad")
+    async with engine.worker(concurrency=2):
+        with anyio.fail_after(10):
+            assert await ok.result() == 3
+            with pytest.raises(ps.WorkflowFailedError, match="failed after 3 attempt"):
+                await bad.result()
+    history = await storage.run_history("retry-ok")
+    assert [(h.attempt, h.status) for h in history] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "succeeded"),
+    ]
+    assert history[0].error == {"type": "ConnectionError", "message": "attempt 1 failed"}
+    assert [h.status for h in await storage.run_history("retry-bad")] == ["failed"] * 3
+    assert flaky_calls["retry-bad"] == 3
+
+
+blocked = ps.Workflow[None, None]("blocked")
+
+
+@blocked.run
+async def _blocked(ctx: ps.WorkflowContext, input: None) -> None:
+    await ctx.step("forever", anyio.sleep_forever)
+
+
+async def test_cancel_a_queued_and_a_running_run(storage: ps.WorkflowStorage) -> None:
+    engine = ps.WorkflowEngine(storage=storage, workflows=[blocked], lease=0.3)
+    queued = await engine.start(blocked, workflow_id="cancel-queued")
+    assert await queued.cancel()
+    with pytest.raises(ps.WorkflowCancelledError):
+        await queued.result()
+    running = await engine.start(blocked, workflow_id="cancel-running")
+    async with engine.worker():
+
+        async def started() -> bool:
+            return await running.status() == "running"
+
+        await eventually(started, "the run to start")
+        assert await running.cancel()
+        with anyio.fail_after(10), pytest.raises(ps.WorkflowCancelledError):
+            await running.result()
+    done = ps.WorkflowEngine(storage=storage, workflows=[three])
+    finished = await done.start(three, {"n": 0}, workflow_id="cancel-done")
+    async with done.worker():
+        await finished.result()
+    assert not await finished.cancel()
+
+
+twice = ps.Workflow[None, None]("twice")
+
+
+@twice.run
+async def _twice(ctx: ps.WorkflowContext, input: None) -> None:
+    await ctx.step("same", counted("twice"))
+    await ctx.step("same", counted("twice"))
+
+
+async def test_bad_input_is_refused_with_a_clear_error(storage: ps.WorkflowStorage) -> None:
+    engine = ps.WorkflowEngine(storage=storage)
+    with pytest.raises(ps.InvalidArgumentError, match="unknown workflow"):
+        await engine.start("no-such-workflow", {})
+    with pytest.raises(ps.InvalidArgumentError, match="no @run"):
+        await engine.start(ps.Workflow("empty"), {})
+    with pytest.raises(ps.PayloadError, match="JSON"):
+        await engine.start(three, {"n": object()}, workflow_id="not-json")
+    assert await storage.get_run("not-json") is None
+    with pytest.raises(ps.InvalidArgumentError, match="workflow_id"):
+        await engine.start(three, {"n": 1}, workflow_id="")
+    run = await engine.start(twice, None, workflow_id="dup-steps")
+    async with engine.worker():
+        with anyio.fail_after(10), pytest.raises(ps.WorkflowFailedError, match="used twice"):
+            await run.result()
+    with pytest.raises(ps.InvalidArgumentError):
+        ps.WorkflowEngine()
+
+
+# -- trigger(): streams into workflows ---------------------------------------------------
+
+greet = ps.Workflow[dict[str, Any], str]("greet")
+
+
+@greet.run
+async def _greet(ctx: ps.WorkflowContext, input: dict[str, Any]) -> str:
+    return await ctx.step("greet", lambda: f"hello {input['name']}")
+
+
+async def test_trigger_starts_runs_idempotently(db: ps.Database) -> None:
+    engine = ps.WorkflowEngine(db)
+    names: list[dict[str, Any]] = [
+        {"id": 1, "name": "ada"},
+        {"id": 2, "name": "bob"},
+        {"id": 1, "name": "ada"},
+    ]
+
+    def user_id(user: dict[str, Any]) -> str:
+        return f"greet-{user['id']}"
+
+    op = ps.trigger(workflow=greet, engine=engine, to_workflow_id=user_id, wait=True)
+    async with engine.worker(concurrency=2):
+        results = await ps.Stream(items(names)).through(op).collect()
+    assert [(r.workflow_id, r.started, r.duplicate, r.result) for r in results] == [
+        ("greet-1", True, False, "hello ada"),
+        ("greet-2", True, False, "hello bob"),
+        ("greet-1", False, True, "hello ada"),
+    ]
+    strict = ps.trigger(workflow=greet, engine=engine, to_workflow_id=user_id, on_duplicate="fail")
+    with pytest.raises(ps.DuplicateWorkflowError):
+        await ps.Stream(items(names[:1])).through(strict).drain()
+    with pytest.raises(ps.InvalidArgumentError):
+        ps.trigger(workflow=greet, engine=engine, on_duplicate="sometimes")  # type: ignore[arg-type]
+
+
+def new_row(change: ps.Change[dict[str, Any]]) -> dict[str, Any] | None:
+    return change.new
+
+
+async def test_a_table_change_runs_a_workflow(db: ps.Database) -> None:
+    async with db.connection() as conn:
+        await conn.execute("CREATE TABLE signups (id int PRIMARY KEY, name text)")
+    signups: ps.PgChangeStream[dict[str, Any]] = ps.PgChangeStream(db, "signups")
+    await signups.install_trigger()
+    engine = ps.WorkflowEngine(db)
+
+    def signup_id(change: ps.Change[dict[str, Any]]) -> str:
+        assert change.new is not None
+        return f"signup-{change.new['id']}"
+
+    op = ps.trigger(
+        workflow=greet, engine=engine, to_input=new_row, to_workflow_id=signup_id, wait=True
+    )
+    async with engine.worker(), anyio.create_task_group() as tg:
+        results: list[ps.TriggerResult[Any]] = []
+
+        async def follow() -> None:
+            async for result in signups.subscribe().through(op).take(1):
+                results.append(result)
+
+        tg.start_soon(follow)
+        await anyio.sleep(0.2)  # the subscription starts "from now"
+        async with db.connection() as conn:
+            await conn.execute("INSERT INTO signups VALUES (42, 'ada')")
+    assert [(r.workflow_id, r.result) for r in results] == [("signup-42", "hello ada")]
+
+
+async def test_a_scheduler_tick_runs_a_workflow(db: ps.Database) -> None:
+    sched = ps.Scheduler(db, clock=ps.ManualClock())
+    await sched.register("nightly", interval=3600, metadata={"name": "nightly"})
+    engine = ps.WorkflowEngine(db)
+
+    def tick_id(tick: ps.ScheduleTick) -> str:
+        return f"tick-{tick.schedule_id}-{tick.scheduled_at:%Y%m%d%H%M}"
+
+    def tick_input(tick: ps.ScheduleTick) -> dict[str, Any]:
+        return tick.metadata
+
+    op = ps.trigger(
+        workflow=greet, engine=engine, to_input=tick_input, to_workflow_id=tick_id, wait=True
+    )
+    async with sched.running(), engine.worker():
+        await sched.trigger_now("nightly")
+        with anyio.fail_after(10):
+            result = await sched.stream("nightly").through(op).first()
+    assert (result.workflow_id, result.result) == ("tick-nightly-202601010000", "hello nightly")
+
+
+# -- a worker process killed mid-run -----------------------------------------------------
+
+
+async def test_a_killed_worker_s_run_resumes_and_step_one_ran_once(
+    db: ps.Database, dsn: str
+) -> None:
+    async with db.connection() as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS effects (run text, step text)")
+    storage = ps.PgWorkflowStorage(db, table_prefix="killed_")
+    engine = ps.WorkflowEngine(storage=storage)
+    run = await engine.start(child.effects, {"dsn": dsn}, workflow_id="killed-1")
+    await kill_when_ready(Path(child.__file__), dsn)  # dies inside step two
+    resumed = ps.WorkflowEngine(storage=storage, workflows=[child.effects], lease=1.0)
+    async with resumed.worker():
+        with anyio.fail_after(20):
+            assert await run.result() == 3
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT step, count(*) FROM effects GROUP BY step ORDER BY step")
+        assert await cur.fetchall() == [("one", 1), ("three", 1), ("two", 2)]
+    assert [(h.step, h.attempt, h.status) for h in await storage.run_history("killed-1")] == [
+        ("one", 1, "succeeded"),
+        ("two", 1, "running"),
+        ("two", 2, "succeeded"),
+        ("three", 1, "succeeded"),
+    ]
