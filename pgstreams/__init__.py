@@ -22,6 +22,8 @@ from ._errors import (
 from ._pgmq import PgmqMetrics, PgmqQueue, ReadMode
 from ._queue import DeadMessage, PgQueue, QueueMetrics
 from ._scheduler import Schedule, Scheduler, ScheduleTick
+from ._snapshots import Snapshot, SnapshotStore
+from ._step_queue import PgStepQueue, StepTask
 from ._stream import Stream, merge
 from ._trigger import DuplicateWorkflowError, TriggerResult, trigger
 from ._workflow import (
@@ -54,6 +56,7 @@ __all__ = [
     "PayloadError",
     "PgChangeStream",
     "PgQueue",
+    "PgStepQueue",
     "PgStreamsError",
     "PgWorkflowStorage",
     "PgmqMetrics",
@@ -67,9 +70,12 @@ __all__ = [
     "ScheduleNotFoundError",
     "ScheduleTick",
     "Scheduler",
+    "Snapshot",
+    "SnapshotStore",
     "StepAttempt",
     "StepFailedError",
     "StepRecord",
+    "StepTask",
     "Stream",
     "SystemClock",
     "TriggerResult",

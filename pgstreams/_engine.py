@@ -164,6 +164,9 @@ class WorkflowEngine:
         block exits (runs still executing then are resumed later, by any worker)."""
         check_positive_int("concurrency", concurrency)
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
+        check = getattr(self.storage, "check_workers", None)
+        if check is not None:
+            check(concurrency)
         if not self._workflows:
             raise InvalidArgumentError("no workflow is registered with this engine")
         owner = f"{uuid.uuid4().hex[:12]}"
@@ -177,10 +180,10 @@ class WorkflowEngine:
 
     async def _slot(self, owner: str, poll: float) -> None:
         idle = _IDLE_MIN
-        names = list(self._workflows)
         while True:
             try:
-                run = await self.storage.claim_run(names, owner, self._lease)
+                # Read each time: start() and trigger() register workflows as they go.
+                run = await self.storage.claim_run(list(self._workflows), owner, self._lease)
             except DatabaseError as exc:
                 if not exc.transient:
                     raise
@@ -193,18 +196,27 @@ class WorkflowEngine:
                 idle = min(idle * 2, poll)
                 continue
             idle = _IDLE_MIN
-            if not await self.storage.lock_run(run.workflow_id, owner, self._lease):
-                continue  # another process still executes it; its lease lapsed meanwhile
+            try:
+                locked = await self.storage.lock_run(run.workflow_id, owner, self._lease)
+            except DatabaseError as exc:
+                if not exc.transient:
+                    raise
+                logger.warning("workflow %s: could not take its lock: %s", run.workflow_id, exc)
+                continue  # the claim lapses with its lease
+            if not locked:
+                # Another process still executes it (its lease lapsed meanwhile): our claim
+                # ends its lease renewal, so it stops, and the run is resumed after ours.
+                continue
+            stopping = False
             try:
                 await self._execute(run, owner)
             except anyio.get_cancelled_exc_class():
-                # The worker is stopping: hand the run back for any worker to resume now
-                # rather than after its lease.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    await self.storage.update_run(run.workflow_id, "queued", owner=owner)
+                stopping = True
                 raise
             finally:
                 await self.storage.unlock_run(run.workflow_id, owner)
+                if stopping:
+                    await self._hand_back(run.workflow_id, owner)
 
     async def _execute(self, run: RunRecord, owner: str) -> None:
         workflow = self._workflows[run.workflow]
@@ -220,18 +232,37 @@ class WorkflowEngine:
                 output = await workflow.fn(WorkflowContext(self.storage, run), run.input)
                 to_json("workflow output", output)
                 outcome = ("completed", output, None)
+            except DatabaseError as exc:
+                if not exc.transient:
+                    outcome = ("failed", None, describe(exc))
+                else:  # the storage went away, not the run: leave it to be resumed
+                    logger.warning("workflow %s: %s; leaving it to resume", run.workflow_id, exc)
             except Exception as exc:
                 outcome = ("failed", None, describe(exc))
             tg.cancel_scope.cancel()
-        if cancelled.is_set():
-            outcome = ("cancelled", None, None)
+        if outcome is None and cancelled.is_set():
+            outcome = ("cancelled", None, None)  # a run that ended first keeps its outcome
         if outcome is None:
-            return  # the lease was lost: the run belongs to another worker now
+            return  # the lease was lost, or the storage failed: another worker resumes it
         status, output, error = outcome
         with anyio.CancelScope(shield=True):
-            await self.storage.update_run(
-                run.workflow_id, status, owner=owner, output=output, error=error
-            )
+            try:
+                await self.storage.update_run(
+                    run.workflow_id, status, owner=owner, output=output, error=error
+                )
+            except DatabaseError as exc:
+                if not exc.transient:
+                    raise
+                logger.warning("workflow %s: outcome not stored: %s", run.workflow_id, exc)
+
+    async def _hand_back(self, workflow_id: str, owner: str) -> None:
+        """A stopping worker's run goes back to the queue for any worker to resume now,
+        rather than after its lease."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            try:
+                await self.storage.update_run(workflow_id, "queued", owner=owner)
+            except DatabaseError as exc:
+                logger.warning("workflow %s: not handed back: %s", workflow_id, exc)
 
     async def _keep(
         self, workflow_id: str, owner: str, scope: anyio.CancelScope, cancelled: anyio.Event

@@ -9,7 +9,7 @@ from typing import Any, Generic, Literal, TypeVar
 from ._engine import RunHandle, WorkflowEngine
 from ._errors import InvalidArgumentError, PgStreamsError
 from ._stream import Stream
-from ._workflow import Workflow
+from ._workflow import Workflow, WorkflowCancelledError, WorkflowFailedError
 
 __all__ = ["DuplicateWorkflowError", "TriggerResult", "trigger"]
 
@@ -31,6 +31,8 @@ class TriggerResult(Generic[T]):
     handle: RunHandle
     result: Any = None
     """The run's output, with ``wait=True``."""
+    error: WorkflowFailedError | WorkflowCancelledError | None = None
+    """With ``wait=True``, why the run did not complete (the stream goes on)."""
 
 
 def trigger(
@@ -61,9 +63,15 @@ def trigger(
                 raise DuplicateWorkflowError(
                     f"workflow id {handle.workflow_id!r} already has a run"
                 )
-            result = await handle.result() if wait else None
+            result: Any = None
+            error: WorkflowFailedError | WorkflowCancelledError | None = None
+            if wait:
+                try:
+                    result = await handle.result()
+                except (WorkflowFailedError, WorkflowCancelledError) as exc:
+                    error = exc
             yield TriggerResult(
-                item, handle.workflow_id, handle.created, not handle.created, handle, result
+                item, handle.workflow_id, handle.created, not handle.created, handle, result, error
             )
 
     return op

@@ -8,6 +8,7 @@ exponential back-off; every attempt is recorded in the run's history.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -16,6 +17,7 @@ from contextlib import nullcontext
 from typing import Any, Generic, TypeVar, overload
 
 import anyio
+import anyio.to_thread
 
 from ._errors import InvalidArgumentError, PgStreamsError
 from ._validate import to_json
@@ -131,6 +133,8 @@ class WorkflowContext:
     ) -> Any:
         """Run ``fn(*args)`` as the step ``name`` -- or return its stored result.
 
+        A coroutine function runs on the event loop; any other function in a worker thread.
+
         Up to ``retries`` more attempts after a failure, ``backoff * 2**(n-1)`` seconds
         apart; ``timeout`` bounds each attempt. The result must be JSON; what is returned
         is the stored JSON value (the same on the first run and on a resume).
@@ -153,13 +157,14 @@ class WorkflowContext:
             stored = await self._storage.get_step(self.workflow_id, name)
             if stored is not None and stored.status == "succeeded":
                 return stored.output
+            if stored is not None and stored.status == "failed" and stored.attempts > retries:
+                # It already used every attempt (the run caught the error and went on).
+                raise StepFailedError(name, stored.attempts, stored.error or {})
         while True:
             attempt = await self._storage.create_attempt(self.workflow_id, name)
             try:
                 with anyio.fail_after(timeout) if timeout is not None else nullcontext():
-                    result = fn(*args)
-                    if inspect.isawaitable(result):
-                        result = await result
+                    result = await _call(fn, args)
                 text = to_json(f"the result of step {name!r}", result)
             except Exception as exc:
                 error = describe(exc)
@@ -175,6 +180,18 @@ class WorkflowContext:
                 self.workflow_id, name, "succeeded", attempt=attempt, output=value
             )
             return value
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """Await a coroutine function; run anything else in a worker thread, so that a slow
+    or blocking step does not stall the event loop (and with it the run's lease renewal).
+    A timed-out thread is abandoned, not stopped."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    result = await anyio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
 
 
 def describe(exc: BaseException) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from typing import Any
 import anyio
 from psycopg import AsyncConnection, sql
 
-from ._db import Database
+from ._db import Database, translate_errors
+from ._errors import DatabaseError, InvalidArgumentError
 from ._migrate import advisory_key
 from ._validate import check_name, check_schema, to_json
 from ._workflow_storage import RunRecord, RunStatus, StepAttempt, StepRecord, StepStatus
@@ -197,11 +198,28 @@ class PgWorkflowStorage:
         self._ready = True
 
     async def _rows(self, key: str, params: dict[str, Any]) -> list[Any]:
+        """Run one statement: on the connection that holds the run's lock when this process
+        executes the run (so a run needs no second connection), else on a lent one."""
         if not self._ready:
             await self.migrate()
+        held = self._locks.get(params.get("id", ""))
+        if held is not None and not held[2].closed:
+            with translate_errors():
+                cur = await held[2].execute(self._sql[key], params)
+                return await cur.fetchall() if cur.description else []
         async with self._db.connection() as conn:
             cur = await conn.execute(self._sql[key], params)
             return await cur.fetchall() if cur.description else []
+
+    def check_workers(self, concurrency: int) -> None:
+        """Refuse a worker that would starve the pool: each running run keeps one
+        connection, and claims and result polling need one more."""
+        pool = self._db.pool
+        if pool is not None and pool.max_size < concurrency + 1:
+            raise InvalidArgumentError(
+                f"a worker with concurrency={concurrency} needs a pool of at least"
+                f" {concurrency + 1} connections (this one has max_size={pool.max_size})"
+            )
 
     # -- runs --------------------------------------------------------------------------
 
@@ -298,16 +316,23 @@ class PgWorkflowStorage:
     # -- the run lock ------------------------------------------------------------------
 
     async def lock_run(self, workflow_id: str, owner: str, ttl: float) -> bool:
-        """A session advisory lock on a connection kept for the run (``ttl`` unused: the
-        lock lasts as long as that connection)."""
+        """A session advisory lock on a connection kept for the run, which then also
+        carries the run's statements (``ttl`` unused: the lock lasts as long as that
+        connection). A Database on a single connection gets a dedicated one per run."""
         if workflow_id in self._locks:
             return False  # this process already executes it
         key = advisory_key("workflow-run", self.schema, self.table_prefix, workflow_id)
         stack = AsyncExitStack()
-        conn = await stack.enter_async_context(self._db.connection())
         try:
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", [key])
-            row = await cur.fetchone()
+            if self._db.pool is None:
+                conn = await stack.enter_async_context(
+                    await AsyncConnection.connect(self._db.dsn, autocommit=True)
+                )
+            else:
+                conn = await stack.enter_async_context(self._db.connection())
+            with translate_errors():
+                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", [key])
+                row = await cur.fetchone()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await stack.aclose()
@@ -331,7 +356,10 @@ class PgWorkflowStorage:
         with anyio.CancelScope(shield=True):
             try:
                 if not conn.closed:
-                    await conn.execute("SELECT pg_advisory_unlock(%s)", [key])
+                    with translate_errors():
+                        await conn.execute("SELECT pg_advisory_unlock(%s)", [key])
+            except DatabaseError:
+                pass  # the connection is going back broken: its session and lock end with it
             finally:
                 await stack.aclose()
 

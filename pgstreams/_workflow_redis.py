@@ -10,14 +10,15 @@ number of retries.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 
-from ._errors import InvalidArgumentError
+from ._errors import DatabaseError, InvalidArgumentError
 from ._validate import to_json
 from ._workflow_storage import RunRecord, RunStatus, StepAttempt, StepRecord, StepStatus
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisWorkflowStorage"]
 
+P = ParamSpec("P")
+R = TypeVar("R")
 _LOCK_TRIES = 3
 _LOCK_RETRY_DELAY = 0.05
 
@@ -153,6 +156,28 @@ return 0
 """
 
 
+def _translated(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Redis errors as the library's: connection trouble is ``DatabaseError(transient=True)``
+    (a worker rides it out), anything else a plain ``DatabaseError``."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise DatabaseError(f"Redis: {exc}", transient=True) from exc
+        except RedisError as exc:
+            raise DatabaseError(f"Redis: {exc}") from exc
+
+    return wrapper
+
+
 class RedisWorkflowStorage:
     """Workflow state in Redis (see module docstring). Give a URL (the storage makes and
     closes its client) or a ``redis.asyncio.Redis`` you own (``close()`` leaves it open)."""
@@ -200,8 +225,9 @@ class RedisWorkflowStorage:
 
     def _step_keys(self, workflow_id: str, name: str) -> list[str]:
         p = self.key_prefix
+        # The id's length keeps (run "a:b", step "c") apart from (run "a", step "b:c").
         return [
-            f"{p}step:{workflow_id}:{name}",
+            f"{p}step:{len(workflow_id)}:{workflow_id}:{name}",
             f"{p}history:{workflow_id}",
             f"{p}attempts:{workflow_id}",
         ]
@@ -212,6 +238,7 @@ class RedisWorkflowStorage:
 
     # -- runs --------------------------------------------------------------------------
 
+    @_translated
     async def create_run(
         self, workflow_id: str, workflow: str, input: Any
     ) -> tuple[RunRecord, bool]:
@@ -224,6 +251,7 @@ class RedisWorkflowStorage:
         assert run is not None
         return run, bool(created)
 
+    @_translated
     async def get_run(self, workflow_id: str) -> RunRecord | None:
         raw = await self._redis.hgetall(self._run_key(workflow_id))
         if not raw:
@@ -243,6 +271,7 @@ class RedisWorkflowStorage:
             updated_at=_time(h.get("updated_at")),
         )
 
+    @_translated
     async def claim_run(
         self, workflows: Sequence[str], owner: str, lease: float
     ) -> RunRecord | None:
@@ -254,6 +283,7 @@ class RedisWorkflowStorage:
         )
         return None if claimed is None else await self.get_run(_text(claimed) or "")
 
+    @_translated
     async def renew_run(self, workflow_id: str, owner: str, lease: float) -> bool:
         renewed = await self._scripts["renew"](
             keys=[self._run_key(workflow_id), await self._ready_of(workflow_id)],
@@ -261,6 +291,7 @@ class RedisWorkflowStorage:
         )
         return bool(renewed)
 
+    @_translated
     async def update_run(
         self,
         workflow_id: str,
@@ -282,6 +313,7 @@ class RedisWorkflowStorage:
         )
         return bool(updated)
 
+    @_translated
     async def request_cancel(self, workflow_id: str) -> RunRecord | None:
         await self._scripts["cancel"](
             keys=[self._run_key(workflow_id), await self._ready_of(workflow_id)],
@@ -289,6 +321,7 @@ class RedisWorkflowStorage:
         )
         return await self.get_run(workflow_id)
 
+    @_translated
     async def run_history(self, workflow_id: str) -> list[StepAttempt]:
         _, history, entries = self._step_keys(workflow_id, "")
         order = [_text(e) or "" for e in await self._redis.lrange(history, 0, -1)]
@@ -315,6 +348,7 @@ class RedisWorkflowStorage:
 
     # -- steps -------------------------------------------------------------------------
 
+    @_translated
     async def insert_step(self, workflow_id: str, name: str) -> StepRecord:
         key = self._step_keys(workflow_id, name)[0]
         await self._redis.hsetnx(key, "status", "scheduled")
@@ -323,6 +357,7 @@ class RedisWorkflowStorage:
         assert step is not None
         return step
 
+    @_translated
     async def get_step(self, workflow_id: str, name: str) -> StepRecord | None:
         raw = await self._redis.hgetall(self._step_keys(workflow_id, name)[0])
         if not raw:
@@ -337,11 +372,13 @@ class RedisWorkflowStorage:
             error=_json(h.get("error")),
         )
 
+    @_translated
     async def create_attempt(self, workflow_id: str, name: str) -> int:
         return int(
             await self._scripts["attempt"](keys=self._step_keys(workflow_id, name), args=[name])
         )
 
+    @_translated
     async def mark_step(
         self,
         workflow_id: str,
@@ -369,6 +406,7 @@ class RedisWorkflowStorage:
     def _lock_key(self, workflow_id: str) -> str:
         return f"{self.key_prefix}lock:{workflow_id}"
 
+    @_translated
     async def lock_run(self, workflow_id: str, owner: str, ttl: float) -> bool:
         for attempt in range(_LOCK_TRIES):
             if await self._redis.set(
@@ -379,12 +417,14 @@ class RedisWorkflowStorage:
                 await anyio.sleep(_LOCK_RETRY_DELAY)
         return False
 
+    @_translated
     async def extend_lock(self, workflow_id: str, owner: str, ttl: float) -> bool:
         extended = await self._scripts["extend"](
             keys=[self._lock_key(workflow_id)], args=[owner, int(ttl * 1000)]
         )
         return bool(extended)
 
+    @_translated
     async def unlock_run(self, workflow_id: str, owner: str) -> None:
         with anyio.CancelScope(shield=True):
             await self._scripts["release"](keys=[self._lock_key(workflow_id)], args=[owner])

@@ -489,3 +489,145 @@ async def test_a_killed_worker_s_run_resumes_and_step_one_ran_once(
         ("two", 2, "succeeded"),
         ("three", 1, "succeeded"),
     ]
+
+
+# -- found in review -----------------------------------------------------------------------
+
+
+async def test_step_keys_of_different_runs_never_collide(storage: ps.WorkflowStorage) -> None:
+    await storage.create_attempt("order:7", "charge")
+    await storage.mark_step("order:7", "charge", "succeeded", attempt=1, output="order:7")
+    assert await storage.get_step("order", "7:charge") is None
+
+
+slow_calls: list[str] = []
+slow = ps.Workflow[None, str]("slow-sync-step")
+
+
+def blocking_step() -> str:
+    import time
+
+    slow_calls.append("called")
+    time.sleep(1.5)  # a blocking call, three leases long
+    return "done"
+
+
+@slow.run
+async def _slow(ctx: ps.WorkflowContext, input: None) -> str:
+    return await ctx.step("slow", blocking_step)
+
+
+async def test_a_blocking_step_keeps_its_lease_and_runs_once(storage: ps.WorkflowStorage) -> None:
+    slow_calls.clear()
+    one = ps.WorkflowEngine(storage=storage, workflows=[slow], lease=0.5)
+    two = ps.WorkflowEngine(storage=storage, workflows=[slow], lease=0.5)
+    run = await one.start(slow, workflow_id="slow-1")
+    ticks = 0
+    async with one.worker():
+
+        async def started() -> bool:
+            return bool(slow_calls)
+
+        await eventually(started, "the step to start")
+        async with two.worker():
+            with anyio.fail_after(10):
+                while await run.status() != "completed":
+                    ticks += 1  # the event loop runs on while the step blocks its thread
+                    await anyio.sleep(0.01)
+    assert ticks >= 20, "the blocking step stalled the event loop (and the lease renewal)"
+    assert slow_calls == ["called"]
+    assert await run.result() == "done"
+
+
+async def test_a_worker_refuses_a_pool_it_would_starve(dsn: str) -> None:
+    async with ps.connect(dsn, max_size=3) as small:
+        engine = ps.WorkflowEngine(small, workflows=[three])
+        with pytest.raises(ps.InvalidArgumentError, match="pool of at least 4"):
+            async with engine.worker(concurrency=3):
+                pass
+        gates["pool"] = anyio.Event()
+        runs = [
+            await engine.start(three, {"n": i, "gate": "pool"}, workflow_id=f"pool-{i}")
+            for i in range(2)
+        ]
+        async with engine.worker(concurrency=2):
+            await anyio.sleep(0.3)  # both runs hold their connection, waiting at the gate
+            gates["pool"].set()
+            with anyio.fail_after(10):
+                for run in runs:
+                    await run.result()
+
+
+async def test_a_database_on_one_connection_runs_workflows(dsn: str) -> None:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn, ps.connect(conn) as single:
+        engine = ps.WorkflowEngine(single, workflows=[three])
+        run = await engine.start(three, {"n": 5}, workflow_id="single-1")
+        async with engine.worker():
+            with anyio.fail_after(10):
+                assert (await run.result())["c"] == "single-1:three"
+
+
+async def test_workflows_started_after_the_worker_are_run(storage: ps.WorkflowStorage) -> None:
+    engine = ps.WorkflowEngine(storage=storage, workflows=[three])
+    first = await engine.start(three, {"n": 1}, workflow_id="early-1")
+    async with engine.worker():
+        with anyio.fail_after(10):
+            await first.result()  # the worker is up and has claimed before
+        late = await engine.start(greet, {"name": "late"}, workflow_id="late-1")
+        with anyio.fail_after(10):
+            assert await late.result() == "hello late"
+
+
+class FlakyStorage(ps.PgWorkflowStorage):
+    """Fails the first attempt it is asked to start, as a dropped connection would."""
+
+    failed = False
+
+    async def create_attempt(self, workflow_id: str, name: str) -> int:
+        if not self.failed:
+            self.failed = True
+            raise ps.DatabaseError("server closed the connection unexpectedly", transient=True)
+        return await super().create_attempt(workflow_id, name)
+
+
+async def test_a_storage_outage_inside_a_step_leaves_the_run_to_resume(db: ps.Database) -> None:
+    storage = FlakyStorage(db, table_prefix="flaky_")
+    engine = ps.WorkflowEngine(storage=storage, workflows=[three], lease=0.5)
+    run = await engine.start(three, {"n": 1}, workflow_id="flaky-1")
+    async with engine.worker():
+        with anyio.fail_after(10):
+            assert (await run.result())["c"] == "flaky-1:three"
+    assert (await storage.get_run("flaky-1")).executions == 2  # type: ignore[union-attr]
+
+
+async def test_an_unreachable_redis_is_a_transient_error_a_worker_rides_out() -> None:
+    storage = ps.RedisWorkflowStorage("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(ps.DatabaseError) as caught:
+            await storage.claim_run(["wf"], "me", 1)
+        assert caught.value.transient
+        engine = ps.WorkflowEngine(storage=storage, workflows=[three])
+        async with engine.worker():
+            await anyio.sleep(0.3)  # claims keep failing; the worker keeps going
+    finally:
+        await storage.close()
+
+
+failing = ps.Workflow[None, None]("always-fails")
+
+
+@failing.run
+async def _failing(ctx: ps.WorkflowContext, input: None) -> None:
+    raise RuntimeError("no")
+
+
+async def test_trigger_wait_reports_a_failed_run_and_goes_on(db: ps.Database) -> None:
+    engine = ps.WorkflowEngine(db)
+    op: Callable[[ps.Stream[None]], AsyncIterator[ps.TriggerResult[None]]]
+    op = ps.trigger(workflow=failing, engine=engine, wait=True)
+    nothing: ps.Stream[None] = ps.Stream(items([None, None]))
+    async with engine.worker():
+        results = await nothing.through(op).collect()
+    assert [type(r.error) for r in results] == [ps.WorkflowFailedError] * 2
