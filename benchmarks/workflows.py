@@ -7,8 +7,9 @@ Run::
 Each timed run starts N runs (4 concurrent starters) while the workers execute them, and
 ends when all N are completed. WorkflowEngine uses PgWorkflowStorage. The floor sends the
 same statements by hand -- PgWorkflowStorage's own SQL, one psycopg connection per worker
-and per starter: create, claim, run lock, three times (start attempt, mark succeeded),
-complete, unlock -- with no engine around them. Ratio = engine ÷ floor, per round.
+and per starter: create; claim and run lock (one statement); three times (start attempt,
+mark succeeded); complete and unlock (one statement) -- with no engine around them.
+Ratio = engine ÷ floor, per round.
 """
 
 from __future__ import annotations
@@ -40,14 +41,13 @@ from benchmarks._common import (
     server,
     server_facts,
 )
-from pgstreams._migrate import advisory_key
 
 STARTERS = 4
 
 noop = ps.Workflow[int, int]("noop3")
 
 
-def one(x: int) -> int:
+async def one(x: int) -> int:  # a coroutine step runs on the loop (sync ones go to a thread)
     return x + 1
 
 
@@ -118,6 +118,7 @@ def floor_contender(db: ps.Database, dsn: str, workers: int) -> Contender:
     async def run(n: int) -> None:
         storage: ps.PgWorkflowStorage = state["storage"]
         q = storage._sql
+        ns = f"{storage.schema}.{storage.table_prefix}:"
         done = anyio.Event()
 
         async def starter(k: int) -> None:
@@ -130,15 +131,14 @@ def floor_contender(db: ps.Database, dsn: str, workers: int) -> Contender:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 while not done.is_set():
                     cur = await conn.execute(
-                        q["CLAIM"], {"workflows": ["noop3"], "owner": "floor", "lease": 30.0}
+                        q["CLAIM_LOCK"],
+                        {"workflows": ["noop3"], "owner": "floor", "lease": 30.0, "ns": ns},
                     )
                     row = await cur.fetchone()
                     if row is None:
                         await anyio.sleep(0.001)
                         continue
-                    wid, value = row[0], row[3]
-                    key = advisory_key("workflow-run", storage.schema, storage.table_prefix, wid)
-                    await conn.execute("SELECT pg_try_advisory_lock(%s)", [key])
+                    wid, value, key = row[0], row[3], row[-1]
                     for step in ("a", "b", "c"):
                         cur = await conn.execute(q["ATTEMPT"], {"id": wid, "name": step})
                         attempt = (await cur.fetchone() or (1,))[0]
@@ -155,16 +155,16 @@ def floor_contender(db: ps.Database, dsn: str, workers: int) -> Contender:
                             },
                         )
                     await conn.execute(
-                        q["UPDATE"],
+                        q["FINISH"],
                         {
                             "id": wid,
                             "status": "completed",
                             "owner": "floor",
                             "output": json.dumps(value),
                             "error": None,
+                            "key": key,
                         },
                     )
-                    await conn.execute("SELECT pg_advisory_unlock(%s)", [key])
 
         async with anyio.create_task_group() as tg:
             for _ in range(workers):

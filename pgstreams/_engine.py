@@ -199,8 +199,6 @@ class WorkflowEngine:
             try:
                 locked = await self.storage.lock_run(run.workflow_id, owner, self._lease)
             except DatabaseError as exc:
-                if not exc.transient:
-                    raise
                 logger.warning("workflow %s: could not take its lock: %s", run.workflow_id, exc)
                 continue  # the claim lapses with its lease
             if not locked:
@@ -214,7 +212,10 @@ class WorkflowEngine:
                 stopping = True
                 raise
             finally:
-                await self.storage.unlock_run(run.workflow_id, owner)
+                try:
+                    await self.storage.unlock_run(run.workflow_id, owner)
+                except DatabaseError as exc:  # it expires (Redis) or ends with its session
+                    logger.warning("workflow %s: could not unlock: %s", run.workflow_id, exc)
                 if stopping:
                     await self._hand_back(run.workflow_id, owner)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import anyio
 from psycopg import sql
 
 from ._calls import fetchall, fetchone
@@ -19,25 +20,28 @@ __all__ = ["Snapshot", "SnapshotStore"]
 
 _TABLE = """
 CREATE TABLE IF NOT EXISTS {table} (
-    id          text        PRIMARY KEY,
+    prefix      text        NOT NULL,
+    id          text        NOT NULL,
     snapshot    jsonb       NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+    updated_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (prefix, id)
 );
-CREATE INDEX IF NOT EXISTS {index} ON {table} (updated_at DESC);
+CREATE INDEX IF NOT EXISTS {index} ON {table} (prefix, updated_at DESC);
 """
 
 _Q = {
     "SAVE": """
-        INSERT INTO {table} (id, snapshot) VALUES (%(id)s, %(snapshot)s::jsonb)
-        ON CONFLICT (id) DO UPDATE
+        INSERT INTO {table} (prefix, id, snapshot)
+        VALUES (%(prefix)s, %(id)s, %(snapshot)s::jsonb)
+        ON CONFLICT (prefix, id) DO UPDATE
         SET snapshot = EXCLUDED.snapshot, updated_at = clock_timestamp()
         RETURNING 1
     """,
-    "LOAD": "SELECT snapshot FROM {table} WHERE id = %(id)s",
-    "DELETE": "DELETE FROM {table} WHERE id = %(id)s RETURNING 1",
+    "LOAD": "SELECT snapshot FROM {table} WHERE prefix = %(prefix)s AND id = %(id)s",
+    "DELETE": "DELETE FROM {table} WHERE prefix = %(prefix)s AND id = %(id)s RETURNING 1",
     "LIST": """
         SELECT id, snapshot, updated_at FROM {table}
-        WHERE starts_with(id, %(prefix)s)
+        WHERE prefix = %(prefix)s AND starts_with(id, %(start)s)
         ORDER BY updated_at DESC, id
         LIMIT %(limit)s
     """,
@@ -47,7 +51,7 @@ _Q = {
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     id: str
-    """Without the store's ``prefix``."""
+    """As given to ``save`` (the store's ``prefix`` is kept apart)."""
     snapshot: dict[str, Any]
     updated_at: datetime
 
@@ -67,13 +71,18 @@ class SnapshotStore:
         else:
             raise InvalidArgumentError(f"expected a Database or a DSN, got {db!r}")
         self.table = check_name("snapshot table", table)
-        if not isinstance(prefix, str):
-            raise InvalidArgumentError(f"prefix must be a str, got {prefix!r}")
+        if not isinstance(prefix, str) or "\x00" in prefix:
+            raise InvalidArgumentError(f"prefix must be a str without NUL, got {prefix!r}")
         self.prefix = prefix
         self._sql: dict[str, bytes] = {}
         self._ready = False
+        self._opening = anyio.Lock()
 
     async def _database(self) -> Database:
+        async with self._opening:  # concurrent first calls open one Database, not several
+            return await self._open()
+
+    async def _open(self) -> Database:
         if self._db is None:
             assert self._dsn is not None
             self._db = await connect(self._dsn)
@@ -98,10 +107,10 @@ class SnapshotStore:
             self._ready = True
         return self._db
 
-    def _key(self, id: object) -> str:
-        if not isinstance(id, str) or not id:
+    def _key(self, id: object) -> dict[str, str]:
+        if not isinstance(id, str) or not id or "\x00" in id:
             raise InvalidArgumentError(f"snapshot id must be a non-empty str, got {id!r}")
-        return self.prefix + id
+        return {"prefix": self.prefix, "id": id}
 
     async def save(self, id: str, snapshot: Mapping[str, Any]) -> None:
         """Store ``snapshot`` (a JSON object) under ``id``, replacing what was there."""
@@ -112,19 +121,19 @@ class SnapshotStore:
             )
         text = to_json("snapshot", dict(snapshot))
         db = await self._database()
-        await fetchall(db, self._sql["SAVE"], {"id": key, "snapshot": text})
+        await fetchall(db, self._sql["SAVE"], {**key, "snapshot": text})
 
     async def load(self, id: str) -> dict[str, Any] | None:
         key = self._key(id)
         db = await self._database()
-        row = await fetchone(db, self._sql["LOAD"], {"id": key}, allow_none=True, owner="snapshots")
+        row = await fetchone(db, self._sql["LOAD"], key, allow_none=True, owner="snapshots")
         return None if row is None else row[0]
 
     async def delete(self, id: str) -> bool:
         """Delete the snapshot; False if there was none."""
         key = self._key(id)
         db = await self._database()
-        rows = await fetchall(db, self._sql["DELETE"], {"id": key})
+        rows = await fetchall(db, self._sql["DELETE"], key)
         return bool(rows)
 
     async def list(self, *, prefix: str = "", limit: int = 100) -> list[Snapshot]:
@@ -133,10 +142,9 @@ class SnapshotStore:
             raise InvalidArgumentError(f"prefix must be a str, got {prefix!r}")
         check_positive_int("limit", limit)
         db = await self._database()
-        rows = await fetchall(
-            db, self._sql["LIST"], {"prefix": self.prefix + prefix, "limit": limit}
-        )
-        return [Snapshot(r[0][len(self.prefix) :], r[1], r[2]) for r in rows]
+        params = {"prefix": self.prefix, "start": prefix, "limit": limit}
+        rows = await fetchall(db, self._sql["LIST"], params)
+        return [Snapshot(r[0], r[1], r[2]) for r in rows]
 
     async def close(self) -> None:
         """Close the connections this store opened itself (none if given a Database)."""

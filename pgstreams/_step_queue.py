@@ -8,6 +8,11 @@ fairness policy. ``namespace`` isolates one set of queues from another in the sa
 * ``weighted``: like round-robin, but a queue of weight ``w`` gets ``w`` turns for every
   one of a weight-1 queue (``claim({"a": 2, "b": 1}, ...)``).
 
+Turns carry over from one claim to the next of the same PgStepQueue object (it counts
+what each queue has been served), so ``claim(queues, 1)`` in a loop alternates too.
+Candidates are locked per queue (up to ``limit`` each) while a claim runs, so a
+concurrent claim may skip tasks this one will not take.
+
 Claims lock candidates with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never get
 the same task.
 """
@@ -32,8 +37,8 @@ __all__ = ["Fairness", "PgStepQueue", "StepTask"]
 Fairness = Literal["strict-priority", "round-robin", "weighted"]
 _ORDER = {
     "strict-priority": "priority DESC, id",
-    "round-robin": "rn, pos, id",
-    "weighted": "rn / weight, pos, id",
+    "round-robin": "turn + rn / weight, pos, id",
+    "weighted": "turn + rn / weight, pos, id",
 }
 _TASK = (
     "id, queue, workflow_id, step_name, input, prev_results, priority, status, claimed_by,"
@@ -74,8 +79,9 @@ _Q = {
 # ``limit`` by the fairness order are claimed (the others are unlocked at commit).
 _CLAIM = """
 WITH cand AS (
-    SELECT c.id, c.priority, q.pos, q.weight
-    FROM unnest(%(queues)s::text[], %(weights)s::float8[]) WITH ORDINALITY AS q(name, weight, pos)
+    SELECT c.id, c.priority, q.pos, q.weight, q.turn
+    FROM unnest(%(queues)s::text[], %(weights)s::float8[], %(turns)s::float8[])
+         WITH ORDINALITY AS q(name, weight, turn, pos)
     CROSS JOIN LATERAL (
         SELECT t.id, t.priority FROM {tasks} t
         WHERE t.namespace = %(ns)s AND t.queue = q.name AND t.status = 'pending'
@@ -85,7 +91,7 @@ WITH cand AS (
     ) c
 ),
 ranked AS (
-    SELECT id, priority, pos, weight,
+    SELECT id, priority, pos, weight, turn,
            row_number() OVER (PARTITION BY pos ORDER BY priority DESC, id) AS rn
     FROM cand
 ),
@@ -120,14 +126,13 @@ class PgStepQueue:
     """Step tasks in named queues (see module docstring)."""
 
     def __init__(self, db: Database, *, worker_id: str, namespace: str = "default") -> None:
-        if not isinstance(worker_id, str) or not worker_id:
-            raise InvalidArgumentError(f"worker_id must be a non-empty str, got {worker_id!r}")
-        if not isinstance(namespace, str) or not namespace:
-            raise InvalidArgumentError(f"namespace must be a non-empty str, got {namespace!r}")
+        _check_text("worker_id", worker_id)
+        _check_text("namespace", namespace)
         self._db = db
         self.worker_id = worker_id
         self.namespace = namespace
         self._names = {"tasks": sql.Identifier(db.schema, "step_tasks")}
+        self._turns: dict[str, float] = {}  # per queue: tasks claimed / weight
         self._sql = {
             k: sql.SQL(v).format(**self._names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
             for k, v in _Q.items()
@@ -156,11 +161,12 @@ class PgStepQueue:
     ) -> int:
         """Add a task; returns its id."""
         for what, value in (("workflow_id", workflow_id), ("step_name", step_name)):
-            if not isinstance(value, str) or not value:
-                raise InvalidArgumentError(f"{what} must be a non-empty str, got {value!r}")
+            _check_text(what, value)
         _check_queue(queue)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidArgumentError(f"priority must be an int, got {priority!r}")
+        if not -(2**31) <= priority < 2**31:
+            raise InvalidArgumentError(f"priority must fit in 32 bits, got {priority!r}")
         if prev_results is not None and not isinstance(prev_results, Mapping):
             raise InvalidArgumentError("prev_results must be a mapping")
         params = {
@@ -196,16 +202,25 @@ class PgStepQueue:
             _check_queue(name)
             if check_seconds(f"the weight of queue {name!r}", weight) <= 0:
                 raise InvalidArgumentError(f"the weight of queue {name!r} must be positive")
+        # Each queue's turns so far (tasks claimed / weight), relative to the least served.
+        base = min(self._turns.get(q, 0.0) for q in weights)
         params = {
             "ns": self.namespace,
             "queues": list(weights),
             "weights": [float(w) for w in weights.values()],
+            "turns": [self._turns.get(q, 0.0) - base for q in weights],
             "limit": limit,
             "worker": self.worker_id,
         }
         await self._db.ensure_migrated()
         rows = await fetchall(self._db, self._claims[fairness], params)
-        return [StepTask(*r[1:]) for r in sorted(rows, key=lambda r: r[0])]
+        tasks = [StepTask(*r[1:]) for r in sorted(rows, key=lambda r: r[0])]
+        if fairness != "strict-priority":
+            for q in weights:
+                self._turns[q] = self._turns.get(q, 0.0) - base
+            for task in tasks:
+                self._turns[task.queue] += 1 / weights[task.queue]
+        return tasks
 
     async def complete(self, task_id: int, result: Any, duration_ms: float) -> bool:
         """Mark a task this worker holds completed; False if it no longer holds it."""
@@ -218,8 +233,8 @@ class PgStepQueue:
     async def _finish(
         self, task_id: int, status: str, result: Any, error: Any, duration_ms: float
     ) -> bool:
-        if isinstance(task_id, bool) or not isinstance(task_id, int):
-            raise InvalidArgumentError(f"task_id must be an int, got {task_id!r}")
+        if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 < task_id < 2**63:
+            raise InvalidArgumentError(f"task_id must be a task's id, got {task_id!r}")
         params = {
             "id": task_id,
             "ns": self.namespace,
@@ -239,6 +254,8 @@ class PgStepQueue:
         those of worker ``claimed_by`` (give exactly one). Returns how many."""
         if (stale_after is None) == (claimed_by is None):
             raise InvalidArgumentError("give exactly one of stale_after= or claimed_by=")
+        if claimed_by is not None:
+            _check_text("claimed_by", claimed_by)
         stale = None if stale_after is None else check_seconds("stale_after", stale_after)
         params = {"ns": self.namespace, "stale": stale, "by": claimed_by}
         await self._db.ensure_migrated()
@@ -261,6 +278,11 @@ class PgStepQueue:
 
 
 def _check_queue(name: object) -> str:
-    if not isinstance(name, str) or not name or len(name) > 200:
-        raise InvalidArgumentError(f"a queue name must be a 1-200 character str, got {name!r}")
-    return name
+    return _check_text("queue name", name)
+
+
+def _check_text(what: str, value: object) -> str:
+    """A 1-200 character str without NUL (PostgreSQL text cannot hold one)."""
+    if not isinstance(value, str) or not value or len(value) > 200 or "\x00" in value:
+        raise InvalidArgumentError(f"{what} must be a 1-200 character str without NUL: {value!r}")
+    return value

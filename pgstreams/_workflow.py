@@ -185,10 +185,11 @@ class WorkflowContext:
 async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """Await a coroutine function; run anything else in a worker thread, so that a slow
     or blocking step does not stall the event loop (and with it the run's lease renewal).
-    A timed-out thread is abandoned, not stopped."""
+    A thread cannot be interrupted: a sync step that times out is waited for (and then
+    recorded as timed out), so two attempts never run at once."""
     if inspect.iscoroutinefunction(fn):
         return await fn(*args)
-    result = await anyio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True)
+    result = await anyio.to_thread.run_sync(functools.partial(fn, *args))
     if inspect.isawaitable(result):
         result = await result
     return result

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -19,7 +21,14 @@ from ._db import Database, translate_errors
 from ._errors import DatabaseError, InvalidArgumentError
 from ._migrate import advisory_key
 from ._validate import check_name, check_schema, to_json
-from ._workflow_storage import RunRecord, RunStatus, StepAttempt, StepRecord, StepStatus
+from ._workflow_storage import (
+    TERMINAL,
+    RunRecord,
+    RunStatus,
+    StepAttempt,
+    StepRecord,
+    StepStatus,
+)
 
 __all__ = ["PgWorkflowStorage"]
 
@@ -91,6 +100,27 @@ _Q = {
         )
         RETURNING {_RUN}
     """,
+    # The same, taking the run lock in the same round trip.
+    "CLAIM_LOCK": f"""
+        UPDATE {{runs}}
+        SET status = 'running', owner = %(owner)s, executions = executions + 1,
+            lease_until = clock_timestamp() + %(lease)s * interval '1 second', updated_at = now()
+        WHERE workflow_id = (
+            SELECT workflow_id FROM {{runs}}
+            WHERE status IN ('queued', 'running') AND workflow = ANY (%(workflows)s)
+              AND (status = 'queued' OR lease_until < clock_timestamp())
+            ORDER BY created_at
+            LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING {_RUN}, pg_try_advisory_lock(hashtextextended(%(ns)s || workflow_id, 0)),
+                  hashtextextended(%(ns)s || workflow_id, 0)
+    """,
+    "LOCK": """
+        SELECT pg_try_advisory_lock(hashtextextended(%(ns)s || %(id)s, 0)),
+               hashtextextended(%(ns)s || %(id)s, 0)
+    """,
+    "UNLOCK": "SELECT pg_advisory_unlock(%(key)s)",
     "RENEW": """
         UPDATE {runs} SET lease_until = clock_timestamp() + %(lease)s * interval '1 second'
         WHERE workflow_id = %(id)s AND owner = %(owner)s AND status = 'running'
@@ -104,6 +134,18 @@ _Q = {
           AND (%(owner)s::text IS NULL
                OR (owner = %(owner)s AND status NOT IN ('completed', 'failed', 'cancelled')))
         RETURNING 1
+    """,
+    # A run's last update and the release of its lock, in one round trip.
+    "FINISH": """
+        WITH u AS (
+            UPDATE {runs}
+            SET status = %(status)s, output = %(output)s::jsonb, error = %(error)s::jsonb,
+                lease_until = NULL, updated_at = now()
+            WHERE workflow_id = %(id)s AND owner = %(owner)s
+              AND status NOT IN ('completed', 'failed', 'cancelled')
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM u), pg_advisory_unlock(%(key)s)
     """,
     "CANCEL": f"""
         UPDATE {{runs}}
@@ -161,6 +203,22 @@ _Q = {
 }
 
 
+_executing: ContextVar[str | None] = ContextVar("pgstreams_executing_run", default=None)
+"""The run the current task (and the tasks it starts) executes, if any."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """A run lock this process holds: its owner, the connection (kept for the run's
+    statements) and the key; ``released`` once the run's last update let it go."""
+
+    owner: str
+    stack: AsyncExitStack
+    conn: AsyncConnection[Any]
+    key: int
+    released: bool = False
+
+
 class PgWorkflowStorage:
     """Workflow state in PostgreSQL (see module docstring)."""
 
@@ -183,8 +241,10 @@ class PgWorkflowStorage:
             for key, text in _Q.items()
         }
         self._ready = False
-        # Run locks held by this process: workflow id -> (owner, its connection, key).
-        self._locks: dict[str, tuple[str, AsyncExitStack, AsyncConnection[Any], int]] = {}
+        self._ns = f"{self.schema}.{table_prefix}:"  # scopes the run locks' keys
+        self._locks: dict[str, _Held] = {}  # run locks of runs this process executes
+        self._prelocked: dict[str, _Held] = {}  # taken by claim_run, for lock_run
+        self._contended: set[str] = set()  # claimed, but another process holds the lock
 
     async def migrate(self) -> None:
         """Create the tables if needed (idempotent, safe to run concurrently)."""
@@ -198,14 +258,17 @@ class PgWorkflowStorage:
         self._ready = True
 
     async def _rows(self, key: str, params: dict[str, Any]) -> list[Any]:
-        """Run one statement: on the connection that holds the run's lock when this process
-        executes the run (so a run needs no second connection), else on a lent one."""
+        """Run one statement: on the connection that holds the run's lock when called by the
+        task executing that run (so a run needs no second connection), else on a lent one."""
         if not self._ready:
             await self.migrate()
-        held = self._locks.get(params.get("id", ""))
-        if held is not None and not held[2].closed:
-            with translate_errors():
-                cur = await held[2].execute(self._sql[key], params)
+        run = params.get("id", "")
+        held = self._locks.get(run)
+        if held is not None and _executing.get() == run and not held.conn.closed:
+            # Shielded: a statement cancelled mid-flight would cost the run its connection,
+            # and with it its lock.
+            with anyio.CancelScope(shield=True), translate_errors():
+                cur = await held.conn.execute(self._sql[key], params)
                 return await cur.fetchall() if cur.description else []
         async with self._db.connection() as conn:
             cur = await conn.execute(self._sql[key], params)
@@ -241,9 +304,33 @@ class PgWorkflowStorage:
     async def claim_run(
         self, workflows: Sequence[str], owner: str, lease: float
     ) -> RunRecord | None:
-        params = {"workflows": list(workflows), "owner": owner, "lease": lease}
-        rows = await self._rows("CLAIM", params)
-        return _run(rows[0]) if rows else None
+        params = {"workflows": list(workflows), "owner": owner, "lease": lease, "ns": self._ns}
+        if self._db.pool is None:  # one shared connection: the lock gets its own later
+            rows = await self._rows("CLAIM", params)
+            return _run(rows[0]) if rows else None
+        if not self._ready:
+            await self.migrate()
+        # Claim on a connection that then stays with the run, taking its lock on the way.
+        # Shielded: a claim cancelled mid-flight could leave a lock on a pooled connection.
+        with anyio.CancelScope(shield=True):
+            stack = AsyncExitStack()
+            try:
+                conn = await stack.enter_async_context(self._db.connection())
+                cur = await conn.execute(self._sql["CLAIM_LOCK"], params)
+                row = await cur.fetchone()
+            except BaseException:
+                await stack.aclose()
+                raise
+            if row is None or not row[-2]:
+                await stack.aclose()
+        if row is None:
+            return None
+        run = _run(row)
+        if row[-2]:
+            self._prelocked[run.workflow_id] = _Held(owner, stack, conn, int(row[-1]))
+        else:
+            self._contended.add(run.workflow_id)
+        return run
 
     async def renew_run(self, workflow_id: str, owner: str, lease: float) -> bool:
         rows = await self._rows("RENEW", {"id": workflow_id, "owner": owner, "lease": lease})
@@ -262,13 +349,24 @@ class PgWorkflowStorage:
         output: Any = None,
         error: dict[str, Any] | None = None,
     ) -> bool:
-        params = {
+        params: dict[str, Any] = {
             "id": workflow_id,
             "status": status,
             "owner": owner,
             "output": None if output is None else to_json("output", output),
             "error": None if error is None else to_json("error", error),
         }
+        held = self._locks.get(workflow_id)
+        if (
+            held is not None
+            and owner is not None
+            and held.owner == owner
+            and not held.released
+            and status in TERMINAL
+        ):
+            rows = await self._rows("FINISH", {**params, "key": held.key})
+            held.released = True
+            return bool(rows and rows[0][0])
         return bool(await self._rows("UPDATE", params))
 
     async def request_cancel(self, workflow_id: str) -> RunRecord | None:
@@ -318,20 +416,28 @@ class PgWorkflowStorage:
     async def lock_run(self, workflow_id: str, owner: str, ttl: float) -> bool:
         """A session advisory lock on a connection kept for the run, which then also
         carries the run's statements (``ttl`` unused: the lock lasts as long as that
-        connection). A Database on a single connection gets a dedicated one per run."""
+        connection). ``claim_run`` usually took it already. A Database on a single
+        connection gets a dedicated connection per run."""
+        pre = self._prelocked.get(workflow_id)
+        if pre is not None and pre.owner == owner and workflow_id not in self._locks:
+            self._locks[workflow_id] = self._prelocked.pop(workflow_id)
+            _executing.set(workflow_id)
+            return True
         if workflow_id in self._locks:
             return False  # this process already executes it
-        key = advisory_key("workflow-run", self.schema, self.table_prefix, workflow_id)
+        if workflow_id in self._contended:
+            self._contended.discard(workflow_id)
+            return False  # claim_run found the lock taken
         stack = AsyncExitStack()
         try:
-            if self._db.pool is None:
-                conn = await stack.enter_async_context(
-                    await AsyncConnection.connect(self._db.dsn, autocommit=True)
-                )
-            else:
-                conn = await stack.enter_async_context(self._db.connection())
             with translate_errors():
-                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", [key])
+                if self._db.pool is None:
+                    conn = await stack.enter_async_context(
+                        await AsyncConnection.connect(self._db.dsn, autocommit=True)
+                    )
+                else:
+                    conn = await stack.enter_async_context(self._db.connection())
+                cur = await conn.execute(self._sql["LOCK"], {"ns": self._ns, "id": workflow_id})
                 row = await cur.fetchone()
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -340,32 +446,40 @@ class PgWorkflowStorage:
         if row is None or not row[0]:
             await stack.aclose()
             return False
-        self._locks[workflow_id] = (owner, stack, conn, key)
+        self._locks[workflow_id] = _Held(owner, stack, conn, int(row[1]))
+        _executing.set(workflow_id)
         return True
 
     async def extend_lock(self, workflow_id: str, owner: str, ttl: float) -> bool:
         held = self._locks.get(workflow_id)
-        return held is not None and held[0] == owner and not held[2].closed
+        return held is not None and held.owner == owner and not held.conn.closed
 
     async def unlock_run(self, workflow_id: str, owner: str) -> None:
         held = self._locks.get(workflow_id)
-        if held is None or held[0] != owner:
+        if held is None or held.owner != owner:
             return
         del self._locks[workflow_id]
-        _, stack, conn, key = held
+        if _executing.get() == workflow_id:
+            _executing.set(None)
+        await self._release(held)
+
+    async def _release(self, held: _Held) -> None:
         with anyio.CancelScope(shield=True):
             try:
-                if not conn.closed:
+                if not held.released and not held.conn.closed:
                     with translate_errors():
-                        await conn.execute("SELECT pg_advisory_unlock(%s)", [key])
+                        await held.conn.execute(self._sql["UNLOCK"], {"key": held.key})
             except DatabaseError:
                 pass  # the connection is going back broken: its session and lock end with it
             finally:
-                await stack.aclose()
+                await held.stack.aclose()
 
     async def close(self) -> None:
-        for workflow_id, held in list(self._locks.items()):
-            await self.unlock_run(workflow_id, held[0])
+        """Release the run locks this process still holds."""
+        for table in (self._locks, self._prelocked):
+            while table:
+                _, held = table.popitem()
+                await self._release(held)
 
     def __repr__(self) -> str:
         return f"PgWorkflowStorage(schema={self.schema!r}, table_prefix={self.table_prefix!r})"

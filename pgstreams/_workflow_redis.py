@@ -159,20 +159,28 @@ return 0
 def _translated(
     fn: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Redis errors as the library's: connection trouble is ``DatabaseError(transient=True)``
-    (a worker rides it out), anything else a plain ``DatabaseError``."""
+    """Redis errors as the library's: connection trouble and failover states are
+    ``DatabaseError(transient=True)`` (a worker rides them out), anything else a plain
+    ``DatabaseError``."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import RedisError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
+        from redis import exceptions as e
 
         try:
             return await fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except (
+            e.ConnectionError,
+            e.TimeoutError,
+            e.ReadOnlyError,  # a replica, right after a failover
+            e.TryAgainError,
+            e.ClusterDownError,
+            e.MasterDownError,
+            e.BusyLoadingError,
+            e.OutOfMemoryError,
+        ) as exc:
             raise DatabaseError(f"Redis: {exc}", transient=True) from exc
-        except RedisError as exc:
+        except e.RedisError as exc:
             raise DatabaseError(f"Redis: {exc}") from exc
 
     return wrapper

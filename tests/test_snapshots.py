@@ -55,3 +55,36 @@ async def test_bad_input_is_refused_before_anything_is_written(db: ps.Database) 
     with pytest.raises(ps.InvalidArgumentError):
         await store.list(limit=0)
     assert await store.list() == []
+
+
+async def test_prefixes_keep_stores_apart(db: ps.Database) -> None:
+    one = ps.SnapshotStore(db, table="snaps_prefix", prefix="a:")
+    two = ps.SnapshotStore(db, table="snaps_prefix", prefix="a")
+    await one.save("b", {"who": "one"})
+    await two.save(":b", {"who": "two"})
+    assert await one.load("b") == {"who": "one"}
+    assert [s.id for s in await two.list()] == [":b"]
+
+
+async def test_concurrent_first_calls_open_one_database(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pgstreams._snapshots as snapshots
+
+    opened: list[ps.Database] = []
+    real_connect = ps.connect
+
+    async def counting(dsn: str) -> ps.Database:
+        db = await real_connect(dsn)
+        opened.append(db)
+        return db
+
+    monkeypatch.setattr(snapshots, "connect", counting)
+    store = ps.SnapshotStore(dsn, table="snaps_concurrent")
+    async with anyio.create_task_group() as tg:
+        for i in range(5):
+            tg.start_soon(store.save, f"s{i}", {"i": i})
+    await store.close()
+    assert len(opened) == 1
+    for db in opened:  # what a leak would have left open
+        await db.close()

@@ -23,7 +23,9 @@ async def fill(q: ps.PgStepQueue, plan: list[tuple[str, int]]) -> None:
         await q.enqueue(f"wf-{n}", f"{queue}-{n}", queue, {"n": n}, priority=priority)
 
 
-async def test_fairness_policies_are_observable_in_claim_order(queue: ps.PgStepQueue) -> None:
+async def test_fairness_policies_are_observable_in_claim_order(
+    db: ps.Database, queue: ps.PgStepQueue
+) -> None:
     plan = [("fast", 0)] * 4 + [("slow", 5)] * 2 + [("fast", 9)]
     await fill(queue, plan)
     strict = await queue.claim(["fast", "slow"], 10, fairness="strict-priority")
@@ -40,7 +42,8 @@ async def test_fairness_policies_are_observable_in_claim_order(queue: ps.PgStepQ
     robin = await queue.claim(["fast", "slow"], 5, fairness="round-robin")
     assert [t.queue for t in robin] == ["fast", "slow", "fast", "slow", "fast"]
     assert await queue.requeue_stuck(claimed_by="w1") == 5
-    weighted = await queue.claim({"fast": 2, "slow": 1}, 6, fairness="weighted")
+    fresh = ps.PgStepQueue(db, worker_id="w1", namespace="test")  # no turns taken yet
+    weighted = await fresh.claim({"fast": 2, "slow": 1}, 6, fairness="weighted")
     assert [t.queue for t in weighted] == ["fast", "fast", "slow", "fast", "fast", "slow"]
 
 
@@ -99,6 +102,13 @@ async def test_complete_fail_requeue_and_metrics(db: ps.Database, queue: ps.PgSt
         ("claim", {"queues": {"q": 0}}),
         ("requeue_stuck", {}),
         ("requeue_stuck", {"stale_after": 1, "claimed_by": "w"}),
+        ("requeue_stuck", {"claimed_by": 5}),
+        (
+            "enqueue",
+            {"workflow_id": "w", "step_name": "s", "queue": "q", "input": 1, "priority": 2**31},
+        ),
+        ("enqueue", {"workflow_id": "w", "step_name": "s", "queue": "q\x00", "input": 1}),
+        ("complete", {"task_id": 2**63, "result": None, "duration_ms": 1}),
     ],
 )
 async def test_bad_input_is_refused(
@@ -107,3 +117,13 @@ async def test_bad_input_is_refused(
     with pytest.raises((ps.InvalidArgumentError, ps.PayloadError)):
         await getattr(queue, call)(**kwargs)
     assert await queue.metrics() == {}
+
+
+async def test_turns_carry_over_from_one_claim_to_the_next(queue: ps.PgStepQueue) -> None:
+    await fill(queue, [("a", 0)] * 6 + [("b", 0)] * 6)
+    robin = [(await queue.claim(["a", "b"], 1, fairness="round-robin"))[0].queue for _ in range(4)]
+    assert robin == ["a", "b", "a", "b"]
+    weighted = [
+        (await queue.claim({"a": 2, "b": 1}, 1, fairness="weighted"))[0].queue for _ in range(6)
+    ]
+    assert weighted == ["a", "a", "b", "a", "a", "b"]

@@ -631,3 +631,69 @@ async def test_trigger_wait_reports_a_failed_run_and_goes_on(db: ps.Database) ->
     async with engine.worker():
         results = await nothing.through(op).collect()
     assert [type(r.error) for r in results] == [ps.WorkflowFailedError] * 2
+
+
+paced = ps.Workflow[None, int]("paced")
+
+
+@paced.run
+async def _paced(ctx: ps.WorkflowContext, input: None) -> int:
+    for i in range(3):
+        await ctx.step(f"nap-{i}", anyio.sleep, 0.3)
+    return 3
+
+
+async def test_cancelled_callers_elsewhere_do_not_break_an_executing_run(db: ps.Database) -> None:
+    engine = ps.WorkflowEngine(db, workflows=[paced], lease=0.6)  # renewed every 0.2 s
+    run = await engine.start(paced, workflow_id="paced-1")
+    async with engine.worker():
+        with anyio.fail_after(10):
+            while await run.status() != "completed":
+                for delay in (0, 0.0005, 0.001, 0.002):
+                    with anyio.move_on_after(delay):  # cancels its statements mid-flight
+                        await run.result()
+    run_record = await engine.storage.get_run("paced-1")
+    assert run_record is not None and run_record.executions == 1
+
+
+class Unlucky(ps.PgWorkflowStorage):
+    """Its first lock and first unlock fail."""
+
+    lock_failed = unlock_failed = False
+
+    async def lock_run(self, workflow_id: str, owner: str, ttl: float) -> bool:
+        if not self.lock_failed:
+            self.lock_failed = True
+            raise ps.DatabaseError("too many connections for role")
+        return await super().lock_run(workflow_id, owner, ttl)
+
+    async def unlock_run(self, workflow_id: str, owner: str) -> None:
+        await super().unlock_run(workflow_id, owner)
+        if not self.unlock_failed:
+            self.unlock_failed = True
+            raise ps.DatabaseError("Redis: Connection reset by peer", transient=True)
+
+
+async def test_lock_and_unlock_failures_do_not_stop_a_worker(db: ps.Database) -> None:
+    storage = Unlucky(db, table_prefix="unlucky_")
+    engine = ps.WorkflowEngine(storage=storage, workflows=[three], lease=0.5)
+    runs = [await engine.start(three, {"n": i}, workflow_id=f"unlucky-{i}") for i in range(2)]
+    async with engine.worker():
+        with anyio.fail_after(10):
+            for run in runs:
+                await run.result()
+    assert storage.lock_failed and storage.unlock_failed
+
+
+async def test_redis_failover_states_are_transient() -> None:
+    from redis.exceptions import ReadOnlyError
+
+    from pgstreams._workflow_redis import _translated
+
+    @_translated
+    async def on_a_replica() -> None:
+        raise ReadOnlyError("You can't write against a read only replica.")
+
+    with pytest.raises(ps.DatabaseError) as caught:
+        await on_a_replica()
+    assert caught.value.transient
