@@ -22,6 +22,7 @@ __all__ = [
     "fetchall_shielded",
     "fetchone",
     "idle_wait",
+    "render",
     "render_queries",
     "using",
 ]
@@ -138,11 +139,20 @@ async def idle_wait(
     return poll
 
 
-def render_queries(module: ModuleType, names: Mapping[str, sql.Composable]) -> dict[str, bytes]:
-    """Every public upper-case string of ``module`` (an SQL module) with its ``{name}``
-    identifiers substituted: rendered once, so each call sends ready bytes."""
+def render(texts: Mapping[str, str], names: Mapping[str, sql.Composable]) -> dict[str, bytes]:
+    """Each SQL text with its ``{name}`` identifiers substituted: rendered once, so each
+    call sends ready bytes."""
     return {
         key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
+        for key, text in texts.items()
+    }
+
+
+def render_queries(module: ModuleType, names: Mapping[str, sql.Composable]) -> dict[str, bytes]:
+    """``render`` every public upper-case string of ``module`` (an SQL module)."""
+    texts = {
+        key: text
         for key, text in vars(module).items()
         if key.isupper() and not key.startswith("_") and isinstance(text, str)
     }
+    return render(texts, names)

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 from psycopg import sql
 
-from ._calls import fetchall, fetchone
+from ._calls import fetchall, fetchone, render
 from ._db import Database, connect
 from ._errors import InvalidArgumentError
 from ._migrate import advisory_key
@@ -100,10 +100,7 @@ class SnapshotStore:
                     )
                 )
                 await conn.execute(sql.SQL(_TABLE).format(**names))  # type: ignore[arg-type,unused-ignore]
-            self._sql = {
-                k: sql.SQL(v).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
-                for k, v in _Q.items()
-            }
+            self._sql = render(_Q, names)
             self._ready = True
         return self._db
 

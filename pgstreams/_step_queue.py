@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from psycopg import sql
 
-from ._calls import fetchall
+from ._calls import fetchall, render
 from ._db import Database
 from ._errors import InvalidArgumentError
 from ._validate import check_positive_int, check_seconds, to_json
@@ -133,10 +133,7 @@ class PgStepQueue:
         self.namespace = namespace
         self._names = {"tasks": sql.Identifier(db.schema, "step_tasks")}
         self._turns: dict[str, float] = {}  # per queue: tasks claimed / weight
-        self._sql = {
-            k: sql.SQL(v).format(**self._names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
-            for k, v in _Q.items()
-        }
+        self._sql = render(_Q, self._names)
         self._claims = {
             fairness: sql.SQL(_CLAIM)
             .format(

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from psycopg import AsyncConnection, sql
 
+from ._calls import render
 from ._db import Database, translate_errors
 from ._errors import DatabaseError, InvalidArgumentError
 from ._migrate import advisory_key
@@ -78,6 +79,21 @@ _RUN = (
     " created_at, updated_at"
 )
 
+# The oldest queued run of the given workflows, or the oldest whose lease ran out.
+_CLAIM = """
+    UPDATE {runs}
+    SET status = 'running', owner = %(owner)s, executions = executions + 1,
+        lease_until = clock_timestamp() + %(lease)s * interval '1 second', updated_at = now()
+    WHERE workflow_id = (
+        SELECT workflow_id FROM {runs}
+        WHERE status IN ('queued', 'running') AND workflow = ANY (%(workflows)s)
+          AND (status = 'queued' OR lease_until < clock_timestamp())
+        ORDER BY created_at
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    )
+"""
+
 _Q = {
     "CREATE": f"""
         INSERT INTO {{runs}} (workflow_id, workflow, status, input)
@@ -86,33 +102,9 @@ _Q = {
         RETURNING {_RUN}
     """,
     "GET": f"SELECT {_RUN} FROM {{runs}} WHERE workflow_id = %(id)s",
-    "CLAIM": f"""
-        UPDATE {{runs}}
-        SET status = 'running', owner = %(owner)s, executions = executions + 1,
-            lease_until = clock_timestamp() + %(lease)s * interval '1 second', updated_at = now()
-        WHERE workflow_id = (
-            SELECT workflow_id FROM {{runs}}
-            WHERE status IN ('queued', 'running') AND workflow = ANY (%(workflows)s)
-              AND (status = 'queued' OR lease_until < clock_timestamp())
-            ORDER BY created_at
-            LIMIT 1
-            FOR UPDATE SKIP LOCKED
-        )
-        RETURNING {_RUN}
-    """,
+    "CLAIM": f"{_CLAIM} RETURNING {_RUN}",
     # The same, taking the run lock in the same round trip.
-    "CLAIM_LOCK": f"""
-        UPDATE {{runs}}
-        SET status = 'running', owner = %(owner)s, executions = executions + 1,
-            lease_until = clock_timestamp() + %(lease)s * interval '1 second', updated_at = now()
-        WHERE workflow_id = (
-            SELECT workflow_id FROM {{runs}}
-            WHERE status IN ('queued', 'running') AND workflow = ANY (%(workflows)s)
-              AND (status = 'queued' OR lease_until < clock_timestamp())
-            ORDER BY created_at
-            LIMIT 1
-            FOR UPDATE SKIP LOCKED
-        )
+    "CLAIM_LOCK": f"""{_CLAIM}
         RETURNING {_RUN}, pg_try_advisory_lock(hashtextextended(%(ns)s || workflow_id, 0)),
                   hashtextextended(%(ns)s || workflow_id, 0)
     """,
@@ -236,10 +228,7 @@ class PgWorkflowStorage:
             "steps": sql.Identifier(self.schema, f"{table_prefix}steps"),
             "attempts": sql.Identifier(self.schema, f"{table_prefix}attempts"),
         }
-        self._sql = {
-            key: sql.SQL(text).format(**self._names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
-            for key, text in _Q.items()
-        }
+        self._sql = render(_Q, self._names)
         self._ready = False
         self._ns = f"{self.schema}.{table_prefix}:"  # scopes the run locks' keys
         self._locks: dict[str, _Held] = {}  # run locks of runs this process executes
