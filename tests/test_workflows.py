@@ -697,3 +697,20 @@ async def test_redis_failover_states_are_transient() -> None:
     with pytest.raises(ps.DatabaseError) as caught:
         await on_a_replica()
     assert caught.value.transient
+
+
+async def test_pg_storage_in_its_own_schema_with_a_prefix(db: ps.Database) -> None:
+    storage = ps.PgWorkflowStorage(db, schema="wf_custom", table_prefix="app_")
+    engine = ps.WorkflowEngine(storage=storage, workflows=[three])
+    run = await engine.start(three, {"n": 2}, workflow_id="custom-1")
+    async with engine.worker():
+        with anyio.fail_after(10):
+            await run.result()
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'wf_custom'"
+            " ORDER BY table_name"
+        )
+        assert [r[0] for r in await cur.fetchall()] == ["app_attempts", "app_runs", "app_steps"]
+    with pytest.raises(ps.InvalidArgumentError):
+        ps.PgWorkflowStorage(db, schema="Bad Schema")
