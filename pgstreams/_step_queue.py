@@ -103,7 +103,7 @@ UPDATE {tasks} t
 SET status = 'running', claimed_by = %(worker)s, claimed_at = now(), claims = t.claims + 1
 FROM picked
 WHERE t.id = picked.id
-RETURNING picked.ord, {task_columns}
+RETURNING picked.ord, (SELECT array_agg(DISTINCT pos) FROM cand), {task_columns}
 """
 
 
@@ -199,25 +199,47 @@ class PgStepQueue:
             _check_queue(name)
             if check_seconds(f"the weight of queue {name!r}", weight) <= 0:
                 raise InvalidArgumentError(f"the weight of queue {name!r} must be positive")
-        # Each queue's turns so far (tasks claimed / weight), relative to the least served.
-        base = min(self._turns.get(q, 0.0) for q in weights)
+        # Each queue's turns so far (tasks claimed / weight), relative to the least served;
+        # a queue met for the first time starts level with the least served.
+        known = [self._turns[q] for q in weights if q in self._turns]
+        for q in weights:
+            self._turns.setdefault(q, min(known, default=0.0))
+        base = min(self._turns[q] for q in weights)
         params = {
             "ns": self.namespace,
             "queues": list(weights),
             "weights": [float(w) for w in weights.values()],
-            "turns": [self._turns.get(q, 0.0) - base for q in weights],
+            "turns": [self._turns[q] - base for q in weights],
             "limit": limit,
             "worker": self.worker_id,
         }
         await self._db.ensure_migrated()
         rows = await fetchall(self._db, self._claims[fairness], params)
-        tasks = [StepTask(*r[1:]) for r in sorted(rows, key=lambda r: r[0])]
+        tasks = [StepTask(*r[2:]) for r in sorted(rows, key=lambda r: r[0])]
         if fairness != "strict-priority":
-            for q in weights:
-                self._turns[q] = self._turns.get(q, 0.0) - base
-            for task in tasks:
-                self._turns[task.queue] += 1 / weights[task.queue]
+            self._take_turns(weights, base, tasks, rows[0][1] if rows else [])
         return tasks
+
+    def _take_turns(
+        self,
+        weights: Mapping[str, float],
+        base: float,
+        tasks: builtins.list[StepTask],
+        nonempty: builtins.list[int],
+    ) -> None:
+        """Count the turns these tasks took. A queue that had nothing to give is kept level
+        with the least served queue that had: idle time earns no credit."""
+        queues = builtins.list(weights)
+        for q in queues:
+            self._turns[q] -= base
+        for task in tasks:
+            self._turns[task.queue] += 1 / weights[task.queue]
+        busy = [queues[pos - 1] for pos in nonempty]
+        if busy:
+            level = min(self._turns[q] for q in busy)
+            for q in queues:
+                if q not in busy:
+                    self._turns[q] = max(self._turns[q], level)
 
     async def complete(self, task_id: int, result: Any, duration_ms: float) -> bool:
         """Mark a task this worker holds completed; False if it no longer holds it."""

@@ -303,12 +303,13 @@ class PgWorkflowStorage:
         # Shielded: a claim cancelled mid-flight could leave a lock on a pooled connection.
         with anyio.CancelScope(shield=True):
             stack = AsyncExitStack()
+            conn = await stack.enter_async_context(self._db.connection())
             try:
-                conn = await stack.enter_async_context(self._db.connection())
-                cur = await conn.execute(self._sql["CLAIM_LOCK"], params)
-                row = await cur.fetchone()
+                with translate_errors():
+                    cur = await conn.execute(self._sql["CLAIM_LOCK"], params)
+                    row = await cur.fetchone()
             except BaseException:
-                await stack.aclose()
+                await _discard(stack, conn)  # it may hold a lock the claim took
                 raise
             if row is None or not row[-2]:
                 await stack.aclose()
@@ -407,11 +408,16 @@ class PgWorkflowStorage:
         carries the run's statements (``ttl`` unused: the lock lasts as long as that
         connection). ``claim_run`` usually took it already. A Database on a single
         connection gets a dedicated connection per run."""
-        pre = self._prelocked.get(workflow_id)
-        if pre is not None and pre.owner == owner and workflow_id not in self._locks:
-            self._locks[workflow_id] = self._prelocked.pop(workflow_id)
-            _executing.set(workflow_id)
-            return True
+        pre = self._prelocked.pop(workflow_id, None)
+        if pre is not None:
+            if pre.owner == owner and workflow_id not in self._locks:
+                self._locks[workflow_id] = pre
+                _executing.set(workflow_id)
+                return True
+            # This process still executes it elsewhere (its old connection died and the
+            # claim took the lock anew): let the claim's lock and connection go.
+            await self._release(pre)
+            return False
         if workflow_id in self._locks:
             return False  # this process already executes it
         if workflow_id in self._contended:
@@ -459,8 +465,10 @@ class PgWorkflowStorage:
                     with translate_errors():
                         await held.conn.execute(self._sql["UNLOCK"], {"key": held.key})
             except DatabaseError:
-                pass  # the connection is going back broken: its session and lock end with it
-            finally:
+                # Whatever failed, the lock must not stay on a pooled connection: close it
+                # (its session, and the lock, end with it).
+                await _discard(held.stack, held.conn)
+            else:
                 await held.stack.aclose()
 
     async def close(self) -> None:
@@ -472,6 +480,14 @@ class PgWorkflowStorage:
 
     def __repr__(self) -> str:
         return f"PgWorkflowStorage(schema={self.schema!r}, table_prefix={self.table_prefix!r})"
+
+
+async def _discard(stack: AsyncExitStack, conn: AsyncConnection[Any]) -> None:
+    """Close ``conn`` before handing it back (the pool drops closed connections)."""
+    try:
+        await conn.close()
+    finally:
+        await stack.aclose()
 
 
 def _run(row: Any) -> RunRecord:

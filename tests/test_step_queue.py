@@ -127,3 +127,14 @@ async def test_turns_carry_over_from_one_claim_to_the_next(queue: ps.PgStepQueue
         (await queue.claim({"a": 2, "b": 1}, 1, fairness="weighted"))[0].queue for _ in range(6)
     ]
     assert weighted == ["a", "a", "b", "a", "a", "b"]
+
+
+async def test_an_idle_queue_earns_no_credit(queue: ps.PgStepQueue) -> None:
+    await fill(queue, [("b", 0)] * 20)
+    for _ in range(20):  # "a" has nothing meanwhile
+        assert (await queue.claim(["a", "b"], 1, fairness="round-robin"))[0].queue == "b"
+    await fill(queue, [("a", 0)] * 4 + [("b", 0)] * 4)
+    served = [(await queue.claim(["a", "b"], 1, fairness="round-robin"))[0].queue for _ in range(6)]
+    assert served == ["a", "b", "a", "b", "a", "b"]
+    newcomer = [(await queue.claim(["a", "b", "c"], 1, fairness="round-robin")) for _ in range(2)]
+    assert [t[0].queue for t in newcomer] == ["a", "b"]  # "c" is empty: no credit either

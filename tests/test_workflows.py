@@ -19,6 +19,7 @@ import pgstreams as ps
 
 from . import _workflow_worker as child
 from ._killed_consumer import kill_when_ready
+from .pgserver import terminate_backends
 
 REDIS_URL = os.environ.get("PGSTREAMS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -714,3 +715,42 @@ async def test_pg_storage_in_its_own_schema_with_a_prefix(db: ps.Database) -> No
         assert [r[0] for r in await cur.fetchall()] == ["app_attempts", "app_runs", "app_steps"]
     with pytest.raises(ps.InvalidArgumentError):
         ps.PgWorkflowStorage(db, schema="Bad Schema")
+
+
+async def test_a_worker_rides_out_its_connections_being_killed(db: ps.Database, dsn: str) -> None:
+    engine = ps.WorkflowEngine(db, workflows=[three])
+    first = await engine.start(three, {"n": 1}, workflow_id="killed-conns-1")
+    async with engine.worker():
+        with anyio.fail_after(10):
+            await first.result()
+        terminate_backends(dsn)  # every connection of the pool, the idle worker's included
+        for _ in range(5):  # our own call may meet a dead pooled connection too
+            try:
+                second = await engine.start(three, {"n": 2}, workflow_id="killed-conns-2")
+                break
+            except ps.DatabaseError as exc:
+                if not exc.transient:
+                    raise
+        with anyio.fail_after(20):
+            await second.result()
+
+
+async def test_a_fresh_claim_of_a_run_this_process_still_executes_lets_its_lock_go(
+    db: ps.Database, dsn: str
+) -> None:
+    storage = ps.PgWorkflowStorage(db, table_prefix="relock_")
+    await storage.create_run("r", "wf", None)
+    assert await storage.claim_run(["wf"], "me", 0.2) is not None
+    assert await storage.lock_run("r", "me", 0.2)
+    # The run's connection dies (and its lock with it); its lease runs out meanwhile.
+    terminate_backends(dsn, pid=storage._locks["r"].conn.info.backend_pid)
+    await anyio.sleep(0.3)
+    again = await storage.claim_run(["wf"], "me", 30)  # takes the lock on a new connection
+    assert again is not None and again.workflow_id == "r"
+    assert not await storage.lock_run("r", "me", 30)  # still executing here: not twice
+    await storage.unlock_run("r", "me")
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        assert await cur.fetchone() == (0,)
+    assert db.connections_in_use == 0
+    await storage.close()
