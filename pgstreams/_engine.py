@@ -134,7 +134,6 @@ class WorkflowEngine:
                 raise InvalidArgumentError(f"unknown workflow {workflow!r}")
             workflow = self._workflows[workflow]
         self.register(workflow)
-        to_json("workflow input", input)  # refuse what cannot be stored, before writing
         if workflow_id is None:
             workflow_id = uuid.uuid4().hex
         elif not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > 200:

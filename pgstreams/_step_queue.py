@@ -35,11 +35,9 @@ from ._validate import check_positive_int, check_seconds, to_json
 __all__ = ["Fairness", "PgStepQueue", "StepTask"]
 
 Fairness = Literal["strict-priority", "round-robin", "weighted"]
-_ORDER = {
-    "strict-priority": "priority DESC, id",
-    "round-robin": "turn + rn / weight, pos, id",
-    "weighted": "turn + rn / weight, pos, id",
-}
+FAIRNESS: tuple[Fairness, ...] = ("strict-priority", "round-robin", "weighted")
+# Round-robin is weighted with every weight 1: both order by turns.
+_ORDER = {"priority": "priority DESC, id", "turns": "turn + rn / weight, pos, id"}
 _TASK = (
     "id, queue, workflow_id, step_name, input, prev_results, priority, status, claimed_by,"
     " claims, created_at"
@@ -135,7 +133,7 @@ class PgStepQueue:
         self._turns: dict[str, float] = {}  # per queue: tasks claimed / weight
         self._sql = render(_Q, self._names)
         self._claims = {
-            fairness: sql.SQL(_CLAIM)
+            key: sql.SQL(_CLAIM)
             .format(
                 order=sql.SQL(order),
                 task_columns=sql.SQL(", ".join(f"t.{c.strip()}" for c in _TASK.split(","))),
@@ -143,7 +141,7 @@ class PgStepQueue:
             )
             .as_string()
             .encode()
-            for fairness, order in _ORDER.items()
+            for key, order in _ORDER.items()
         }
 
     async def enqueue(
@@ -187,8 +185,8 @@ class PgStepQueue:
         fairness: Fairness = "strict-priority",
     ) -> builtins.list[StepTask]:
         """Claim up to ``limit`` pending tasks from ``queues``, in the fairness order."""
-        if fairness not in _ORDER:
-            raise InvalidArgumentError(f"fairness must be one of {tuple(_ORDER)}, got {fairness!r}")
+        if fairness not in FAIRNESS:
+            raise InvalidArgumentError(f"fairness must be one of {FAIRNESS}, got {fairness!r}")
         check_positive_int("limit", limit)
         if isinstance(queues, str):
             raise InvalidArgumentError("queues must be a list of queue names, not one str")
@@ -214,9 +212,10 @@ class PgStepQueue:
             "worker": self.worker_id,
         }
         await self._db.ensure_migrated()
-        rows = await fetchall(self._db, self._claims[fairness], params)
+        by_turns = fairness != "strict-priority"
+        rows = await fetchall(self._db, self._claims["turns" if by_turns else "priority"], params)
         tasks = [StepTask(*r[2:]) for r in sorted(rows, key=lambda r: r[0])]
-        if fairness != "strict-priority":
+        if by_turns:
             self._take_turns(weights, base, tasks, rows[0][1] if rows else [])
         return tasks
 

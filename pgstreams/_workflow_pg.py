@@ -326,10 +326,6 @@ class PgWorkflowStorage:
         rows = await self._rows("RENEW", {"id": workflow_id, "owner": owner, "lease": lease})
         return bool(rows)
 
-    async def cancel_requested(self, workflow_id: str) -> bool:
-        run = await self.get_run(workflow_id)
-        return run is not None and run.cancel_requested
-
     async def update_run(
         self,
         workflow_id: str,

@@ -33,17 +33,19 @@ _LOCK_TRIES = 3
 _LOCK_RETRY_DELAY = 0.05
 
 # KEYS[1] run hash, KEYS[2] the workflow's ready set. ARGV: id, workflow, input json.
+# Returns {created (1/0), the run's hash}.
 _CREATE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('HGETALL', KEYS[1])} end
 redis.call('HSET', KEYS[1], 'workflow', ARGV[2], 'status', 'queued', 'input', ARGV[3],
            'executions', 0, 'cancel_requested', 0, 'created_at', now, 'updated_at', now)
 redis.call('ZADD', KEYS[2], now, ARGV[1])
-return 1
+return {1, redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: ready sets of the workflows. ARGV: key prefix, owner, lease ms. Returns the id.
+# KEYS: ready sets of the workflows. ARGV: key prefix, owner, lease ms. Returns
+# {id, the run's hash}, or false.
 _CLAIM = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -61,52 +63,67 @@ redis.call('HSET', run, 'status', 'running', 'owner', ARGV[2], 'lease_until', un
            'updated_at', now)
 redis.call('HINCRBY', run, 'executions', 1)
 redis.call('ZADD', best_key, until_ms, best)
-return best
+return {best, redis.call('HGETALL', run)}
 """
 
-# KEYS[1] run, KEYS[2] ready set. ARGV: owner, lease ms. Returns 1 if renewed.
-_RENEW = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
+# The ready set of the run in KEYS[1] (ARGV[1] is the key prefix): found by the script, so
+# callers need no round trip to learn the run's workflow first.
+_READY = """
+local ready = ARGV[1] .. 'ready:' .. (redis.call('HGET', KEYS[1], 'workflow') or '')
+"""
+
+# KEYS[1] run. ARGV: key prefix, id, owner, lease ms. Returns 1 if renewed.
+_RENEW = (
+    _READY
+    + """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3]
    or redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 local t = redis.call('TIME')
-local until_ms = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2])
+local until_ms = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'lease_until', until_ms)
-redis.call('ZADD', KEYS[2], until_ms, ARGV[3])
+redis.call('ZADD', ready, until_ms, ARGV[2])
 return 1
 """
+)
 
-# KEYS[1] run, KEYS[2] ready set. ARGV: id, status, owner ('' = any), output, error.
-_UPDATE = """
+# KEYS[1] run. ARGV: key prefix, id, status, owner ('' = any), output, error.
+_UPDATE = (
+    _READY
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local status = redis.call('HGET', KEYS[1], 'status')
-if ARGV[3] ~= '' and (redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3]
+if ARGV[4] ~= '' and (redis.call('HGET', KEYS[1], 'owner') ~= ARGV[4]
    or status == 'completed' or status == 'failed' or status == 'cancelled') then return 0 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'output', ARGV[4], 'error', ARGV[5],
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'output', ARGV[5], 'error', ARGV[6],
            'updated_at', now)
 redis.call('HDEL', KEYS[1], 'lease_until')
-if ARGV[2] == 'queued' then
+if ARGV[3] == 'queued' then
     redis.call('HDEL', KEYS[1], 'owner')
-    redis.call('ZADD', KEYS[2], now, ARGV[1])
-elseif ARGV[2] ~= 'running' then
-    redis.call('ZREM', KEYS[2], ARGV[1])
+    redis.call('ZADD', ready, now, ARGV[2])
+elseif ARGV[3] ~= 'running' then
+    redis.call('ZREM', ready, ARGV[2])
 end
 return 1
 """
+)
 
-# KEYS[1] run, KEYS[2] ready set. ARGV: id.
-_CANCEL = """
+# KEYS[1] run. ARGV: key prefix, id. Returns the run's hash after (empty if none).
+_CANCEL = (
+    _READY
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 0 end
+if not status then return {} end
 if status == 'queued' then
     redis.call('HSET', KEYS[1], 'status', 'cancelled')
-    redis.call('ZREM', KEYS[2], ARGV[1])
+    redis.call('ZREM', ready, ARGV[2])
 elseif status == 'running' then
     redis.call('HSET', KEYS[1], 'cancel_requested', 1)
 end
-return 1
+return redis.call('HGETALL', KEYS[1])
 """
+)
 
 # KEYS[1] step, KEYS[2] history list, KEYS[3] history entries. ARGV: step name.
 _ATTEMPT = """
@@ -240,10 +257,6 @@ class RedisWorkflowStorage:
             f"{p}attempts:{workflow_id}",
         ]
 
-    async def _ready_of(self, workflow_id: str) -> str:
-        workflow = await self._redis.hget(self._run_key(workflow_id), "workflow")
-        return self._ready_key(_text(workflow) or "")
-
     # -- runs --------------------------------------------------------------------------
 
     @_translated
@@ -251,33 +264,18 @@ class RedisWorkflowStorage:
         self, workflow_id: str, workflow: str, input: Any
     ) -> tuple[RunRecord, bool]:
         text = to_json("input", input)
-        created = await self._scripts["create"](
+        created, raw = await self._scripts["create"](
             keys=[self._run_key(workflow_id), self._ready_key(workflow)],
             args=[workflow_id, workflow, text],
         )
-        run = await self.get_run(workflow_id)
+        run = _record(workflow_id, _pairs(raw))
         assert run is not None
         return run, bool(created)
 
     @_translated
     async def get_run(self, workflow_id: str) -> RunRecord | None:
         raw = await self._redis.hgetall(self._run_key(workflow_id))
-        if not raw:
-            return None
-        h = {_text(k): _text(v) for k, v in raw.items()}
-        return RunRecord(
-            workflow_id=workflow_id,
-            workflow=h["workflow"] or "",
-            status=h["status"],  # type: ignore[arg-type]
-            input=_json(h.get("input")),
-            output=_json(h.get("output")),
-            error=_json(h.get("error")),
-            executions=int(h.get("executions") or 0),
-            cancel_requested=h.get("cancel_requested") == "1",
-            owner=h.get("owner") or None,
-            created_at=_time(h.get("created_at")),
-            updated_at=_time(h.get("updated_at")),
-        )
+        return _record(workflow_id, {_text(k) or "": _text(v) for k, v in raw.items()})
 
     @_translated
     async def claim_run(
@@ -289,13 +287,15 @@ class RedisWorkflowStorage:
             keys=[self._ready_key(w) for w in workflows],
             args=[self.key_prefix, owner, int(lease * 1000)],
         )
-        return None if claimed is None else await self.get_run(_text(claimed) or "")
+        if not claimed:
+            return None
+        return _record(_text(claimed[0]) or "", _pairs(claimed[1]))
 
     @_translated
     async def renew_run(self, workflow_id: str, owner: str, lease: float) -> bool:
         renewed = await self._scripts["renew"](
-            keys=[self._run_key(workflow_id), await self._ready_of(workflow_id)],
-            args=[owner, int(lease * 1000), workflow_id],
+            keys=[self._run_key(workflow_id)],
+            args=[self.key_prefix, workflow_id, owner, int(lease * 1000)],
         )
         return bool(renewed)
 
@@ -310,8 +310,9 @@ class RedisWorkflowStorage:
         error: dict[str, Any] | None = None,
     ) -> bool:
         updated = await self._scripts["update"](
-            keys=[self._run_key(workflow_id), await self._ready_of(workflow_id)],
+            keys=[self._run_key(workflow_id)],
             args=[
+                self.key_prefix,
                 workflow_id,
                 status,
                 owner or "",
@@ -323,11 +324,10 @@ class RedisWorkflowStorage:
 
     @_translated
     async def request_cancel(self, workflow_id: str) -> RunRecord | None:
-        await self._scripts["cancel"](
-            keys=[self._run_key(workflow_id), await self._ready_of(workflow_id)],
-            args=[workflow_id],
+        raw = await self._scripts["cancel"](
+            keys=[self._run_key(workflow_id)], args=[self.key_prefix, workflow_id]
         )
-        return await self.get_run(workflow_id)
+        return _record(workflow_id, _pairs(raw))
 
     @_translated
     async def run_history(self, workflow_id: str) -> list[StepAttempt]:
@@ -443,6 +443,30 @@ class RedisWorkflowStorage:
 
     def __repr__(self) -> str:
         return f"RedisWorkflowStorage(key_prefix={self.key_prefix!r})"
+
+
+def _pairs(flat: list[Any]) -> dict[str, str | None]:
+    """A hash as a script returns HGETALL: a flat list of fields and values."""
+    return {_text(flat[i]) or "": _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _record(workflow_id: str, h: dict[str, str | None]) -> RunRecord | None:
+    """A run from its hash (None for an empty one: no such run)."""
+    if not h:
+        return None
+    return RunRecord(
+        workflow_id=workflow_id,
+        workflow=h.get("workflow") or "",
+        status=h["status"],  # type: ignore[arg-type]
+        input=_json(h.get("input")),
+        output=_json(h.get("output")),
+        error=_json(h.get("error")),
+        executions=int(h.get("executions") or 0),
+        cancel_requested=h.get("cancel_requested") == "1",
+        owner=h.get("owner") or None,
+        created_at=_time(h.get("created_at")),
+        updated_at=_time(h.get("updated_at")),
+    )
 
 
 def _text(value: Any) -> str | None:

@@ -75,7 +75,8 @@ class WorkflowStorage(Protocol):
     async def create_run(
         self, workflow_id: str, workflow: str, input: Any
     ) -> tuple[RunRecord, bool]:
-        """Create a queued run, atomically: if ``workflow_id`` exists, return it and False."""
+        """Create a queued run, atomically: if ``workflow_id`` exists, return it and False.
+        Input that is not JSON raises ``PayloadError`` before anything is written."""
         ...
 
     async def get_run(self, workflow_id: str) -> RunRecord | None: ...
