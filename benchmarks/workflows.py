@@ -4,12 +4,17 @@ Run::
 
     python benchmarks/workflows.py [--dsn DSN] [--embedded] [--runs N] [--rounds R]
 
-Each timed run starts N runs (4 concurrent starters) while the workers execute them, and
-ends when all N are completed. WorkflowEngine uses PgWorkflowStorage. The floor sends the
-same statements by hand -- PgWorkflowStorage's own SQL, one psycopg connection per worker
-and per starter: create; claim and run lock (one statement); three times (start attempt,
-mark succeeded); complete and unlock (one statement) -- with no engine around them.
-Ratio = engine ÷ floor, per round.
+Each timed run starts N runs (4 concurrent starters, each awaiting one start at a time)
+while the workers execute them, and ends when none is left queued or running. A worker is
+one ``engine.worker(concurrency=C)`` block with its own engine and PgWorkflowStorage, as a
+separate process would have; the rows give C = 1 (one run at a time) and C = 16.
+
+The floor sends PgWorkflowStorage's own statements by hand, with no engine around them:
+each starter inserts its runs one statement each; each floor worker, on its own
+connection, claims up to C runs in one statement (taking their locks), then moves them
+through the steps in lockstep -- one statement starts an attempt of every claimed run, one
+records every result -- and finishes them (and unlocks) in one statement. Ratio = engine ÷
+floor, per round.
 """
 
 from __future__ import annotations
@@ -61,110 +66,132 @@ async def _noop(ctx: ps.WorkflowContext, n: int) -> int:
 _tags = itertools.count()
 
 
-async def completed(conn: psycopg.AsyncConnection[Any], table: str) -> int:
-    cur = await conn.execute(
-        psycopg.sql.SQL("SELECT count(*) FROM pgstreams.{} WHERE status = 'completed'").format(
-            psycopg.sql.Identifier(table)
-        )
-    )
-    row = await cur.fetchone()
-    return int(row[0]) if row else 0
-
-
-async def until_completed(dsn: str, table: str, n: int) -> None:
+async def until_done(dsn: str, table: str) -> None:
+    """Until no run is queued or running (the open-runs index keeps this cheap)."""
+    query = psycopg.sql.SQL(
+        "SELECT EXISTS (SELECT FROM pgstreams.{} WHERE status IN ('queued', 'running'))"
+    ).format(psycopg.sql.Identifier(table))
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        while await completed(conn, table) < n:  # noqa: ASYNC110 - polling the database
+        while True:
+            row = await (await conn.execute(query)).fetchone()
+            if row is None or not row[0]:
+                return
             await anyio.sleep(0.005)
 
 
-def engine_contender(db: ps.Database, dsn: str, workers: int) -> Contender:
+def engine_contender(db: ps.Database, dsn: str, workers: int, concurrency: int) -> Contender:
     state: dict[str, Any] = {}
 
     async def prepare(n: int) -> None:
         storage = ps.PgWorkflowStorage(db, table_prefix=f"e{next(_tags)}_")
         await storage.migrate()
-        state["storage"] = storage
+        state["prefix"] = storage.table_prefix
 
     async def run(n: int) -> None:
-        storage: ps.PgWorkflowStorage = state["storage"]
-        engine = ps.WorkflowEngine(storage=storage, workflows=[noop])
+        engines = [
+            ps.WorkflowEngine(
+                storage=ps.PgWorkflowStorage(db, table_prefix=state["prefix"]), workflows=[noop]
+            )
+            for _ in range(workers)
+        ]
 
         async def starter(k: int) -> None:
             for i in range(k, n, STARTERS):
-                await engine.start(noop, i, workflow_id=f"run-{i}")
+                await engines[0].start(noop, i, workflow_id=f"run-{i}")
 
-        async with engine.worker(concurrency=workers):
-            async with anyio.create_task_group() as tg:
+        async def work(engine: ps.WorkflowEngine, stop: anyio.Event) -> None:
+            async with engine.worker(concurrency=concurrency):
+                await stop.wait()
+
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            for engine in engines:
+                tg.start_soon(work, engine, stop)
+            async with anyio.create_task_group() as starters:
                 for k in range(STARTERS):
-                    tg.start_soon(starter, k)
-            await until_completed(dsn, f"{storage.table_prefix}runs", n)
+                    starters.start_soon(starter, k)
+            await until_done(dsn, f"{state['prefix']}runs")
+            stop.set()
+        for engine in engines:
+            await engine.storage.close()
 
+    return Contender("engine", prepare, run, checker(db, state))
+
+
+def checker(db: ps.Database, state: dict[str, Any]) -> Any:
     async def check(n: int) -> None:
-        storage: ps.PgWorkflowStorage = state["storage"]
+        storage = ps.PgWorkflowStorage(db, table_prefix=state["prefix"])
+        async with db.connection() as conn:
+            cur = await conn.execute(
+                psycopg.sql.SQL(
+                    "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FROM {}"
+                ).format(storage._names["runs"])
+            )
+            assert await cur.fetchone() == (n, n)
         run = await storage.get_run(f"run-{n - 1}")
-        assert run is not None and run.status == "completed" and run.output == n + 2
+        assert run is not None and run.output == n + 2
+        history = await storage.run_history(f"run-{n - 1}")
+        assert [(h.step, h.attempt, h.status) for h in history] == [
+            (step, 1, "succeeded") for step in "abc"
+        ]
 
-    return Contender("engine", prepare, run, check)
+    return check
 
 
-def floor_contender(db: ps.Database, dsn: str, workers: int) -> Contender:
+def floor_contender(db: ps.Database, dsn: str, workers: int, concurrency: int) -> Contender:
     state: dict[str, Any] = {}
 
     async def prepare(n: int) -> None:
         storage = ps.PgWorkflowStorage(db, table_prefix=f"f{next(_tags)}_")
         await storage.migrate()
-        state["storage"] = storage
+        state["prefix"] = storage.table_prefix
+        state["sql"] = storage._sql
 
     async def run(n: int) -> None:
-        storage: ps.PgWorkflowStorage = state["storage"]
-        q = storage._sql
-        ns = f"{storage.schema}.{storage.table_prefix}:"
+        q = state["sql"]
+        ns = f"pgstreams.{state['prefix']}:"
         done = anyio.Event()
 
         async def starter(k: int) -> None:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 for i in range(k, n, STARTERS):
-                    params = {"id": f"run-{i}", "workflow": "noop3", "input": json.dumps(i)}
-                    await conn.execute(q["CREATE"], params)
+                    run = {"i": f"run-{i}", "w": "noop3", "n": i}
+                    await conn.execute(q["CREATE"], {"batch": json.dumps([run])})
 
         async def worker() -> None:
+            claim = {"workflows": ["noop3"], "owner": "floor", "lease": 30.0, "ns": ns}
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 while not done.is_set():
-                    cur = await conn.execute(
-                        q["CLAIM_LOCK"],
-                        {"workflows": ["noop3"], "owner": "floor", "lease": 30.0, "ns": ns},
-                    )
-                    row = await cur.fetchone()
-                    if row is None:
+                    cur = await conn.execute(q["CLAIM"], {**claim, "n": concurrency})
+                    rows = await cur.fetchall()
+                    if not rows:
                         await anyio.sleep(0.001)
                         continue
-                    wid, value, key = row[0], row[3], row[-1]
+                    ids = [r[0] for r in rows]
+                    values = {r[0]: r[3] for r in rows}
                     for step in ("a", "b", "c"):
-                        cur = await conn.execute(q["ATTEMPT"], {"id": wid, "name": step})
-                        attempt = (await cur.fetchone() or (1,))[0]
-                        value += 1
-                        await conn.execute(
-                            q["MARK"],
-                            {
-                                "id": wid,
-                                "name": step,
-                                "status": "succeeded",
-                                "attempt": attempt,
-                                "output": json.dumps(value),
-                                "error": None,
-                            },
+                        cur = await conn.execute(
+                            q["ATTEMPT"], {"ids": ids, "names": [step] * len(ids)}
                         )
-                    await conn.execute(
-                        q["FINISH"],
-                        {
-                            "id": wid,
-                            "status": "completed",
-                            "owner": "floor",
-                            "output": json.dumps(value),
-                            "error": None,
-                            "key": key,
-                        },
-                    )
+                        attempts = {r[0]: r[2] for r in await cur.fetchall()}
+                        marks = []
+                        for i in ids:
+                            values[i] += 1
+                            marks.append(
+                                {
+                                    "i": i,
+                                    "n": step,
+                                    "s": "succeeded",
+                                    "a": attempts[i],
+                                    "o": values[i],
+                                }
+                            )
+                        await conn.execute(q["MARK"], {"batch": json.dumps(marks)})
+                    ends = [
+                        {"i": r[0], "s": "completed", "w": "floor", "o": values[r[0]], "k": r[-1]}
+                        for r in rows
+                    ]
+                    await conn.execute(q["FINISH"], {"batch": json.dumps(ends)})
 
         async with anyio.create_task_group() as tg:
             for _ in range(workers):
@@ -172,15 +199,14 @@ def floor_contender(db: ps.Database, dsn: str, workers: int) -> Contender:
             async with anyio.create_task_group() as starters:
                 for k in range(STARTERS):
                     starters.start_soon(starter, k)
-            await until_completed(dsn, f"{storage.table_prefix}runs", n)
+            await until_done(dsn, f"{state['prefix']}runs")
             done.set()
 
-    async def check(n: int) -> None:
-        storage: ps.PgWorkflowStorage = state["storage"]
-        run = await storage.get_run(f"run-{n - 1}")
-        assert run is not None and run.status == "completed" and run.output == n + 2
+    return Contender("floor", prepare, run, checker(db, state))
 
-    return Contender("floor", prepare, run, check)
+
+CONFIGS = [(1, 1), (1, 16), (4, 16)]
+"""(workers, concurrency per worker) of each row."""
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -192,23 +218,28 @@ async def main(args: argparse.Namespace) -> None:
         facts = await server_facts(dsn)
         async with ps.connect(dsn, max_size=20) as db:
             await db.migrate()
-            for workers in (1, 4):
+            for workers, concurrency in CONFIGS:
+                contenders = [
+                    floor_contender(db, dsn, workers, concurrency),
+                    engine_contender(db, dsn, workers, concurrency),
+                ]
                 rates = await interleaved(
-                    [floor_contender(db, dsn, workers), engine_contender(db, dsn, workers)],
-                    n=args.runs,
-                    warmup=max(50, args.runs // 10),
-                    rounds=args.rounds,
+                    contenders, n=args.runs, warmup=max(50, args.runs // 10), rounds=args.rounds
                 )
                 rows.append(
                     [
-                        f"3-step no-op workflow, {workers} worker{'s' if workers > 1 else ''}",
+                        f"{workers} worker{'s' if workers > 1 else ''}, concurrency {concurrency}",
                         rate(sorted(rates[0])[len(rates[0]) // 2]),
                         rate(sorted(rates[1])[len(rates[1]) // 2]),
                         median_ratio(rates[1], rates[0]),
                     ]
                 )
     print(
-        markdown_table(["workflows started+completed", "floor /s", "engine /s", "ratio"], rows, 1)
+        markdown_table(
+            ["3-step no-op workflows started+completed", "floor /s", "engine /s", "ratio"],
+            rows,
+            1,
+        )
     )
     print()
     print(

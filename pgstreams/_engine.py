@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
 import anyio
@@ -163,38 +163,44 @@ class WorkflowEngine:
         block exits (runs still executing then are resumed later, by any worker)."""
         check_positive_int("concurrency", concurrency)
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
-        check = getattr(self.storage, "check_workers", None)
-        if check is not None:
-            check(concurrency)
         if not self._workflows:
             raise InvalidArgumentError("no workflow is registered with this engine")
+        # A storage may keep resources for its workers (PgWorkflowStorage: its session).
+        serving = getattr(self.storage, "serving", None)
         owner = f"{uuid.uuid4().hex[:12]}"
-        async with anyio.create_task_group() as tg:
+        async with (
+            serving() if serving is not None else nullcontext(),
+            anyio.create_task_group() as tg,
+        ):
+            poller = anyio.Lock()
             for _ in range(concurrency):
-                tg.start_soon(self._slot, owner, poll)
+                tg.start_soon(self._slot, owner, poll, poller)
             try:
                 yield self
             finally:
                 tg.cancel_scope.cancel()
 
-    async def _slot(self, owner: str, poll: float) -> None:
-        idle = _IDLE_MIN
+    async def _slot(self, owner: str, poll: float, poller: anyio.Lock) -> None:
+        idle = 0.0  # 0: this slot has just executed a run
         while True:
-            try:
-                # Read each time: start() and trigger() register workflows as they go.
-                run = await self.storage.claim_run(list(self._workflows), owner, self._lease)
-            except DatabaseError as exc:
-                if not exc.transient:
-                    raise
-                logger.warning("workflow worker: %s; retrying", exc)
-                run = None
-            if run is None:
-                self._work = anyio.Event() if self._work.is_set() else self._work
-                with anyio.move_on_after(min(idle, poll)):
-                    await self._work.wait()
-                idle = min(idle * 2, poll)
-                continue
-            idle = _IDLE_MIN
+            if idle:
+                # Idle slots take turns: one polls (and waits for start() to wake it), so a
+                # new run wakes one slot rather than all. A slot back from a run claims at
+                # once, and its claim may share a statement with its neighbours'.
+                async with poller:
+                    run = await self._claim(owner)
+                    while run is None:
+                        self._work = anyio.Event() if self._work.is_set() else self._work
+                        with anyio.move_on_after(min(idle, poll)):
+                            await self._work.wait()
+                        idle = min(idle * 2, poll)
+                        run = await self._claim(owner)
+            else:
+                run = await self._claim(owner)
+                if run is None:
+                    idle = _IDLE_MIN
+                    continue
+            idle = 0.0
             try:
                 locked = await self.storage.lock_run(run.workflow_id, owner, self._lease)
             except DatabaseError as exc:
@@ -217,6 +223,16 @@ class WorkflowEngine:
                     logger.warning("workflow %s: could not unlock: %s", run.workflow_id, exc)
                 if stopping:
                     await self._hand_back(run.workflow_id, owner)
+
+    async def _claim(self, owner: str) -> RunRecord | None:
+        try:
+            # Read each time: start() and trigger() register workflows as they go.
+            return await self.storage.claim_run(list(self._workflows), owner, self._lease)
+        except DatabaseError as exc:
+            if not exc.transient:
+                raise
+            logger.warning("workflow worker: %s; retrying", exc)
+            return None
 
     async def _execute(self, run: RunRecord, owner: str) -> None:
         workflow = self._workflows[run.workflow]

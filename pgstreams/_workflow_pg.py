@@ -1,26 +1,29 @@
 """PgWorkflowStorage: runs, steps and step history in PostgreSQL tables.
 
 The tables are created on first use (under an advisory lock) in ``schema`` with
-``table_prefix``. Runs are claimed with ``FOR UPDATE SKIP LOCKED`` and a lease; the run
-lock is a session advisory lock held on a connection set aside for the run.
+``table_prefix``. Runs are claimed with ``FOR UPDATE SKIP LOCKED`` and a lease. The run
+locks are session advisory locks on one connection per storage (a RunSession), which also
+carries the statements of the runs this process executes, batched across runs: the
+claims, step attempts, step results and last updates of runs that execute side by side
+each share one statement.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Hashable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-import anyio
 from psycopg import AsyncConnection, sql
 
 from ._calls import render
 from ._db import Database, translate_errors
 from ._errors import DatabaseError, InvalidArgumentError
 from ._migrate import advisory_key
+from ._run_session import Batch, RunSession
 from ._validate import check_name, check_schema, to_json
 from ._workflow_storage import (
     TERMINAL,
@@ -79,35 +82,35 @@ _RUN = (
     " created_at, updated_at"
 )
 
-# The oldest queued run of the given workflows, or the oldest whose lease ran out.
-_CLAIM = """
-    UPDATE {runs}
+# The n oldest queued runs of the given workflows, or the oldest whose lease ran out,
+# each with its run lock taken on the way (false: another process holds it).
+_CLAIM = f"""
+    UPDATE {{runs}}
     SET status = 'running', owner = %(owner)s, executions = executions + 1,
         lease_until = clock_timestamp() + %(lease)s * interval '1 second', updated_at = now()
-    WHERE workflow_id = (
-        SELECT workflow_id FROM {runs}
+    WHERE workflow_id = ANY (ARRAY(
+        SELECT workflow_id FROM {{runs}}
         WHERE status IN ('queued', 'running') AND workflow = ANY (%(workflows)s)
           AND (status = 'queued' OR lease_until < clock_timestamp())
         ORDER BY created_at
-        LIMIT 1
+        LIMIT %(n)s
         FOR UPDATE SKIP LOCKED
-    )
+    ))
+    RETURNING {_RUN}, pg_try_advisory_lock(hashtextextended(%(ns)s || workflow_id, 0)),
+              hashtextextended(%(ns)s || workflow_id, 0)
 """
 
 _Q = {
+    # New runs (batched: starts made at the same time share it).
     "CREATE": f"""
         INSERT INTO {{runs}} (workflow_id, workflow, status, input)
-        VALUES (%(id)s, %(workflow)s, 'queued', %(input)s::jsonb)
+        SELECT v.i, v.w, 'queued', v.n
+        FROM jsonb_to_recordset(%(batch)s::jsonb) AS v(i text, w text, n jsonb)
         ON CONFLICT (workflow_id) DO NOTHING
         RETURNING {_RUN}
     """,
     "GET": f"SELECT {_RUN} FROM {{runs}} WHERE workflow_id = %(id)s",
-    "CLAIM": f"{_CLAIM} RETURNING {_RUN}",
-    # The same, taking the run lock in the same round trip.
-    "CLAIM_LOCK": f"""{_CLAIM}
-        RETURNING {_RUN}, pg_try_advisory_lock(hashtextextended(%(ns)s || workflow_id, 0)),
-                  hashtextextended(%(ns)s || workflow_id, 0)
-    """,
+    "CLAIM": _CLAIM,
     "LOCK": """
         SELECT pg_try_advisory_lock(hashtextextended(%(ns)s || %(id)s, 0)),
                hashtextextended(%(ns)s || %(id)s, 0)
@@ -127,17 +130,21 @@ _Q = {
                OR (owner = %(owner)s AND status NOT IN ('completed', 'failed', 'cancelled')))
         RETURNING 1
     """,
-    # A run's last update and the release of its lock, in one round trip.
+    # Runs' last updates, each releasing its run lock (batched: see RunSession).
     "FINISH": """
-        WITH u AS (
-            UPDATE {runs}
-            SET status = %(status)s, output = %(output)s::jsonb, error = %(error)s::jsonb,
-                lease_until = NULL, updated_at = now()
-            WHERE workflow_id = %(id)s AND owner = %(owner)s
-              AND status NOT IN ('completed', 'failed', 'cancelled')
-            RETURNING 1
+        WITH v AS (
+            SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb)
+                AS v(i text, s text, w text, o jsonb, e jsonb, k bigint)
+        ), u AS (
+            UPDATE {runs} r
+            SET status = v.s, output = v.o, error = v.e, lease_until = NULL, updated_at = now()
+            FROM v
+            WHERE r.workflow_id = ANY (ARRAY(SELECT i FROM v))  -- keeps it on the index
+              AND r.workflow_id = v.i AND r.owner = v.w
+              AND r.status NOT IN ('completed', 'failed', 'cancelled')
+            RETURNING r.workflow_id
         )
-        SELECT (SELECT count(*) FROM u), pg_advisory_unlock(%(key)s)
+        SELECT v.i, v.i IN (SELECT workflow_id FROM u), pg_advisory_unlock(v.k) FROM v
     """,
     "CANCEL": f"""
         UPDATE {{runs}}
@@ -165,32 +172,38 @@ _Q = {
         SELECT workflow_id, name, status, attempts, output, error FROM {steps}
         WHERE workflow_id = %(id)s AND name = %(name)s
     """,
+    # Steps' next attempts (batched): the step is running, the history gains an attempt.
     "ATTEMPT": """
         WITH s AS (
             INSERT INTO {steps} AS s (workflow_id, name, status, attempts)
-            VALUES (%(id)s, %(name)s, 'running', 1)
+            SELECT i, n, 'running', 1 FROM unnest(%(ids)s::text[], %(names)s::text[]) AS v(i, n)
             ON CONFLICT (workflow_id, name) DO UPDATE
             SET status = 'running', attempts = s.attempts + 1, updated_at = now()
-            RETURNING attempts
+            RETURNING workflow_id, name, attempts
         )
         INSERT INTO {attempts} (workflow_id, step, attempt, status)
-        SELECT %(id)s, %(name)s, attempts, 'running' FROM s
-        RETURNING attempt
+        SELECT workflow_id, name, attempts, 'running' FROM s
+        RETURNING workflow_id, step, attempt
     """,
+    # Steps' statuses, and with an attempt number that history entry too (batched).
     "MARK": """
-        WITH s AS (
-            UPDATE {steps}
-            SET status = %(status)s, output = %(output)s::jsonb, error = %(error)s::jsonb,
-                updated_at = now()
-            WHERE workflow_id = %(id)s AND name = %(name)s
-            RETURNING 1
+        WITH v AS (
+            SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb)
+                AS v(i text, n text, s text, a integer, o jsonb, e jsonb)
+        ), s AS (
+            UPDATE {steps} t SET status = v.s, output = v.o, error = v.e, updated_at = now()
+            FROM v
+            WHERE t.workflow_id = ANY (ARRAY(SELECT i FROM v))  -- keeps it on the index
+              AND t.workflow_id = v.i AND t.name = v.n
+            RETURNING t.workflow_id, t.name
         )
-        UPDATE {attempts}
-        SET status = %(status)s, output = %(output)s::jsonb, error = %(error)s::jsonb,
-            finished_at = CASE WHEN %(status)s IN ('succeeded', 'failed')
-                               THEN clock_timestamp() END
-        WHERE workflow_id = %(id)s AND step = %(name)s AND attempt = %(attempt)s
-          AND EXISTS (SELECT FROM s)
+        UPDATE {attempts} t
+        SET status = v.s, output = v.o, error = v.e,
+            finished_at = CASE WHEN v.s IN ('succeeded', 'failed') THEN clock_timestamp() END
+        FROM v
+        WHERE t.workflow_id = ANY (ARRAY(SELECT i FROM v))
+          AND t.workflow_id = v.i AND t.step = v.n AND t.attempt = v.a
+          AND (v.i, v.n) IN (SELECT workflow_id, name FROM s)
     """,
 }
 
@@ -201,14 +214,65 @@ _executing: ContextVar[str | None] = ContextVar("pgstreams_executing_run", defau
 
 @dataclass(slots=True)
 class _Held:
-    """A run lock this process holds: its owner, the connection (kept for the run's
-    statements) and the key; ``released`` once the run's last update let it go."""
+    """A run lock this process holds: its owner, its key, and the generation of the
+    session connection it lives on; ``released`` once the run's last update let it go."""
 
     owner: str
-    stack: AsyncExitStack
-    conn: AsyncConnection[Any]
     key: int
+    generation: int
     released: bool = False
+
+
+def _create_params(group: Hashable, items: list[Any]) -> dict[str, Any]:
+    return {"batch": "[" + ",".join(text for _, text in items) + "]"}
+
+
+def _create_split(items: list[Any], rows: list[Any]) -> list[Any]:
+    created = {r[0]: r for r in rows}
+    return [created.get(workflow_id) for workflow_id, _ in items]
+
+
+def _claim_params(group: Hashable, items: list[Any]) -> dict[str, Any]:
+    owner, workflows, lease, ns = cast(tuple[str, tuple[str, ...], float, str], group)
+    return {"owner": owner, "workflows": list(workflows), "lease": lease, "ns": ns, "n": len(items)}
+
+
+def _claim_split(items: list[Any], rows: list[Any]) -> list[Any]:
+    return [rows[i] if i < len(rows) else None for i in range(len(items))]
+
+
+def _attempt_params(group: Hashable, items: list[Any]) -> dict[str, Any]:
+    return {"ids": [i for i, _ in items], "names": [n for _, n in items]}
+
+
+def _attempt_split(items: list[Any], rows: list[Any]) -> list[Any]:
+    attempts = {(r[0], r[1]): r[2] for r in rows}
+    return [attempts[item] for item in items]
+
+
+def _json_batch(group: Hashable, items: list[Any]) -> dict[str, Any]:
+    return {"batch": "[" + ",".join(items) + "]"}
+
+
+def _by_id(items: list[Any], rows: list[Any]) -> list[Any]:
+    return [None] * len(items)
+
+
+def _finish_split(items: list[Any], rows: list[Any]) -> list[Any]:
+    return [bool(r[1]) for r in rows]
+
+
+def _mark_key(item: str) -> Hashable:
+    return item[: item.index(',"s":')]  # the run and step part (see mark_step)
+
+
+_BATCHES = {
+    "CREATE": Batch(_create_params, _create_split, key=lambda item: item[0]),
+    "CLAIM": Batch(_claim_params, _claim_split),
+    "ATTEMPT": Batch(_attempt_params, _attempt_split, key=lambda item: item),
+    "MARK": Batch(_json_batch, _by_id, key=_mark_key),
+    "FINISH": Batch(_json_batch, _finish_split, key=lambda item: item),
+}
 
 
 class PgWorkflowStorage:
@@ -231,9 +295,12 @@ class PgWorkflowStorage:
         self._sql = render(_Q, self._names)
         self._ready = False
         self._ns = f"{self.schema}.{table_prefix}:"  # scopes the run locks' keys
+        self._session = RunSession(self._open_session, self._sql, _BATCHES)
+        self._starts = RunSession(self._borrow, self._sql, _BATCHES, keep=False)
         self._locks: dict[str, _Held] = {}  # run locks of runs this process executes
         self._prelocked: dict[str, _Held] = {}  # taken by claim_run, for lock_run
         self._contended: set[str] = set()  # claimed, but another process holds the lock
+        self._serving = 0  # worker blocks using this storage
 
     async def migrate(self) -> None:
         """Create the tables if needed (idempotent, safe to run concurrently)."""
@@ -246,42 +313,71 @@ class PgWorkflowStorage:
             await conn.execute(sql.SQL(_SCHEMA).format(**self._names))  # type: ignore[arg-type,unused-ignore]
         self._ready = True
 
+    async def _open_session(self, stack: AsyncExitStack) -> AsyncConnection[Any]:
+        """The session's connection: one from the pool, kept; a Database on a single
+        connection cannot spare it, so the session gets its own."""
+        with translate_errors():
+            if self._db.pool is None:
+                return await stack.enter_async_context(
+                    await AsyncConnection.connect(self._db.dsn, autocommit=True)
+                )
+            return await stack.enter_async_context(self._db.connection())
+
+    async def _borrow(self, stack: AsyncExitStack) -> AsyncConnection[Any]:
+        return await stack.enter_async_context(self._db.connection())
+
+    def _held(self, workflow_id: str) -> _Held | None:
+        """The run's lock, when the calling task is the one executing that run."""
+        held = self._locks.get(workflow_id)
+        return held if held is not None and _executing.get() == workflow_id else None
+
     async def _rows(self, key: str, params: dict[str, Any]) -> list[Any]:
-        """Run one statement: on the connection that holds the run's lock when called by the
-        task executing that run (so a run needs no second connection), else on a lent one."""
+        """Run one statement: through the session when called by the task executing that
+        run (and only while the run's lock is still there), else on a lent connection."""
         if not self._ready:
             await self.migrate()
-        run = params.get("id", "")
-        held = self._locks.get(run)
-        if held is not None and _executing.get() == run and not held.conn.closed:
-            # Shielded: a statement cancelled mid-flight would cost the run its connection,
-            # and with it its lock.
-            with anyio.CancelScope(shield=True), translate_errors():
-                cur = await held.conn.execute(self._sql[key], params)
-                return await cur.fetchall() if cur.description else []
+        held = self._held(params.get("id", ""))
+        if held is not None:
+            rows, _ = await self._session.call(key, params, generation=held.generation)
+            return rows  # type: ignore[no-any-return]
         async with self._db.connection() as conn:
             cur = await conn.execute(self._sql[key], params)
             return await cur.fetchall() if cur.description else []
 
-    def check_workers(self, concurrency: int) -> None:
-        """Refuse a worker that would starve the pool: each running run keeps one
-        connection, and claims and result polling need one more."""
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """Held by each engine worker block: refuses a pool the session would starve (it
+        keeps one connection while runs execute; starting runs and polling results need
+        another), and gives the session's connection back when the last block ends."""
         pool = self._db.pool
-        if pool is not None and pool.max_size < concurrency + 1:
+        if pool is not None and pool.max_size < 2:
             raise InvalidArgumentError(
-                f"a worker with concurrency={concurrency} needs a pool of at least"
-                f" {concurrency + 1} connections (this one has max_size={pool.max_size})"
+                "a workflow worker needs a pool of at least 2 connections (one holds the"
+                f" run locks); this one has max_size={pool.max_size}"
             )
+        self._serving += 1
+        try:
+            yield
+        finally:
+            self._serving -= 1
+            if not self._serving and not self._locks:
+                # Claims no slot went on to execute hold nothing worth keeping either.
+                self._prelocked.clear()
+                self._contended.clear()
+                await self._session.reset()
 
     # -- runs --------------------------------------------------------------------------
 
     async def create_run(
         self, workflow_id: str, workflow: str, input: Any
     ) -> tuple[RunRecord, bool]:
-        params = {"id": workflow_id, "workflow": workflow, "input": to_json("input", input)}
-        rows = await self._rows("CREATE", params)
-        if rows:
-            return _run(rows[0]), True
+        text = to_json("input", input)
+        if not self._ready:
+            await self.migrate()
+        item = f'{{"i":{json.dumps(workflow_id)},"w":{json.dumps(workflow)},"n":{text}}}'
+        row, _ = await self._starts.call("CREATE", (workflow_id, item))
+        if row is not None:
+            return _run(row), True
         existing = await self.get_run(workflow_id)
         assert existing is not None  # runs are never deleted
         return existing, False
@@ -293,31 +389,17 @@ class PgWorkflowStorage:
     async def claim_run(
         self, workflows: Sequence[str], owner: str, lease: float
     ) -> RunRecord | None:
-        params = {"workflows": list(workflows), "owner": owner, "lease": lease, "ns": self._ns}
-        if self._db.pool is None:  # one shared connection: the lock gets its own later
-            rows = await self._rows("CLAIM", params)
-            return _run(rows[0]) if rows else None
+        """Claims made at the same time share one statement, which takes each run's lock
+        on the session's connection."""
         if not self._ready:
             await self.migrate()
-        # Claim on a connection that then stays with the run, taking its lock on the way.
-        # Shielded: a claim cancelled mid-flight could leave a lock on a pooled connection.
-        with anyio.CancelScope(shield=True):
-            stack = AsyncExitStack()
-            conn = await stack.enter_async_context(self._db.connection())
-            try:
-                with translate_errors():
-                    cur = await conn.execute(self._sql["CLAIM_LOCK"], params)
-                    row = await cur.fetchone()
-            except BaseException:
-                await _discard(stack, conn)  # it may hold a lock the claim took
-                raise
-            if row is None or not row[-2]:
-                await stack.aclose()
+        group = (owner, tuple(workflows), float(lease), self._ns)
+        row, generation = await self._session.call("CLAIM", None, group=group)
         if row is None:
             return None
         run = _run(row)
         if row[-2]:
-            self._prelocked[run.workflow_id] = _Held(owner, stack, conn, int(row[-1]))
+            self._prelocked[run.workflow_id] = _Held(owner, int(row[-1]), generation)
         else:
             self._contended.add(run.workflow_id)
         return run
@@ -335,14 +417,9 @@ class PgWorkflowStorage:
         output: Any = None,
         error: dict[str, Any] | None = None,
     ) -> bool:
-        params: dict[str, Any] = {
-            "id": workflow_id,
-            "status": status,
-            "owner": owner,
-            "output": None if output is None else to_json("output", output),
-            "error": None if error is None else to_json("error", error),
-        }
-        held = self._locks.get(workflow_id)
+        out = None if output is None else to_json("output", output)
+        err = None if error is None else to_json("error", error)
+        held = self._held(workflow_id)
         if (
             held is not None
             and owner is not None
@@ -350,9 +427,14 @@ class PgWorkflowStorage:
             and not held.released
             and status in TERMINAL
         ):
-            rows = await self._rows("FINISH", {**params, "key": held.key})
+            item = (
+                f'{{"i":{json.dumps(workflow_id)},"s":"{status}","w":{json.dumps(owner)},'
+                f'"o":{out or "null"},"e":{err or "null"},"k":{held.key}}}'
+            )
+            updated, _ = await self._session.call("FINISH", item, generation=held.generation)
             held.released = True
-            return bool(rows and rows[0][0])
+            return bool(updated)
+        params = {"id": workflow_id, "status": status, "owner": owner, "output": out, "error": err}
         return bool(await self._rows("UPDATE", params))
 
     async def request_cancel(self, workflow_id: str) -> RunRecord | None:
@@ -374,8 +456,14 @@ class PgWorkflowStorage:
         return StepRecord(*rows[0]) if rows else None
 
     async def create_attempt(self, workflow_id: str, name: str) -> int:
-        rows = await self._rows("ATTEMPT", {"id": workflow_id, "name": name})
-        return int(rows[0][0])
+        held = self._held(workflow_id)
+        if held is not None:  # shares a statement with other runs' steps
+            attempt, _ = await self._session.call(
+                "ATTEMPT", (workflow_id, name), generation=held.generation
+            )
+            return int(attempt)
+        rows = await self._unshared("ATTEMPT", _attempt_params(None, [(workflow_id, name)]))
+        return int(rows[0][2])
 
     async def mark_step(
         self,
@@ -387,31 +475,41 @@ class PgWorkflowStorage:
         output: Any = None,
         error: dict[str, Any] | None = None,
     ) -> None:
-        params = {
-            "id": workflow_id,
-            "name": name,
-            "status": status,
-            "attempt": attempt,
-            "output": None if output is None else to_json("step output", output),
-            "error": None if error is None else json.dumps(error),
-        }
-        await self._rows("MARK", params)
+        out = None if output is None else to_json("step output", output)
+        err = None if error is None else to_json("step error", error)
+        item = (
+            f'{{"i":{json.dumps(workflow_id)},"n":{json.dumps(name)},"s":"{status}",'
+            f'"a":{"null" if attempt is None else int(attempt)},'
+            f'"o":{out or "null"},"e":{err or "null"}}}'
+        )
+        held = self._held(workflow_id)
+        if held is not None:
+            await self._session.call("MARK", item, generation=held.generation)
+        else:
+            await self._unshared("MARK", _json_batch(None, [item]))
+
+    async def _unshared(self, key: str, params: dict[str, Any]) -> list[Any]:
+        """A batchable statement for one item, on a lent connection."""
+        if not self._ready:
+            await self.migrate()
+        async with self._db.connection() as conn:
+            cur = await conn.execute(self._sql[key], params)
+            return await cur.fetchall() if cur.description else []
 
     # -- the run lock ------------------------------------------------------------------
 
     async def lock_run(self, workflow_id: str, owner: str, ttl: float) -> bool:
-        """A session advisory lock on a connection kept for the run, which then also
-        carries the run's statements (``ttl`` unused: the lock lasts as long as that
-        connection). ``claim_run`` usually took it already. A Database on a single
-        connection gets a dedicated connection per run."""
+        """A session advisory lock on the session's connection, which then also carries
+        the run's statements (``ttl`` unused: the lock lasts as long as that connection).
+        ``claim_run`` usually took it already."""
         pre = self._prelocked.pop(workflow_id, None)
         if pre is not None:
             if pre.owner == owner and workflow_id not in self._locks:
                 self._locks[workflow_id] = pre
                 _executing.set(workflow_id)
                 return True
-            # This process still executes it elsewhere (its old connection died and the
-            # claim took the lock anew): let the claim's lock and connection go.
+            # This process still executes it (its lease lapsed meanwhile, and the claim
+            # took the lock a second time on the same session): undo the claim's take.
             await self._release(pre)
             return False
         if workflow_id in self._locks:
@@ -419,31 +517,26 @@ class PgWorkflowStorage:
         if workflow_id in self._contended:
             self._contended.discard(workflow_id)
             return False  # claim_run found the lock taken
-        stack = AsyncExitStack()
-        try:
-            with translate_errors():
-                if self._db.pool is None:
-                    conn = await stack.enter_async_context(
-                        await AsyncConnection.connect(self._db.dsn, autocommit=True)
-                    )
-                else:
-                    conn = await stack.enter_async_context(self._db.connection())
-                cur = await conn.execute(self._sql["LOCK"], {"ns": self._ns, "id": workflow_id})
-                row = await cur.fetchone()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stack.aclose()
-            raise
-        if row is None or not row[0]:
-            await stack.aclose()
+        if not self._ready:
+            await self.migrate()
+        rows, generation = await self._session.call("LOCK", {"ns": self._ns, "id": workflow_id})
+        if not rows or not rows[0][0]:
             return False
-        self._locks[workflow_id] = _Held(owner, stack, conn, int(row[1]))
+        if workflow_id in self._locks:  # taken meanwhile by another task of this process
+            await self._release(_Held(owner, int(rows[0][1]), generation))
+            return False
+        self._locks[workflow_id] = _Held(owner, int(rows[0][1]), generation)
         _executing.set(workflow_id)
         return True
 
     async def extend_lock(self, workflow_id: str, owner: str, ttl: float) -> bool:
         held = self._locks.get(workflow_id)
-        return held is not None and held.owner == owner and not held.conn.closed
+        return (
+            held is not None
+            and held.owner == owner
+            and held.generation == self._session.generation
+            and self._session.alive
+        )
 
     async def unlock_run(self, workflow_id: str, owner: str) -> None:
         held = self._locks.get(workflow_id)
@@ -455,35 +548,25 @@ class PgWorkflowStorage:
         await self._release(held)
 
     async def _release(self, held: _Held) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
-                if not held.released and not held.conn.closed:
-                    with translate_errors():
-                        await held.conn.execute(self._sql["UNLOCK"], {"key": held.key})
-            except DatabaseError:
-                # Whatever failed, the lock must not stay on a pooled connection: close it
-                # (its session, and the lock, end with it).
-                await _discard(held.stack, held.conn)
-            else:
-                await held.stack.aclose()
+        if held.released or held.generation != self._session.generation:
+            return  # let go by the run's last update, or gone with its connection
+        try:
+            await self._session.call("UNLOCK", {"key": held.key}, generation=held.generation)
+        except DatabaseError:
+            # The lock must not outlive its run: close the session's connection, and with
+            # it every lock it holds (runs still executing learn it at their next call).
+            await self._session.reset()
 
     async def close(self) -> None:
-        """Release the run locks this process still holds."""
+        """Release the run locks this process still holds, and the session."""
         for table in (self._locks, self._prelocked):
             while table:
                 _, held = table.popitem()
                 await self._release(held)
+        await self._session.close()
 
     def __repr__(self) -> str:
         return f"PgWorkflowStorage(schema={self.schema!r}, table_prefix={self.table_prefix!r})"
-
-
-async def _discard(stack: AsyncExitStack, conn: AsyncConnection[Any]) -> None:
-    """Close ``conn`` before handing it back (the pool drops closed connections)."""
-    try:
-        await conn.close()
-    finally:
-        await stack.aclose()
 
 
 def _run(row: Any) -> RunRecord:

@@ -267,9 +267,13 @@ async def test_a_stopped_worker_s_run_resumes_elsewhere_without_redoing_steps(
 
 async def test_ten_concurrent_starts_of_one_id_make_one_run(storage: ps.WorkflowStorage) -> None:
     engine = ps.WorkflowEngine(storage=storage)
-    handles = await _gather(
-        [lambda: engine.start(three, {"n": 3}, workflow_id="once") for _ in range(10)]
-    )
+    await engine.start(three, {"n": 0}, workflow_id="warm")  # tables made, statements ready
+    # Another start goes first, so that (on PostgreSQL) the ten share the next statement.
+    starts: list[Callable[[], Awaitable[Any]]] = [
+        lambda: engine.start(three, {"n": 0}, workflow_id="first")
+    ]
+    starts += [lambda: engine.start(three, {"n": 3}, workflow_id="once") for _ in range(10)]
+    handles = (await _gather(starts))[1:]
     assert sum(h.created for h in handles) == 1
     async with engine.worker(concurrency=4):
         with anyio.fail_after(10):
@@ -540,23 +544,38 @@ async def test_a_blocking_step_keeps_its_lease_and_runs_once(storage: ps.Workflo
     assert await run.result() == "done"
 
 
-async def test_a_worker_refuses_a_pool_it_would_starve(dsn: str) -> None:
-    async with ps.connect(dsn, max_size=3) as small:
-        engine = ps.WorkflowEngine(small, workflows=[three])
-        with pytest.raises(ps.InvalidArgumentError, match="pool of at least 4"):
-            async with engine.worker(concurrency=3):
+async def test_runs_executing_side_by_side_share_one_connection(dsn: str) -> None:
+    async with ps.connect(dsn, min_size=1, max_size=1) as tiny:
+        engine = ps.WorkflowEngine(tiny, workflows=[three])
+        with pytest.raises(ps.InvalidArgumentError, match="pool of at least 2"):
+            async with engine.worker():
                 pass
+    async with ps.connect(dsn, max_size=2) as small:
+        engine = ps.WorkflowEngine(small, workflows=[three])
         gates["pool"] = anyio.Event()
         runs = [
             await engine.start(three, {"n": i, "gate": "pool"}, workflow_id=f"pool-{i}")
-            for i in range(2)
+            for i in range(6)
         ]
-        async with engine.worker(concurrency=2):
-            await anyio.sleep(0.3)  # both runs hold their connection, waiting at the gate
+        async with engine.worker(concurrency=6):
+            # Six runs wait at the gate at once, past their first step, on a pool of two.
+            await eventually(lambda: _count_steps(small, "succeeded", 6), "six first steps done")
+            assert [await run.status() for run in runs] == ["running"] * 6
             gates["pool"].set()
             with anyio.fail_after(10):
-                for run in runs:
-                    await run.result()
+                for i, run in enumerate(runs):
+                    assert (await run.result())["a"]["args"] == [i]
+
+
+async def _count_steps(db: ps.Database, status: str, n: int) -> bool:
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pgstreams.wf_steps"
+            " WHERE status = %s AND workflow_id LIKE 'pool-%%'",
+            [status],
+        )
+        row = await cur.fetchone()
+        return row is not None and row[0] == n
 
 
 async def test_a_database_on_one_connection_runs_workflows(dsn: str) -> None:
@@ -743,7 +762,7 @@ async def test_a_fresh_claim_of_a_run_this_process_still_executes_lets_its_lock_
     assert await storage.claim_run(["wf"], "me", 0.2) is not None
     assert await storage.lock_run("r", "me", 0.2)
     # The run's connection dies (and its lock with it); its lease runs out meanwhile.
-    terminate_backends(dsn, pid=storage._locks["r"].conn.info.backend_pid)
+    terminate_backends(dsn, pid=storage._session.backend_pid)
     await anyio.sleep(0.3)
     again = await storage.claim_run(["wf"], "me", 30)  # takes the lock on a new connection
     assert again is not None and again.workflow_id == "r"
@@ -752,5 +771,67 @@ async def test_a_fresh_claim_of_a_run_this_process_still_executes_lets_its_lock_
     async with db.connection() as conn:
         cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
         assert await cur.fetchone() == (0,)
+    await storage.close()  # its session's connection goes back
     assert db.connections_in_use == 0
+
+
+async def test_a_run_whose_lock_went_with_its_connection_writes_nothing_more(
+    db: ps.Database, dsn: str
+) -> None:
+    storage = ps.PgWorkflowStorage(db, table_prefix="fenced_")
+    engine = ps.WorkflowEngine(storage=storage, workflows=[three], lease=2.0)
+    gates["fenced"] = anyio.Event()
+    run = await engine.start(three, {"n": 1, "gate": "fenced"}, workflow_id="fenced-1")
+    async with engine.worker():
+        await eventually(lambda: _has_step(storage, "fenced-1", "one"), "the first step stored")
+        pid = storage._session.backend_pid
+        assert pid is not None
+        terminate_backends(dsn, pid=pid)  # the run's lock goes with it
+        # Another call meets the dead connection first, and opens a new one.
+        assert await storage.claim_run(["no-such-workflow"], "probe", 1) is None
+        assert storage._session.backend_pid not in (None, pid)
+        gates["fenced"].set()  # at once: the run goes on before its lease renewal notices
+        with anyio.fail_after(20):
+            out = await run.result()
+    assert out["b"] == [[1]]
+    record = await storage.get_run("fenced-1")
+    assert record is not None and record.executions == 2  # it stopped, and resumed
+    history = await storage.run_history("fenced-1")
+    assert [(h.step, h.attempt, h.status) for h in history] == [
+        ("one", 1, "succeeded"),
+        ("two", 1, "succeeded"),  # the first execution never recorded an attempt at two
+        ("three", 1, "succeeded"),
+    ]
+    assert calls["fenced-1:one"] == 1 and calls["fenced-1:two"] == 1
     await storage.close()
+
+
+async def _has_step(storage: ps.PgWorkflowStorage, workflow_id: str, name: str) -> bool:
+    step = await storage.get_step(workflow_id, name)
+    return step is not None and step.status == "succeeded"
+
+
+async def test_claims_made_together_share_out_distinct_runs(db: ps.Database) -> None:
+    storage = ps.PgWorkflowStorage(db, table_prefix="together_")
+    for i in range(12):
+        await storage.create_run(f"t-{i}", "wf", i)
+    claimed: list[str | None] = []
+
+    async def claim() -> None:
+        run = await storage.claim_run(["wf"], "me", 30)
+        claimed.append(None if run is None else run.workflow_id)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(16):
+            tg.start_soon(claim)
+    ids = [c for c in claimed if c is not None]
+    assert sorted(ids) == sorted(f"t-{i}" for i in range(12)) and claimed.count(None) == 4
+    for workflow_id in ids:
+        assert await storage.lock_run(workflow_id, "me", 30)
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        assert await cur.fetchone() == (12,)
+    await storage.close()
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        assert await cur.fetchone() == (0,)
