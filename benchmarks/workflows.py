@@ -7,7 +7,7 @@ Run::
 Each timed run starts N runs (4 concurrent starters, each awaiting one start at a time)
 while the workers execute them, and ends when none is left queued or running. A worker is
 one ``engine.worker(concurrency=C)`` block with its own engine and PgWorkflowStorage, as a
-separate process would have; the rows give C = 1 (one run at a time) and C = 16.
+separate process would have; the rows give C = 1 (one run at a time), 16 and 64.
 
 The floor sends PgWorkflowStorage's own statements by hand, with no engine around them:
 each starter inserts its runs one statement each; each floor worker, on its own
@@ -205,7 +205,7 @@ def floor_contender(db: ps.Database, dsn: str, workers: int, concurrency: int) -
     return Contender("floor", prepare, run, checker(db, state))
 
 
-CONFIGS = [(1, 1), (1, 16), (4, 16)]
+CONFIGS = [(1, 1), (1, 16), (1, 64), (4, 16)]
 """(workers, concurrency per worker) of each row."""
 
 

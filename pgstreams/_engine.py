@@ -287,8 +287,9 @@ class WorkflowEngine:
         while True:
             await anyio.sleep(self._lease / 3)
             try:
-                kept = await self.storage.renew_run(workflow_id, owner, self._lease)
-                kept = kept and await self.storage.extend_lock(workflow_id, owner, self._lease)
+                # The lock first: a run that lost it must stop, whatever the lease says.
+                kept = await self.storage.extend_lock(workflow_id, owner, self._lease)
+                kept = kept and await self.storage.renew_run(workflow_id, owner, self._lease)
                 run = await self.storage.get_run(workflow_id) if kept else None
             except DatabaseError as exc:
                 logger.warning("workflow %s: could not renew its lease: %s", workflow_id, exc)

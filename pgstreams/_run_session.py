@@ -55,6 +55,9 @@ class _Call:
     ran_on: int = 0  # the generation it ran on
 
 
+_RESET = "reset"  # a call that drops the connection, in its turn
+
+
 def lock_lost() -> DatabaseError:
     return DatabaseError("the run lock was lost with the connection that held it", transient=True)
 
@@ -109,6 +112,11 @@ class RunSession:
                     batch, self._pending = self._pending, []
                     try:
                         await self._send(batch)
+                    except BaseException as exc:
+                        for c in batch:  # nobody else would ever finish them
+                            if not c.done:
+                                _finish(c, error=_as_error(exc))
+                        raise
                     finally:
                         if not self._keep:
                             await self._hand_back()
@@ -123,16 +131,19 @@ class RunSession:
 
     async def _send(self, batch: list[_Call]) -> None:
         """Run the batch; calls that need no particular connection (claims, locks) and
-        met a connection found dead are tried once more, on a new one."""
+        met a connection found dead are tried once more, on a new one. Resets come last."""
+        work = [c for c in batch if c.kind != _RESET]
         for last in (False, True):
+            if not work:
+                break
             try:
                 conn = await self._connection()
             except Exception as exc:
-                for c in batch:
+                for c in work:
                     _finish(c, error=exc)
-                return
+                break
             shared: dict[tuple[str, Hashable], list[_Call]] = {}
-            for c in batch:
+            for c in work:
                 if c.generation is not None and c.generation != self.generation:
                     _finish(c, error=lock_lost())
                 elif c.kind in self._batches:
@@ -142,11 +153,14 @@ class RunSession:
             for (kind, group), calls in shared.items():
                 for part in _distinct(calls, self._batches[kind].key):
                     await self._run(conn, kind, group, part, again=not last)
-            if last or self._conn is conn:
-                return
-            batch = [c for c in batch if not c.done]  # met the dead connection: again
-            if not batch:
-                return
+            if self._conn is conn:
+                break
+            work = [c for c in work if not c.done]  # met the dead connection: again
+        for c in batch:
+            if c.kind == _RESET:
+                if c.generation is None or c.generation == self.generation:
+                    await self._drop()
+                _finish(c)
 
     async def _run(
         self,
@@ -171,6 +185,12 @@ class RunSession:
             broken = conn.broken or conn.closed
             if broken and self._conn is conn:
                 self._conn = None  # its locks are gone; fenced calls learn it from now on
+            if not broken and len(calls) > 1:
+                # The statement changed nothing: one call's item may be at fault, so
+                # each goes on its own, and only that one fails.
+                for c in calls:
+                    await self._run(conn, kind, group, [c], again=again)
+                return
             for c in calls:
                 if not (again and broken and c.generation is None):
                     _finish(c, error=exc)
@@ -192,11 +212,11 @@ class RunSession:
         self.generation += 1
         return conn
 
-    async def reset(self) -> None:
+    async def reset(self, generation: int | None = None) -> None:
         """Release every lock the connection holds and hand it back (closed, if even that
-        failed); the next call opens a new one."""
-        with anyio.CancelScope(shield=True):
-            await self._drop()
+        failed); the next call opens a new one. With ``generation``, only if that is still
+        the current connection. It waits its turn: a batch in flight finishes first."""
+        await self.call(_RESET, None, generation=generation)
 
     async def _hand_back(self) -> None:
         stack, self._conn, self._stack = self._stack, None, None
@@ -208,6 +228,7 @@ class RunSession:
         conn, stack, self._conn, self._stack = self._conn, self._stack, None, None
         if stack is None:
             return
+        self.generation += 1  # no lock taken on it counts from now on
         try:
             if conn is not None and not conn.closed:
                 try:

@@ -72,6 +72,11 @@ def to_json(what: str, value: object) -> str:
     # json.dumps writes a NUL as \u0000; an escaped backslash before "u0000" is plain text.
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise PayloadError(f"{what} contains a NUL character, which jsonb cannot store")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from os.fsdecode()
+            raise PayloadError(f"{what} is not valid Unicode: {exc}") from exc
     return text
 
 

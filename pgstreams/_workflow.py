@@ -196,5 +196,12 @@ async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
 
 
 def describe(exc: BaseException) -> dict[str, Any]:
-    """An exception as stored: ``{"type", "message"}``."""
-    return {"type": type(exc).__name__, "message": str(exc)}
+    """An exception as stored: ``{"type", "message"}`` (made storable: a NUL or a lone
+    surrogate in the message is written as an escape)."""
+    return {"type": type(exc).__name__, "message": _storable(str(exc))}
+
+
+def _storable(text: str) -> str:
+    if text.isascii():
+        return text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")

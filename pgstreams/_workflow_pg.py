@@ -104,7 +104,7 @@ _Q = {
     # New runs (batched: starts made at the same time share it).
     "CREATE": f"""
         INSERT INTO {{runs}} (workflow_id, workflow, status, input)
-        SELECT v.i, v.w, 'queued', v.n
+        SELECT v.i, v.w, 'queued', COALESCE(v.n, 'null')
         FROM jsonb_to_recordset(%(batch)s::jsonb) AS v(i text, w text, n jsonb)
         ON CONFLICT (workflow_id) DO NOTHING
         RETURNING {_RUN}
@@ -504,6 +504,8 @@ class PgWorkflowStorage:
         ``claim_run`` usually took it already."""
         pre = self._prelocked.pop(workflow_id, None)
         if pre is not None:
+            if pre.generation != self._session.generation:
+                return False  # the lock went with its connection; the claim lapses
             if pre.owner == owner and workflow_id not in self._locks:
                 self._locks[workflow_id] = pre
                 _executing.set(workflow_id)
@@ -553,9 +555,10 @@ class PgWorkflowStorage:
         try:
             await self._session.call("UNLOCK", {"key": held.key}, generation=held.generation)
         except DatabaseError:
-            # The lock must not outlive its run: close the session's connection, and with
-            # it every lock it holds (runs still executing learn it at their next call).
-            await self._session.reset()
+            # The lock must not outlive its run: unless it is gone already (with its
+            # connection), drop the session's connection and every lock on it (runs still
+            # executing learn it at their next call).
+            await self._session.reset(held.generation)
 
     async def close(self) -> None:
         """Release the run locks this process still holds, and the session."""

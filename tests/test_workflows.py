@@ -835,3 +835,183 @@ async def test_claims_made_together_share_out_distinct_runs(db: ps.Database) -> 
     async with db.connection() as conn:
         cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
         assert await cur.fetchone() == (0,)
+
+
+async def test_an_unlock_that_lost_its_race_with_a_reconnect_leaves_other_locks_alone(
+    db: ps.Database, dsn: str
+) -> None:
+    from pgstreams._workflow_pg import _executing
+
+    storage = ps.PgWorkflowStorage(db, table_prefix="relocked_")
+    for i in range(4):
+        await storage.create_run(f"r{i}", "wf", i)
+    assert await storage.claim_run(["wf"], "A", 30) is not None
+    assert await storage.lock_run("r0", "A", 30)
+    old = storage._session.backend_pid
+    assert old is not None
+    terminate_backends(dsn, pid=old)  # r0's lock goes with it
+    opener = storage._session._open_conn
+
+    async def slow_open(stack: Any) -> Any:
+        await anyio.sleep(0.2)  # the reconnect takes a while, as under load
+        return await opener(stack)
+
+    storage._session._open_conn = slow_open
+    claimed: dict[str, str | None] = {}
+
+    async def claim(owner: str) -> None:
+        run = await storage.claim_run(["wf"], owner, 30)
+        claimed[owner] = None if run is None else run.workflow_id
+
+    async def end_r0() -> None:
+        _executing.set("r0")
+        await storage.unlock_run("r0", "A")  # its run ended after its lock was lost
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(claim, "L")  # meets the dead connection and opens a new one
+        await anyio.sleep(0.05)
+        tg.start_soon(claim, "B")
+        tg.start_soon(end_r0)  # its unlock is queued for the connection that died
+        tg.start_soon(claim, "C")
+    assert sorted(v for v in claimed.values() if v) == ["r1", "r2", "r3"]
+    session = storage._session.backend_pid
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory'")
+        holders = [r[0] for r in await cur.fetchall()]
+    assert holders == [session] * 3  # the three claims' locks, all on the session
+    for owner, workflow_id in claimed.items():
+        assert workflow_id is not None and await storage.lock_run(workflow_id, owner, 30)
+    await storage.close()
+
+
+async def test_one_bad_item_fails_alone_in_a_shared_statement(db: ps.Database) -> None:
+    storage = ps.PgWorkflowStorage(db, table_prefix="alone_")
+    await storage.create_run("warm", "wf", None)
+    results: dict[str, Any] = {}
+
+    async def create(workflow_id: str) -> None:
+        try:
+            results[workflow_id] = (await storage.create_run(workflow_id, "wf", 1))[1]
+        except ps.DatabaseError as exc:
+            results[workflow_id] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(create, "first")  # goes alone; the next three share a statement
+        tg.start_soon(create, "good-1")
+        tg.start_soon(create, "bad\x00id")  # jsonb refuses it
+        tg.start_soon(create, "good-2")
+    assert results["first"] is True and results["good-1"] is True and results["good-2"] is True
+    assert isinstance(results["bad\x00id"], ps.DatabaseError)
+    warm = await storage.get_run("warm")
+    assert warm is not None and warm.input is None
+    async with db.connection() as conn:  # None is stored as JSON null, not SQL NULL
+        cur = await conn.execute(
+            "SELECT input IS NULL FROM pgstreams.alone_runs WHERE workflow_id = 'warm'"
+        )
+        assert await cur.fetchone() == (False,)
+    await storage.close()
+
+
+def _undecodable(*args: Any) -> None:
+    raise OSError(os.fsdecode(b"no such file: \xff"))  # a lone surrogate in the message
+
+
+undecodable = ps.Workflow[None, None]("undecodable")
+
+
+@undecodable.run
+async def _undecodable_run(ctx: ps.WorkflowContext, input: None) -> None:
+    await ctx.step("open", _undecodable)
+
+
+async def test_an_error_message_that_is_not_valid_unicode_is_stored(
+    storage: ps.WorkflowStorage,
+) -> None:
+    engine = ps.WorkflowEngine(storage=storage, workflows=[undecodable])
+    run = await engine.start(undecodable, None, workflow_id="undecodable-1")
+    async with engine.worker():
+        with anyio.fail_after(10), pytest.raises(ps.WorkflowFailedError) as failed:
+            await run.result()
+    assert "\\udcff" in failed.value.error["message"]
+    history = await storage.run_history("undecodable-1")
+    assert [(h.step, h.status) for h in history] == [("open", "failed")]
+
+
+async def test_a_leader_interrupted_by_a_base_exception_strands_no_one() -> None:
+    from contextlib import AsyncExitStack
+
+    from pgstreams._run_session import RunSession
+
+    class Interrupted(BaseException):
+        pass
+
+    async def opener(stack: AsyncExitStack) -> Any:
+        await anyio.sleep(0.05)
+        raise Interrupted
+
+    session = RunSession(opener, {}, {})
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            await session.call("GET", {})
+        except Interrupted:
+            outcomes.append("interrupted")
+        except ps.DatabaseError:
+            outcomes.append("error")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(one)
+    # The first call leads alone; the second leads the next batch, with the third in it,
+    # which its interruption must not strand.
+    assert sorted(outcomes) == ["error", "interrupted", "interrupted"]
+
+
+async def _nap(span: float) -> None:
+    naps["now"] = naps.get("now", 0) + 1
+    naps["peak"] = max(naps.get("peak", 0), naps["now"])
+    try:
+        await anyio.sleep(span)
+    finally:
+        naps["now"] -= 1
+
+
+naps: dict[str, int] = {}
+napping = ps.Workflow[None, str]("napping")
+
+
+@napping.run
+async def _napping(ctx: ps.WorkflowContext, input: None) -> str:
+    await ctx.step("nap", _nap, 1.5)
+    return "rested"
+
+
+async def test_a_run_that_lost_its_lock_stops_mid_step_before_another_resumes_it(
+    db: ps.Database, dsn: str
+) -> None:
+    naps.clear()
+    first = ps.PgWorkflowStorage(db, table_prefix="napping_")
+    second = ps.PgWorkflowStorage(db, table_prefix="napping_")  # another process, in effect
+    a = ps.WorkflowEngine(storage=first, workflows=[napping], lease=0.6)
+    b = ps.WorkflowEngine(storage=second, workflows=[napping], lease=0.6)
+    run = await a.start(napping, None, workflow_id="nap-1")
+    async with a.worker():
+        await eventually(lambda: _naps_now(1), "the nap begun")
+        pid = first._session.backend_pid
+        assert pid is not None
+        terminate_backends(dsn, pid=pid)  # the run's lock goes; its step has no call to fail
+        assert await first.claim_run(["nothing"], "probe", 1) is None  # reconnects
+        async with b.worker():
+            with anyio.fail_after(15):
+                assert await run.result() == "rested"
+    assert naps["peak"] == 1  # the first nap was stopped before the run resumed elsewhere
+    history = await first.run_history("nap-1")
+    assert [(h.attempt, h.status) for h in history] == [(1, "running"), (2, "succeeded")]
+    await first.close()
+    await second.close()
+
+
+async def _naps_now(n: int) -> bool:
+    return naps.get("now", 0) == n
