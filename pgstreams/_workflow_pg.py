@@ -223,13 +223,30 @@ class _Held:
     released: bool = False
 
 
-def _create_params(group: Hashable, items: list[Any]) -> dict[str, Any]:
+# Items of the JSON-batched kinds are (key, JSON object text): the key names the row the
+# item changes (no two equal keys share a statement), the texts make the batch.
+
+
+def _json_batch(group: Hashable, items: list[Any]) -> dict[str, Any]:
     return {"batch": "[" + ",".join(text for _, text in items) + "]"}
+
+
+def _key(item: tuple[Hashable, str]) -> Hashable:
+    return item[0]
 
 
 def _create_split(items: list[Any], rows: list[Any]) -> list[Any]:
     created = {r[0]: r for r in rows}
     return [created.get(workflow_id) for workflow_id, _ in items]
+
+
+def _no_results(items: list[Any], rows: list[Any]) -> list[Any]:
+    return [None] * len(items)
+
+
+def _finish_split(items: list[Any], rows: list[Any]) -> list[Any]:
+    updated = {r[0]: bool(r[1]) for r in rows}
+    return [updated[workflow_id] for workflow_id, _ in items]
 
 
 def _claim_params(group: Hashable, items: list[Any]) -> dict[str, Any]:
@@ -250,28 +267,12 @@ def _attempt_split(items: list[Any], rows: list[Any]) -> list[Any]:
     return [attempts[item] for item in items]
 
 
-def _json_batch(group: Hashable, items: list[Any]) -> dict[str, Any]:
-    return {"batch": "[" + ",".join(items) + "]"}
-
-
-def _by_id(items: list[Any], rows: list[Any]) -> list[Any]:
-    return [None] * len(items)
-
-
-def _finish_split(items: list[Any], rows: list[Any]) -> list[Any]:
-    return [bool(r[1]) for r in rows]
-
-
-def _mark_key(item: str) -> Hashable:
-    return item[: item.index(',"s":')]  # the run and step part (see mark_step)
-
-
 _BATCHES = {
-    "CREATE": Batch(_create_params, _create_split, key=lambda item: item[0]),
+    "CREATE": Batch(_json_batch, _create_split, key=_key),
     "CLAIM": Batch(_claim_params, _claim_split),
     "ATTEMPT": Batch(_attempt_params, _attempt_split, key=lambda item: item),
-    "MARK": Batch(_json_batch, _by_id, key=_mark_key),
-    "FINISH": Batch(_json_batch, _finish_split, key=lambda item: item),
+    "MARK": Batch(_json_batch, _no_results, key=_key),
+    "FINISH": Batch(_json_batch, _finish_split, key=_key),
 }
 
 
@@ -431,7 +432,9 @@ class PgWorkflowStorage:
                 f'{{"i":{json.dumps(workflow_id)},"s":"{status}","w":{json.dumps(owner)},'
                 f'"o":{out or "null"},"e":{err or "null"},"k":{held.key}}}'
             )
-            updated, _ = await self._session.call("FINISH", item, generation=held.generation)
+            updated, _ = await self._session.call(
+                "FINISH", (workflow_id, item), generation=held.generation
+            )
             held.released = True
             return bool(updated)
         params = {"id": workflow_id, "status": status, "owner": owner, "output": out, "error": err}
@@ -484,9 +487,11 @@ class PgWorkflowStorage:
         )
         held = self._held(workflow_id)
         if held is not None:
-            await self._session.call("MARK", item, generation=held.generation)
+            await self._session.call(
+                "MARK", ((workflow_id, name), item), generation=held.generation
+            )
         else:
-            await self._unshared("MARK", _json_batch(None, [item]))
+            await self._unshared("MARK", _json_batch(None, [(None, item)]))
 
     async def _unshared(self, key: str, params: dict[str, Any]) -> list[Any]:
         """A batchable statement for one item, on a lent connection."""
