@@ -284,6 +284,7 @@ class WorkflowEngine:
         self, workflow_id: str, owner: str, scope: anyio.CancelScope, cancelled: anyio.Event
     ) -> None:
         """Renew the lease and the lock; stop the run if either is lost or it is cancelled."""
+        renewed = anyio.current_time()
         while True:
             await anyio.sleep(self._lease / 3)
             try:
@@ -293,9 +294,23 @@ class WorkflowEngine:
                 run = await self.storage.get_run(workflow_id) if kept else None
             except DatabaseError as exc:
                 logger.warning("workflow %s: could not renew its lease: %s", workflow_id, exc)
+                # Stop at once if the failure took the lock (its connection died), or once
+                # the lease has run out: another worker may resume the run from then on.
+                if anyio.current_time() - renewed >= self._lease or not await self._holds(
+                    workflow_id, owner
+                ):
+                    scope.cancel()
+                    return
                 continue
+            renewed = anyio.current_time()
             if run is not None and run.cancel_requested:
                 cancelled.set()
             if run is None or run.cancel_requested:
                 scope.cancel()
                 return
+
+    async def _holds(self, workflow_id: str, owner: str) -> bool:
+        try:
+            return await self.storage.extend_lock(workflow_id, owner, self._lease)
+        except DatabaseError:
+            return True  # unknown: the lease decides

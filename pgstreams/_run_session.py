@@ -40,6 +40,9 @@ class Batch:
     key: Callable[[Any], Hashable] | None = None
     """Items with equal keys never share a statement (one row may change once per
     statement); None when no two items can collide."""
+    alone_on_failure: bool = True
+    """When the shared statement fails, try each item alone (one may be at fault); False
+    for items that are all alike (claims), which would only fail again."""
 
 
 @dataclass(slots=True, eq=False)
@@ -180,12 +183,11 @@ class RunSession:
                 params = items[0] if how is None else how.params(group, items)
                 cur = await conn.execute(self._sql[kind], params)
                 rows = await cur.fetchall() if cur.description else []
-            results = [rows] if how is None else how.split(items, rows)
         except Exception as exc:
             broken = conn.broken or conn.closed
             if broken and self._conn is conn:
                 self._conn = None  # its locks are gone; fenced calls learn it from now on
-            if not broken and len(calls) > 1:
+            if not broken and len(calls) > 1 and how is not None and how.alone_on_failure:
                 # The statement changed nothing: one call's item may be at fault, so
                 # each goes on its own, and only that one fails.
                 for c in calls:
@@ -194,9 +196,15 @@ class RunSession:
             for c in calls:
                 if not (again and broken and c.generation is None):
                     _finish(c, error=exc)
-        else:
-            for c, result in zip(calls, results, strict=True):
-                _finish(c, result=result, ran_on=self.generation)
+            return
+        try:  # the statement is done: whatever happens now, it must not run again
+            results = [rows] if how is None else how.split(items, rows)
+        except Exception as exc:
+            for c in calls:
+                _finish(c, error=exc)
+            return
+        for c, result in zip(calls, results, strict=True):
+            _finish(c, result=result, ran_on=self.generation)
 
     async def _connection(self) -> AsyncConnection[Any]:
         if self._conn is not None and not self._conn.closed:

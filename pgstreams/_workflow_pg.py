@@ -83,21 +83,27 @@ _RUN = (
 )
 
 # The n oldest queued runs of the given workflows, or the oldest whose lease ran out,
-# each with its run lock taken on the way (false: another process holds it).
+# each with its run lock taken on the way (false: another process holds it). The sort makes
+# the UPDATE finish before the first lock is taken: session locks outlive a rollback, so a
+# statement failing halfway must not have taken any.
 _CLAIM = f"""
-    UPDATE {{runs}}
-    SET status = 'running', owner = %(owner)s, executions = executions + 1,
-        lease_until = clock_timestamp() + %(lease)s * interval '1 second', updated_at = now()
-    WHERE workflow_id = ANY (ARRAY(
-        SELECT workflow_id FROM {{runs}}
-        WHERE status IN ('queued', 'running') AND workflow = ANY (%(workflows)s)
-          AND (status = 'queued' OR lease_until < clock_timestamp())
-        ORDER BY created_at
-        LIMIT %(n)s
-        FOR UPDATE SKIP LOCKED
-    ))
-    RETURNING {_RUN}, pg_try_advisory_lock(hashtextextended(%(ns)s || workflow_id, 0)),
-              hashtextextended(%(ns)s || workflow_id, 0)
+    WITH c AS (
+        UPDATE {{runs}}
+        SET status = 'running', owner = %(owner)s, executions = executions + 1,
+            lease_until = clock_timestamp() + %(lease)s * interval '1 second',
+            updated_at = now()
+        WHERE workflow_id = ANY (ARRAY(
+            SELECT workflow_id FROM {{runs}}
+            WHERE status IN ('queued', 'running') AND workflow = ANY (%(workflows)s)
+              AND (status = 'queued' OR lease_until < clock_timestamp())
+            ORDER BY created_at
+            LIMIT %(n)s
+            FOR UPDATE SKIP LOCKED
+        ))
+        RETURNING {_RUN}, hashtextextended(%(ns)s || workflow_id, 0) AS k
+    )
+    SELECT {_RUN}, pg_try_advisory_lock(k), k
+    FROM (SELECT * FROM c ORDER BY created_at, workflow_id) AS claimed
 """
 
 _Q = {
@@ -269,7 +275,7 @@ def _attempt_split(items: list[Any], rows: list[Any]) -> list[Any]:
 
 _BATCHES = {
     "CREATE": Batch(_json_batch, _create_split, key=_key),
-    "CLAIM": Batch(_claim_params, _claim_split),
+    "CLAIM": Batch(_claim_params, _claim_split, alone_on_failure=False),
     "ATTEMPT": Batch(_attempt_params, _attempt_split, key=lambda item: item),
     "MARK": Batch(_json_batch, _no_results, key=_key),
     "FINISH": Batch(_json_batch, _finish_split, key=_key),
@@ -527,8 +533,8 @@ class PgWorkflowStorage:
         if not self._ready:
             await self.migrate()
         rows, generation = await self._session.call("LOCK", {"ns": self._ns, "id": workflow_id})
-        if not rows or not rows[0][0]:
-            return False
+        if not rows or not rows[0][0] or generation != self._session.generation:
+            return False  # taken elsewhere, or already gone with its connection
         if workflow_id in self._locks:  # taken meanwhile by another task of this process
             await self._release(_Held(owner, int(rows[0][1]), generation))
             return False

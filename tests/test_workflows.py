@@ -7,12 +7,14 @@ and skip, saying so, when none answers.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import pgstreams as ps
@@ -869,7 +871,7 @@ async def test_an_unlock_that_lost_its_race_with_a_reconnect_leaves_other_locks_
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(claim, "L")  # meets the dead connection and opens a new one
-        await anyio.sleep(0.05)
+        await anyio.lowlevel.checkpoint()  # L is sending; the dead connection is not noticed yet
         tg.start_soon(claim, "B")
         tg.start_soon(end_r0)  # its unlock is queued for the connection that died
         tg.start_soon(claim, "C")
@@ -888,6 +890,14 @@ async def test_one_bad_item_fails_alone_in_a_shared_statement(db: ps.Database) -
     storage = ps.PgWorkflowStorage(db, table_prefix="alone_")
     await storage.create_run("warm", "wf", None)
     results: dict[str, Any] = {}
+    shared: list[int] = []  # how many calls each statement carried
+    run_statement = storage._starts._run
+
+    async def counting(conn: Any, kind: str, group: Any, calls: list[Any], **kw: Any) -> None:
+        shared.append(len(calls))
+        await run_statement(conn, kind, group, calls, **kw)
+
+    storage._starts._run = counting  # type: ignore[method-assign]
 
     async def create(workflow_id: str) -> None:
         try:
@@ -902,6 +912,7 @@ async def test_one_bad_item_fails_alone_in_a_shared_statement(db: ps.Database) -
         tg.start_soon(create, "good-2")
     assert results["first"] is True and results["good-1"] is True and results["good-2"] is True
     assert isinstance(results["bad\x00id"], ps.DatabaseError)
+    assert shared[:2] == [1, 3]  # "first" alone, then the three in one statement
     warm = await storage.get_run("warm")
     assert warm is not None and warm.input is None
     async with db.connection() as conn:  # None is stored as JSON null, not SQL NULL
@@ -984,24 +995,29 @@ napping = ps.Workflow[None, str]("napping")
 
 @napping.run
 async def _napping(ctx: ps.WorkflowContext, input: None) -> str:
-    await ctx.step("nap", _nap, 1.5)
+    await ctx.step("nap", _nap, 3.0)
     return "rested"
 
 
+@pytest.mark.parametrize(("lease", "stall"), [(1.5, 0.0), (0.6, 0.5)])
 async def test_a_run_that_lost_its_lock_stops_mid_step_before_another_resumes_it(
-    db: ps.Database, dsn: str
+    db: ps.Database, dsn: str, lease: float, stall: float
 ) -> None:
     naps.clear()
-    first = ps.PgWorkflowStorage(db, table_prefix="napping_")
-    second = ps.PgWorkflowStorage(db, table_prefix="napping_")  # another process, in effect
-    a = ps.WorkflowEngine(storage=first, workflows=[napping], lease=0.6)
-    b = ps.WorkflowEngine(storage=second, workflows=[napping], lease=0.6)
+    prefix = f"napping{int(stall * 10)}_"
+    first = ps.PgWorkflowStorage(db, table_prefix=prefix)
+    second = ps.PgWorkflowStorage(db, table_prefix=prefix)  # another process, in effect
+    a = ps.WorkflowEngine(storage=first, workflows=[napping], lease=lease)
+    b = ps.WorkflowEngine(storage=second, workflows=[napping], lease=lease)
     run = await a.start(napping, None, workflow_id="nap-1")
     async with a.worker():
         await eventually(lambda: _naps_now(1), "the nap begun")
         pid = first._session.backend_pid
         assert pid is not None
         terminate_backends(dsn, pid=pid)  # the run's lock goes; its step has no call to fail
+        # A stalled event loop (a loaded machine): the lease renewal that finds the lock
+        # gone comes late, when the lease has nearly run out, and must stop the run then.
+        time.sleep(stall)  # noqa: ASYNC251 - stalls the loop on purpose
         assert await first.claim_run(["nothing"], "probe", 1) is None  # reconnects
         async with b.worker():
             with anyio.fail_after(15):
@@ -1015,3 +1031,38 @@ async def test_a_run_that_lost_its_lock_stops_mid_step_before_another_resumes_it
 
 async def _naps_now(n: int) -> bool:
     return naps.get("now", 0) == n
+
+
+async def test_a_claim_that_fails_halfway_leaves_no_lock_behind(db: ps.Database) -> None:
+    storage = ps.PgWorkflowStorage(db, table_prefix="halfway_")
+    await storage.create_run("a-good", "wf", 1)
+    await storage.create_run("b-bad", "wf", 2)
+    async with db.connection() as conn:  # its claim overflows executions: the UPDATE fails
+        await conn.execute(
+            "UPDATE pgstreams.halfway_runs SET executions = 2147483647 WHERE workflow_id = 'b-bad'"
+        )
+    outcomes: dict[str, Any] = {}
+
+    async def claim(tag: str, workflows: list[str]) -> None:
+        try:
+            run = await storage.claim_run(workflows, "me", 30)
+            outcomes[tag] = None if run is None else run.workflow_id
+        except ps.DatabaseError as exc:
+            outcomes[tag] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(claim, "first", ["other"])  # goes alone; the next two share a statement
+        await anyio.lowlevel.checkpoint()
+        tg.start_soon(claim, "one", ["wf"])
+        tg.start_soon(claim, "two", ["wf"])
+    assert isinstance(outcomes["one"], ps.DatabaseError)
+    assert isinstance(outcomes["two"], ps.DatabaseError)
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        assert await cur.fetchone() == (0,)  # the failed statement took no lock
+        await conn.execute(
+            "UPDATE pgstreams.halfway_runs SET executions = 0 WHERE workflow_id = 'b-bad'"
+        )
+    claimed = {await storage.claim_run(["wf"], "me", 30) for _ in range(2)}
+    assert {run.workflow_id for run in claimed if run is not None} == {"a-good", "b-bad"}
+    await storage.close()
