@@ -347,9 +347,7 @@ class PgWorkflowStorage:
         if held is not None:
             rows, _ = await self._session.call(key, params, generation=held.generation)
             return rows  # type: ignore[no-any-return]
-        async with self._db.connection() as conn:
-            cur = await conn.execute(self._sql[key], params)
-            return await cur.fetchall() if cur.description else []
+        return await self._unshared(key, params)
 
     @asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:
@@ -500,7 +498,7 @@ class PgWorkflowStorage:
             await self._unshared("MARK", _json_batch(None, [(None, item)]))
 
     async def _unshared(self, key: str, params: dict[str, Any]) -> list[Any]:
-        """A batchable statement for one item, on a lent connection."""
+        """One statement on a lent connection (outside the session)."""
         if not self._ready:
             await self.migrate()
         async with self._db.connection() as conn:
