@@ -261,7 +261,7 @@ def _claim_params(group: Hashable, items: list[Any]) -> dict[str, Any]:
 
 
 def _claim_split(items: list[Any], rows: list[Any]) -> list[Any]:
-    return [rows[i] if i < len(rows) else None for i in range(len(items))]
+    return list(rows) + [None] * (len(items) - len(rows))
 
 
 def _attempt_params(group: Hashable, items: list[Any]) -> dict[str, Any]:
@@ -582,16 +582,4 @@ class PgWorkflowStorage:
 
 
 def _run(row: Any) -> RunRecord:
-    return RunRecord(
-        workflow_id=row[0],
-        workflow=row[1],
-        status=row[2],
-        input=row[3],
-        output=row[4],
-        error=row[5],
-        executions=row[6],
-        cancel_requested=row[7],
-        owner=row[8],
-        created_at=row[9],
-        updated_at=row[10],
-    )
+    return RunRecord(*row[:11])  # the columns of _RUN, in RunRecord's field order
