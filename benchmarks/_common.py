@@ -58,7 +58,7 @@ async def server(dsn: str | None, *, embedded: bool) -> AsyncIterator[Server]:
         if chosen:
             yield Server(chosen, _where(chosen))
             return
-    from pgstreams._embedded import EmbeddedPostgres
+    from pgstreams._pg.embedded import EmbeddedPostgres
 
     async with EmbeddedPostgres() as pg:
         yield Server(pg.dsn, "embedded server")

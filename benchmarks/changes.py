@@ -67,7 +67,7 @@ REPLAY = 200_000
 
 
 def pgbench_path() -> str:
-    from pgstreams._embedded import find_bindir
+    from pgstreams._pg.embedded import find_bindir
 
     try:
         candidate = Path(find_bindir()) / "pgbench"

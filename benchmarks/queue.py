@@ -60,7 +60,7 @@ from benchmarks._common import (
     server,
     server_facts,
 )
-from pgstreams import _queue_sql as Q
+from pgstreams._sources.queue import sql as Q
 
 Conn = psycopg.AsyncConnection[TupleRow]
 

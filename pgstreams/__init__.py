@@ -4,12 +4,9 @@ Queues (plain tables or pgmq), change data capture, schedules and durable workfl
 ``Stream`` objects: ``subscribe -> take / map / batch / through -> for_each / drain``.
 """
 
-from ._changes import Change, ChangeLag, PgChangeStream
-from ._clock import Clock, ManualClock, SystemClock
-from ._db import Database, connect, embedded
-from ._engine import RunHandle, WorkflowEngine
-from ._envelope import Envelope
-from ._errors import (
+from ._core.clock import Clock, ManualClock, SystemClock
+from ._core.envelope import DeadMessage, Envelope
+from ._core.errors import (
     DatabaseError,
     EmbeddedPostgresError,
     EmptyStreamError,
@@ -19,23 +16,26 @@ from ._errors import (
     PgStreamsError,
     ScheduleNotFoundError,
 )
-from ._pgmq import PgmqMetrics, PgmqQueue, ReadMode
-from ._queue import DeadMessage, PgQueue, QueueMetrics
-from ._scheduler import Schedule, Scheduler, ScheduleTick
-from ._snapshots import Snapshot, SnapshotStore
-from ._step_queue import PgStepQueue, StepTask
-from ._stream import Stream, merge
-from ._trigger import DuplicateWorkflowError, TriggerResult, trigger
-from ._workflow import (
+from ._core.stream import Stream, merge
+from ._pg.database import Database, connect, embedded
+from ._sources.changes.stream import Change, ChangeLag, PgChangeStream
+from ._sources.pgmq.queue import PgmqMetrics, PgmqQueue, ReadMode
+from ._sources.queue.queue import PgQueue, QueueMetrics
+from ._sources.scheduler.scheduler import Schedule, Scheduler, ScheduleTick
+from ._workflows.engine import RunHandle, WorkflowEngine
+from ._workflows.pg import PgWorkflowStorage
+from ._workflows.redis import RedisWorkflowStorage
+from ._workflows.snapshots import Snapshot, SnapshotStore
+from ._workflows.step_queue import PgStepQueue, StepTask
+from ._workflows.storage import RunRecord, StepAttempt, StepRecord, WorkflowStorage
+from ._workflows.trigger import DuplicateWorkflowError, TriggerResult, trigger
+from ._workflows.workflow import (
     StepFailedError,
     Workflow,
     WorkflowCancelledError,
     WorkflowContext,
     WorkflowFailedError,
 )
-from ._workflow_pg import PgWorkflowStorage
-from ._workflow_redis import RedisWorkflowStorage
-from ._workflow_storage import RunRecord, StepAttempt, StepRecord, WorkflowStorage
 
 __version__ = "0.1.0"
 

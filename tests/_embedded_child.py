@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pgstreams._embedded import EmbeddedPostgres
+from pgstreams._pg.embedded import EmbeddedPostgres
 
 server = EmbeddedPostgres()
 server.start()

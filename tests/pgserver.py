@@ -56,7 +56,7 @@ def server() -> Iterator[tuple[str, str]]:
         ) as pg:
             yield pg.get_connection_url(), "testcontainers"
         return
-    from pgstreams._embedded import EmbeddedPostgres
+    from pgstreams._pg.embedded import EmbeddedPostgres
 
     with EmbeddedPostgres() as embedded:
         yield embedded.dsn, "embedded"

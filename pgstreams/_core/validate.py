@@ -1,0 +1,89 @@
+"""Input checks shared by every source: names, durations and JSON payloads.
+
+Each check raises before anything reaches the database, so bad input never leaves a
+half-written state behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import InvalidArgumentError, PayloadError
+
+NAME_MAX_LENGTH = 48
+"""Room for the library's prefixes and suffixes inside PostgreSQL's 63-byte identifiers."""
+
+_NAME_RE = re.compile(r"[a-z0-9_]+")
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def check_name(kind: str, name: object) -> str:
+    """Return ``name`` if it is a valid object name: 1-48 characters of ``[a-z0-9_]``."""
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"{kind} name must be a str, got {type(name).__name__}")
+    if not name:
+        raise InvalidArgumentError(f"{kind} name must not be empty")
+    if len(name) > NAME_MAX_LENGTH:
+        raise InvalidArgumentError(
+            f"{kind} name {name!r} is {len(name)} characters; the limit is {NAME_MAX_LENGTH}"
+        )
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidArgumentError(
+            f"{kind} name {name!r} may only contain lowercase letters, digits and '_'"
+        )
+    return name
+
+
+def check_schema(schema: object) -> str:
+    """Return ``schema`` if it is a usable schema name (same rules as object names)."""
+    return check_name("schema", schema)
+
+
+def check_seconds(what: str, value: object, *, allow_zero: bool = True) -> float:
+    """Return ``value`` as float seconds; reject negatives, NaN, infinity and non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgumentError(f"{what} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise InvalidArgumentError(f"{what} must be finite, got {value!r}")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = "not be negative" if allow_zero else "be positive"
+        raise InvalidArgumentError(f"{what} must {bound}, got {value!r}")
+    return seconds
+
+
+def check_positive_int(what: str, value: object) -> int:
+    """Return ``value`` if it is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def to_json(what: str, value: object) -> str:
+    """Serialise ``value`` to the JSON text PostgreSQL's jsonb accepts, or raise PayloadError."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+    # json.dumps writes a NUL as \u0000; an escaped backslash before "u0000" is plain text.
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise PayloadError(f"{what} contains a NUL character, which jsonb cannot store")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from os.fsdecode()
+            raise PayloadError(f"{what} is not valid Unicode: {exc}") from exc
+    return text
+
+
+def headers_json(headers: Mapping[str, Any] | None) -> str:
+    """Serialise message headers: a mapping with string keys, JSON values."""
+    if headers is None:
+        return "{}"
+    if not isinstance(headers, Mapping) or not all(isinstance(k, str) for k in headers):
+        raise PayloadError("headers must be a mapping with str keys")
+    return to_json("headers", dict(headers))

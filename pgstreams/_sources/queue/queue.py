@@ -1,0 +1,432 @@
+"""``PgQueue[T]``: a queue on a plain table, claimed with ``SELECT ... FOR UPDATE SKIP LOCKED``.
+
+Delivery:
+
+* ``subscribe()`` deletes each message as it is read (at-most-once).
+* ``subscribe_ack()`` leases messages for ``visibility`` seconds (at-least-once). A lease that
+  runs out makes the message visible again by itself -- no janitor process -- and every
+  delivery counts an attempt. A message delivered ``max_attempts`` times that is nacked or
+  whose lease runs out moves to the dead set with its last error.
+* Messages read but never delivered -- read ahead by ``prefetch`` or by an operator such as
+  ``buffer`` or ``batch`` when the stream closes -- go back as if never read.
+* Publishing wakes idle subscribers with one NOTIFY per statement (PostgreSQL folds
+  identical notifications of one transaction into one); polling is the fallback.
+* A subscriber outlives connection failures: it backs off and retries, while the shared
+  listener reconnects on its own. A failed lease took nothing; a connection lost just after
+  an auto-ack read committed loses what it read, as at-most-once delivery allows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+from psycopg import AsyncConnection, sql
+
+from ..._core.envelope import DeadMessage, Envelope
+from ..._core.errors import DatabaseError, LeaseLostError
+from ..._core.source import UNSET, Handed, Retry, Unset, channel_for, parse_headers
+from ..._core.stream import Stream
+from ..._core.validate import check_name, check_positive_int, check_seconds, headers_json, to_json
+from ..._pg import calls
+from ..._pg.database import Database
+from ..._pg.listen import Wakeup
+from ..._pg.migrate import advisory_key
+from . import sql as Q
+
+__all__ = ["DeadMessage", "PgQueue", "QueueMetrics"]
+
+T = TypeVar("T")
+logger = logging.getLogger("pgstreams.queue")
+
+DEFAULT_POLL_INTERVAL = 5.0
+LIMIT_TTL = 5.0
+"""Seconds a handle trusts its cached copy of the queue's stored max_attempts."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueMetrics:
+    """Counts for one queue. ``total`` = pending + processing + dead + completed."""
+
+    pending: int
+    """Waiting to be delivered, including delayed messages and expired leases."""
+    processing: int
+    """Leased to a consumer whose lease has not run out."""
+    completed: int
+    """Acked or auto-acked since the queue was created."""
+    dead: int
+    """Gave up after ``max_attempts``; see ``dead_letters()`` and ``requeue_dead()``."""
+    total: int
+
+
+class PgQueue(Generic[T]):
+    """A durable queue of JSON messages in one PostgreSQL table (see module docstring).
+
+    ``await PgQueue.create(db, name)`` creates it (or opens it); ``PgQueue(db, name)`` opens
+    an existing queue without touching the database.
+    """
+
+    def __init__(self, db: Database, name: str) -> None:
+        self._db = db
+        self.name = check_name("queue", name)
+        self._channel = channel_for(db.schema, "queue", name)
+        names = {
+            "table": sql.Identifier(db.schema, f"q_{name}"),
+            "ready_idx": sql.Identifier(f"q_{name}_ready"),
+            "stats": sql.Identifier(db.schema, "queue_stats"),
+            "queues": sql.Identifier(db.schema, "queues"),
+        }
+        self._limit: tuple[float, int] | None = None  # (read at, max_attempts)
+        self._sql = calls.render_queries(Q, names)
+
+    @classmethod
+    async def create(
+        cls, db: Database, name: str, *, max_attempts: int | Unset | None = UNSET
+    ) -> PgQueue[Any]:
+        """Create the queue if needed (idempotent, safe to race) and return a handle.
+
+        ``max_attempts`` (None = unlimited) is stored with the queue and applies to every
+        handle in every process. Leaving it out keeps the stored value (unlimited for a new
+        queue).
+        """
+        if not isinstance(max_attempts, Unset) and max_attempts is not None:
+            check_positive_int("max_attempts", max_attempts)
+        queue: PgQueue[Any] = cls(db, name)
+        await db.ensure_migrated()
+        async with db.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", [advisory_key("queue", db.schema, name)]
+            )
+            await conn.execute(queue._sql["CREATE"])
+            params = {"queue": name, "max": max_attempts, "shards": Q.SHARDS}
+            keep = isinstance(max_attempts, Unset)
+            await conn.execute(queue._sql["REGISTER_KEEP" if keep else "REGISTER_SET"], params)
+            await conn.execute(queue._sql["REGISTER_SHARDS"], params)
+        queue._limit = None
+        return queue
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def publish(
+        self,
+        value: T,
+        *,
+        delay: float = 0,
+        headers: Mapping[str, Any] | None = None,
+        conn: AsyncConnection[Any] | None = None,
+    ) -> int:
+        """Append one message; returns its id.
+
+        With ``conn`` the insert joins that connection's current transaction: the message
+        exists (and subscribers are woken) only if and when the caller commits.
+        """
+        params = {
+            "payload": to_json("message", value),
+            "headers": headers_json(headers),
+            "delay": check_seconds("delay", delay),
+            "channel": self._channel,
+        }
+        row = await self._fetchone(self._sql["PUBLISH"], params, conn)
+        return int(row[0])
+
+    async def publish_batch(
+        self,
+        values: Iterable[T],
+        *,
+        delay: float = 0,
+        headers: Mapping[str, Any] | None = None,
+        conn: AsyncConnection[Any] | None = None,
+    ) -> list[int]:
+        """Append many messages in one statement (all or none); returns their ids in order."""
+        payloads = [to_json(f"message {i}", v) for i, v in enumerate(values)]
+        params = {
+            "payloads": payloads,
+            "headers": headers_json(headers),
+            "delay": check_seconds("delay", delay),
+            "channel": self._channel,
+        }
+        if not payloads:
+            return []
+        row = await self._fetchone(self._sql["PUBLISH_BATCH"], params, conn)
+        return list(row[0])
+
+    # -- consuming ---------------------------------------------------------------------
+
+    def subscribe(
+        self, *, prefetch: int = 1, poll_interval: float = DEFAULT_POLL_INTERVAL
+    ) -> Stream[T]:
+        """Stream message values, deleting each as it is read (auto-ack, at-most-once).
+
+        ``prefetch`` messages are read per round trip. Messages read but never delivered
+        when the stream closes -- read ahead by ``prefetch`` or by an operator -- are put
+        back with their id and headers.
+        """
+        check_positive_int("prefetch", prefetch)
+        poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
+        handed = Handed()
+
+        async def putback(values: list[Any]) -> None:
+            await self._give_back_values(handed, values)
+
+        return Stream(lambda: self._pop_loop(prefetch, poll, handed), putback=putback)
+
+    def subscribe_ack(
+        self,
+        *,
+        visibility: float = 30,
+        prefetch: int = 1,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> Stream[Envelope[T]]:
+        """Stream leased messages; settle each with ``env.ack()`` / ``env.nack()``.
+
+        A message is leased for ``visibility`` seconds from when it is read. Envelopes read
+        but never delivered when the stream closes (read ahead by ``prefetch`` or by an
+        operator) are released as if never read. An envelope delivered and never settled
+        keeps its lease until it runs out: the library cannot know whether it was processed.
+        """
+        vis = check_seconds("visibility", visibility, allow_zero=False)
+        check_positive_int("prefetch", prefetch)
+        poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
+        return Stream(lambda: self._lease_loop(vis, prefetch, poll), putback=self._release)
+
+    async def ack_many(self, envelopes: Iterable[Envelope[T]]) -> int:
+        """Ack several envelopes in one round trip; returns how many leases were still held.
+
+        Raises before touching anything if one of them is already settled.
+        """
+        envs = list(envelopes)
+        for env in envs:
+            env._check_unsettled()
+        if not envs:
+            return 0
+        leases = {env._lease for env in envs}
+        ids = [env.id for env in envs]
+        if len(leases) == 1:
+            params: dict[str, Any] = {"ids": ids, "lease": leases.pop(), "queue": self.name}
+            row = await self._fetchone(self._sql["ACK_MANY"], params)
+        else:
+            params = {"ids": ids, "leases": [e._lease for e in envs], "queue": self.name}
+            row = await self._fetchone(self._sql["ACK_PAIRS"], params)
+        for env in envs:
+            env._settled = True
+        return int(row[0]) if row else 0
+
+    async def _max_attempts(self) -> int:
+        """The stored max_attempts (2**31-1 = unlimited), re-read every LIMIT_TTL seconds.
+
+        Reading it from the registry inside every claim would cost a lookup each time;
+        a change made by ``create(max_attempts=...)`` reaches running handles this soon.
+        """
+        now = anyio.current_time()
+        if self._limit is None or now - self._limit[0] > LIMIT_TTL:
+            row = await self._fetchone(self._sql["LIMIT"], {"queue": self.name}, allow_none=True)
+            if row is None:
+                raise DatabaseError(f"queue {self.name!r} does not exist; create it first")
+            self._limit = (now, int(row[0]))
+        return self._limit[1]
+
+    async def _pop_loop(self, prefetch: int, poll: float, handed: Handed) -> AsyncIterator[T]:
+        params: dict[str, Any] = {"n": prefetch, "queue": self.name}
+        retry = Retry(logger, f"queue {self.name}")
+        async with self._db.wakeups(self._channel) as wakeup:
+            while True:
+                rows = await self._read(self._sql["POP"], params, wakeup, poll, retry)
+                values = [json.loads(row[1]) for row in rows]
+                slots = handed.add(values, rows)
+                delivered = 0
+                try:
+                    for value in values:
+                        delivered += 1
+                        yield value
+                finally:
+                    if delivered < len(rows):
+                        for i in range(delivered, len(rows)):
+                            slots[i] = None  # put back here, so never again by an operator
+                        await self._unpop(rows[delivered:])
+
+    async def _lease_loop(
+        self, visibility: float, prefetch: int, poll: float
+    ) -> AsyncIterator[Envelope[T]]:
+        params: dict[str, Any] = {"n": prefetch, "vis": visibility, "max": 0}
+        retry = Retry(logger, f"queue {self.name}")
+        async with self._db.wakeups(self._channel) as wakeup:
+            while True:
+                rows = await self._read(self._sql["CLAIM"], params, wakeup, poll, retry)
+                rows.sort(key=lambda r: r[0])
+                envelopes = [self._envelope(row) for row in rows if not row[5]]
+                delivered = 0
+                try:
+                    for env in envelopes:
+                        delivered += 1
+                        yield env
+                finally:
+                    if delivered < len(envelopes):
+                        await self._release(envelopes[delivered:])
+
+    async def _read(
+        self,
+        query: bytes,
+        params: dict[str, Any],
+        wakeup: Wakeup,
+        poll: float,
+        retry: Retry,
+    ) -> list[Any]:
+        """Take the next rows, sleeping while there are none and riding out failures."""
+        while True:
+            # Outside the shield, so a busy consumer whose callback never awaits can still
+            # be cancelled: the deadline fires during the (shielded) read below.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            wakeup.arm()
+            try:
+                if "max" in params:  # a lease: apply the queue's current max_attempts
+                    params["max"] = await self._max_attempts()
+                rows = await self._fetchall_shielded(query, params)
+                if not rows:
+                    await wakeup.wait(
+                        await calls.idle_wait(self._db, self._sql["NEXT_VISIBLE"], poll)
+                    )
+                    continue
+            except DatabaseError as exc:
+                await retry.after(exc)
+                continue
+            retry.reset()
+            return rows
+
+    def _envelope(self, row: Sequence[Any]) -> Envelope[T]:
+        return Envelope(
+            self,
+            id=row[0],
+            value=json.loads(row[1]),
+            headers=parse_headers(row[2]),
+            attempts=row[3],
+            enqueued_at=row[4],
+            lease=row[6],
+        )
+
+    # -- giving back what was read but not delivered -----------------------------------
+
+    async def _unpop(self, rows: Sequence[Sequence[Any]]) -> None:
+        params = {
+            "ids": [r[0] for r in rows],
+            "payloads": [r[1] for r in rows],
+            "headers": [r[2] for r in rows],
+            "attempts": [r[3] for r in rows],
+            "enqueued": [r[4] for r in rows],
+            "visible": [r[5] for r in rows],
+            "queue": self.name,
+            "channel": self._channel,
+        }
+        await self._cleanup(self._sql["UNPOP"], params, len(rows), "put back unread messages")
+
+    async def _give_back_values(self, handed: Handed, values: list[Any]) -> None:
+        rows, unknown = handed.split(values, f"queue {self.name}", logger)
+        if rows:
+            await self._unpop(rows)
+        if unknown:
+            params = {"payloads": unknown, "queue": self.name, "channel": self._channel}
+            await self._cleanup(self._sql["REINSERT"], params, len(unknown), "re-queue")
+
+    async def _release(self, envelopes: Sequence[Envelope[T]]) -> None:
+        envs = [e for e in envelopes if not e.settled]
+        if not envs:
+            return
+        params = {
+            "ids": [e.id for e in envs],
+            "leases": [e._lease for e in envs],
+            "channel": self._channel,
+        }
+        await self._cleanup(self._sql["RELEASE"], params, len(envs), "release unread leases")
+
+    async def _cleanup(
+        self, query: bytes, params: Mapping[str, Any], count: int, what: str
+    ) -> None:
+        await calls.cleanup(
+            self._db, query, params, logger=logger, what=f"queue {self.name}: {what} ({count})"
+        )
+
+    # -- settling (called by Envelope) -------------------------------------------------
+
+    async def _ack(self, env: Envelope[Any]) -> bool:
+        params = {"id": env.id, "lease": env._lease, "queue": self.name}
+        return await self._fetchone(self._sql["ACK"], params, allow_none=True) is not None
+
+    async def _nack(self, env: Envelope[Any], delay: float, error: str | None) -> bool:
+        params = {
+            "id": env.id,
+            "lease": env._lease,
+            "delay": delay,
+            "error": error,
+            "max": await self._max_attempts(),
+            "channel": self._channel,
+        }
+        return await self._fetchone(self._sql["NACK"], params, allow_none=True) is not None
+
+    async def _extend(self, env: Envelope[Any], seconds: float) -> None:
+        params = {"id": env.id, "lease": env._lease, "seconds": seconds}
+        if await self._fetchone(self._sql["EXTEND"], params, allow_none=True) is None:
+            raise LeaseLostError(f"message {env.id}: the lease of attempt {env.attempts} is lost")
+
+    # -- administration ----------------------------------------------------------------
+
+    async def metrics(self) -> QueueMetrics:
+        """Exact counts at one instant (one consistent snapshot)."""
+        row = await self._fetchone(self._sql["METRICS"], {"queue": self.name})
+        pending, processing, dead, completed = (int(v) for v in row)
+        total = pending + processing + dead + completed
+        return QueueMetrics(pending, processing, completed, dead, total)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadMessage]:
+        """The oldest ``limit`` messages of the dead set."""
+        check_positive_int("limit", limit)
+        async with self._db.connection() as conn:
+            cur = await conn.execute(self._sql["DEAD"], {"limit": limit})
+            rows = await cur.fetchall()
+        return [
+            DeadMessage(r[0], json.loads(r[1]), parse_headers(r[2]), r[3], r[4], r[5], r[6])
+            for r in rows
+        ]
+
+    async def requeue_dead(self) -> int:
+        """Make every dead message deliverable again with attempts reset; returns the count."""
+        row = await self._fetchone(self._sql["REQUEUE_DEAD"], {"channel": self._channel})
+        return int(row[0])
+
+    async def purge(self) -> int:
+        """Delete every message (pending, leased and dead); returns how many."""
+        row = await self._fetchone(self._sql["PURGE"], None)
+        return int(row[0])
+
+    async def drop(self) -> None:
+        """Delete the queue, its messages and its counters."""
+        async with self._db.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)",
+                [advisory_key("queue", self._db.schema, self.name)],
+            )
+            await conn.execute(self._sql["DROP_TABLE"])
+            await conn.execute(self._sql["UNREGISTER"], {"queue": self.name})
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _fetchone(
+        self,
+        query: bytes,
+        params: Mapping[str, Any] | None,
+        conn: AsyncConnection[Any] | None = None,
+        *,
+        allow_none: bool = False,
+    ) -> Any:
+        return await calls.fetchone(
+            self._db, query, params, conn, allow_none=allow_none, owner=f"queue {self.name}"
+        )
+
+    async def _fetchall_shielded(self, query: bytes, params: Mapping[str, Any]) -> list[Any]:
+        return await calls.fetchall_shielded(self._db, query, params)
+
+    def __repr__(self) -> str:
+        return f"PgQueue({self.name!r}, schema={self._db.schema!r})"
