@@ -79,6 +79,4 @@ def render(texts: Mapping[str, str], names: Mapping[str, sql.Composable]) -> dic
     for key in texts:
         if key.startswith("_"):
             fragments[key] = compose(key)
-    return {
-        key: compose(key).as_string().encode() for key in texts if not key.startswith("_")
-    }
+    return {key: compose(key).as_string().encode() for key in texts if not key.startswith("_")}

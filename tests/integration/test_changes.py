@@ -441,7 +441,7 @@ async def test_durable_consumer_killed_mid_stream(db: ps.Database, dsn: str) -> 
             sql.Identifier(table)
         ),
     )
-    script = Path(__file__).parent.parent.joinpath("_change_consumer.py")
+    script = Path(__file__).parents[1] / "_change_consumer.py"
     handed = await kill_when_ready(script, dsn, table, "billing-sync", "12")
     assert len(handed) == 12
     finished, unfinished = handed[:-1], handed[-1]

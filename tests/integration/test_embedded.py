@@ -55,7 +55,7 @@ def test_stop_removes_process_and_directory() -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
 def test_killed_parent_takes_the_server_with_it() -> None:
     child = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent.parent.joinpath("_embedded_child.py"))],
+        [sys.executable, str(Path(__file__).parents[1] / "_embedded_child.py")],
         stdout=subprocess.PIPE,
         cwd=Path(__file__).parents[2],
     )

@@ -647,7 +647,7 @@ async def test_a_killed_consumer_s_tick_comes_back_after_its_lease_even_if_pause
         )
         row = await cur.fetchone()
         assert row is not None
-    seen = await kill_when_ready(Path(__file__).parent.parent.joinpath("_tick_consumer.py"), dsn, "job")
+    seen = await kill_when_ready(Path(__file__).parents[1] / "_tick_consumer.py", dsn, "job")
     assert seen == [row[0]]
     await sched.pause("job")
     manual = await sched.trigger_now("job")  # waits behind the dead consumer's serial tick
