@@ -2,15 +2,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
 
 import pgstreams as ps
-
-from .pgserver import fresh_database, server
 
 ASYNC_TEST_TIMEOUT = 45.0
 """Async tests fail (and clean up) after this long; pytest-timeout's 60 s kill is the backstop."""
@@ -36,10 +34,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+pytest_plugins = ["pgstreams.testing.fixtures", "pytester"]
+"""The suite uses the fixtures it ships to users: ``pg_server`` and ``pg_database``."""
+
+
 @pytest.fixture(scope="session")
-def pg_admin_dsn() -> Iterator[str]:
-    with server() as (dsn, _how):
-        yield dsn
+def pg_admin_dsn(pg_server: str) -> str:
+    return pg_server
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -51,10 +52,9 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 @pytest.fixture(scope="module")
-def dsn(pg_admin_dsn: str, request: pytest.FixtureRequest) -> Iterator[str]:
+def dsn(pg_database: str) -> str:
     """A fresh database per test module."""
-    with fresh_database(pg_admin_dsn, request.module.__name__.rsplit(".", 1)[-1]) as url:
-        yield url
+    return pg_database
 
 
 @pytest.fixture
