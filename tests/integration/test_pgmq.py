@@ -377,6 +377,69 @@ async def test_list_is_empty_without_pgmq(pg_admin_dsn: str) -> None:
             assert await ps.PgmqQueue.list(db) == []
 
 
+async def _schemas(db: ps.Database) -> list[str]:
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname IN ('pgmq', %s) ORDER BY 1",
+            [db.schema],
+        )
+        return [str(r[0]) for r in await cur.fetchall()]
+
+
+async def test_partitioned_without_pg_partman_is_refused_before_anything_is_written(
+    pg_admin_dsn: str,
+) -> None:
+    # pgmq's create_partitioned hands partitioning to pg_partman (create_parent, part_config);
+    # a database without that extension gets a clear refusal and no trace of the attempt.
+    with fresh_database(pg_admin_dsn, "pgmq_partman") as url:
+        async with ps.connect(url) as db:
+            with pytest.raises(ps.InvalidArgumentError, match="pg_partman"):
+                await ps.PgmqQueue.create(db, "parted", partitioned=True)
+            assert await _schemas(db) == []  # neither pgmq nor pgstreams was installed
+
+            await ps.PgmqQueue.create(db, "plain")
+            with pytest.raises(ps.InvalidArgumentError, match="CREATE EXTENSION pg_partman"):
+                await ps.PgmqQueue.create(db, "parted", partitioned=True, max_attempts=2)
+            assert await ps.PgmqQueue.list(db) == ["plain"]  # no queue, no DLQ
+            async with db.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM pg_class WHERE relname LIKE %s", ["%parted%"]
+                )
+                assert await cur.fetchone() == (0,)
+
+
+async def test_partitioned_queue_with_pg_partman(pg_admin_dsn: str) -> None:
+    with fresh_database(pg_admin_dsn, "pgmq_partitioned") as url:
+        async with ps.connect(url) as db:
+            async with db.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_partman')"
+                )
+                if await cur.fetchone() != (True,):
+                    pytest.skip("this server has no pg_partman")
+                await conn.execute("CREATE SCHEMA partman")
+                await conn.execute("CREATE EXTENSION pg_partman SCHEMA partman")
+            q = await ps.PgmqQueue.create(db, "parted", partitioned=True)
+            assert q is not None
+            await ps.PgmqQueue.create(db, "parted", partitioned=True)  # idempotent
+            with pytest.raises(ps.InvalidArgumentError, match="partitioned"):
+                await ps.PgmqQueue.create(db, "parted")
+            await q.publish_batch(["a", "b", "c"])
+            assert await q.subscribe().first() == "a"
+            stream = q.subscribe_ack(read_mode=ps.ReadMode.standard(qty=2), ack_mode="archive")
+            envs = await stream.take(2).collect()
+            assert [e.value for e in envs] == ["b", "c"]
+            assert await envs[0].ack()
+            assert await envs[1].nack()
+            again = await q.subscribe_ack(ack_mode="archive").first()
+            assert (again.value, again.attempts) == ("c", 2)
+            assert await again.ack()
+            assert await count_rows(db, "a_parted") == 2
+            assert (await q.metrics()).queue_length == 0
+            await q.drop()
+            assert await ps.PgmqQueue.list(db) == []
+
+
 async def test_create_is_idempotent_and_checks_the_kind(db: ps.Database) -> None:
     name = qname()
     await ps.PgmqQueue.create(db, name, unlogged=True)

@@ -209,7 +209,9 @@ class PgmqQueue(Generic[T]):
     ) -> PgmqQueue[Any]:
         """Create the queue if needed (idempotent, safe to race) and return a handle.
 
-        ``partitioned`` needs the pg_partman extension; ``unlogged`` trades crash safety for
+        ``partitioned`` makes pgmq partition the queue with pg_partman (pgmq's defaults:
+        10,000 msg_ids a partition, 100,000 kept); without that extension installed in the
+        database it raises before anything is written. ``unlogged`` trades crash safety for
         speed. ``max_attempts`` (None = unlimited) is stored and applies to every handle;
         leaving it out keeps the stored value. Setting it creates ``<name>_dlq``.
         """
@@ -220,6 +222,8 @@ class PgmqQueue(Generic[T]):
         if not isinstance(max_attempts, Unset) and max_attempts is not None:
             check_positive_int("max_attempts", max_attempts)
         queue: PgmqQueue[Any] = cls(db, name)
+        if partitioned:
+            await _require_pg_partman(db)
         await db.ensure_migrated()
         await ensure_pgmq(db)
         async with db.connection() as conn, conn.transaction():
@@ -251,14 +255,6 @@ class PgmqQueue(Generic[T]):
                 raise InvalidArgumentError(f"pgmq queue {name!r} already exists as a {kind} queue")
             return
         if partitioned:
-            cur = await conn.execute(
-                "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_partman')"
-            )
-            found = await cur.fetchone()
-            if not (found and found[0]):
-                raise InvalidArgumentError(
-                    "partitioned=True needs the pg_partman extension in this database"
-                )
             await conn.execute("SELECT pgmq.create_partitioned(%s)", [name])
         elif unlogged:
             await conn.execute("SELECT pgmq.create_unlogged(%s)", [name])
@@ -788,6 +784,33 @@ class PgmqQueue(Generic[T]):
 
     def __repr__(self) -> str:
         return f"PgmqQueue({self.name!r})"
+
+
+async def _require_pg_partman(db: Database) -> None:
+    """Refuse a partitioned queue, before anything is written, where pg_partman is missing.
+
+    pgmq's ``create_partitioned`` makes and rotates the partitions with pg_partman; pgmq
+    itself would fail only after pgstreams had installed pgmq and its own schema.
+    """
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_partman'),"
+            " EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_partman')"
+        )
+        row = await cur.fetchone()
+    installed, available = bool(row and row[0]), bool(row and row[1])
+    if installed:
+        return
+    where = (
+        "this server has it but this database has not installed it: run CREATE EXTENSION"
+        " pg_partman first"
+        if available
+        else "this server does not have it: install pg_partman on the server and run CREATE"
+        " EXTENSION pg_partman in this database, or leave partitioned out"
+    )
+    raise InvalidArgumentError(
+        f"partitioned=True needs the pg_partman extension (pgmq partitions queues with it); {where}"
+    )
 
 
 def _json_array(values: builtins.list[Any]) -> str:
