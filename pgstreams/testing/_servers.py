@@ -16,15 +16,6 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .._pg.embedded import EmbeddedPostgres
 
-__all__ = [
-    "TEST_DSN_ENV",
-    "count_backends",
-    "docker_answers",
-    "embedded",
-    "fresh_database",
-    "server",
-    "terminate_backends",
-]
 
 TEST_DSN_ENV = "PGSTREAMS_TEST_DSN"
 """An admin DSN (a role allowed to CREATE DATABASE) that ``server()`` uses when set."""
