@@ -1,12 +1,11 @@
-"""PgChangeStream on a real PostgreSQL: capture, lossless delivery, durable consumers,
-replay, pruning and bad input."""
+"""PgChangeStream on a real PostgreSQL: capture (TRUNCATE too), lossless delivery, durable
+consumers, replay, pruning and bad input (faults: tests/faults/test_changes_faults.py)."""
 
 from __future__ import annotations
 
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -15,9 +14,8 @@ import pytest
 from psycopg import sql
 
 import pgstreams as ps
+from pgstreams._pg.migrate import migrate
 
-from .._killed_consumer import kill_when_ready
-from ..pgserver import allow_connections, terminate_backends
 from ..streams import forward, until_idle
 
 Row = dict[str, Any]
@@ -191,6 +189,229 @@ async def test_large_row_is_delivered_intact(db: ps.Database) -> None:
     assert change.new is not None and change.new["body"] == body
 
 
+# -- TRUNCATE -------------------------------------------------------------------------
+
+
+def ops_of(changes: list[ps.Change[Row]]) -> list[tuple[str, Any]]:
+    return [(c.op, (c.new or {}).get("id")) for c in changes]
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+async def test_truncate_is_one_change_in_order_for_every_reader(
+    db: ps.Database, capture: Capture
+) -> None:
+    table = await make_table(db)
+    ident = sql.Identifier(table)
+    insert = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(ident)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table, capture=capture)
+    await cs.install_trigger()
+    await cs.add_consumer("mirror")
+    expected = [("insert", 1), ("insert", 2), ("truncate", None), ("insert", 3), ("truncate", None)]
+    send, receive = anyio.create_memory_object_stream[ps.Change[Row]](10)
+    async with anyio.create_task_group() as tg:
+        # Polling every hour: only the truncate's own NOTIFY can wake this subscriber.
+        tg.start_soon(forward, cs.subscribe(poll_interval=3600), send)
+        await until_idle(db, 1)
+        async with db.connection() as conn, conn.transaction():
+            await conn.execute(insert, [1])
+            await conn.execute(insert, [2])
+            await conn.execute(sql.SQL("TRUNCATE {}").format(ident))
+            await conn.execute(insert, [3])
+        with anyio.fail_after(10):
+            live = [await receive.receive() for _ in range(4)]
+            await until_idle(db, 1)
+            await execute(db, sql.SQL("TRUNCATE TABLE ONLY {} RESTART IDENTITY").format(ident))
+            live.append(await receive.receive())
+        tg.cancel_scope.cancel()
+    receive.close()
+    assert ops_of(live) == expected
+    truncate = live[2]
+    assert (truncate.new, truncate.old, truncate.pk) == (None, None, None)
+    assert truncate.table == f"public.{table}" == await cs.key()
+    assert truncate.txid == live[0].txid == live[3].txid != live[4].txid
+    assert truncate.at.tzinfo is not None
+    assert [c.id for c in live] == sorted(c.id for c in live)
+    replayed = await cs.subscribe_from(0).take(5).collect()
+    assert replayed == live
+    durable = await cs.subscribe(consumer="mirror").take(5).collect()
+    assert durable == live
+    assert (await cs.lag("mirror")).changes == 0
+    # The replay by time starts at the truncate's statement.
+    assert await cs.subscribe_from(truncate.at).take(3).collect() == live[2:]
+
+
+async def test_truncate_of_several_tables_and_cascade(db: ps.Database) -> None:
+    a, b, child = tname(), tname(), tname()
+    await make_table(db, a)
+    await make_table(db, b)
+    await execute(
+        db,
+        sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, a_id bigint REFERENCES {})").format(
+            sql.Identifier(child), sql.Identifier(a)
+        ),
+    )
+    streams: dict[str, ps.PgChangeStream[Row]] = {
+        name: ps.PgChangeStream(db, name) for name in (a, b, child)
+    }
+    for cs in streams.values():
+        await cs.install_trigger()
+    inserts = await make_table(db)  # TRUNCATE not among its operations
+    only_inserts: ps.PgChangeStream[Row] = ps.PgChangeStream(db, inserts, operations=["insert"])
+    await only_inserts.install_trigger()
+    plain = await make_table(db)  # not captured at all
+    await execute(
+        db,
+        sql.SQL("TRUNCATE {}, {}, {}, {}, {}, {}").format(
+            *(sql.Identifier(t) for t in (a, b, child, a, plain, inserts))
+        ),
+    )
+    await execute(db, sql.SQL("TRUNCATE {} CASCADE").format(sql.Identifier(a)))
+    await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (1)").format(sql.Identifier(b)))
+
+    async def ops(cs: ps.PgChangeStream[Row]) -> list[tuple[str, Any]]:
+        async with db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pgstreams.changes WHERE stream = %s", [await cs.key()]
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return ops_of(await cs.subscribe_from(0).take(int(row[0])).collect())
+
+    # One change per statement for each table it truncated, listed twice or by CASCADE.
+    assert await ops(streams[a]) == [("truncate", None), ("truncate", None)]
+    assert await ops(streams[b]) == [("truncate", None), ("insert", 1)]
+    assert await ops(streams[child]) == [("truncate", None), ("truncate", None)]
+    assert await ops(only_inserts) == []
+    assert only_inserts.operations == ("insert",)
+    assert streams[a].operations == ("insert", "update", "delete", "truncate")
+
+
+async def test_truncate_of_a_partitioned_table_is_one_change(db: ps.Database) -> None:
+    parent = tname()
+    ident = sql.Identifier(parent)
+    await execute(
+        db,
+        sql.SQL(
+            "CREATE TABLE {} (id int, region text, PRIMARY KEY (id, region))"
+            " PARTITION BY LIST (region)"
+        ).format(ident),
+    )
+    for region in ("eu", "us"):
+        await execute(
+            db,
+            sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES IN ({})").format(
+                sql.Identifier(f"{parent}_{region}"), ident, sql.Literal(region)
+            ),
+        )
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, parent, capture="row")
+    await cs.install_trigger()
+    await execute(db, sql.SQL("INSERT INTO {} VALUES (1, 'eu'), (2, 'us')").format(ident))
+    await execute(db, sql.SQL("TRUNCATE {}").format(ident))
+    await execute(db, sql.SQL("INSERT INTO {} VALUES (3, 'eu')").format(ident))
+    assert len(await logged_ids(db, await cs.key())) == 4  # not one per partition
+    changes = await cs.subscribe_from(0).take(4).collect()
+    assert [(c.op, c.pk) for c in changes] == [
+        ("insert", {"id": 1, "region": "eu"}),
+        ("insert", {"id": 2, "region": "us"}),
+        ("truncate", None),
+        ("insert", {"id": 3, "region": "eu"}),
+    ]
+    await cs.remove_trigger()
+    assert await triggers_on(db, parent) == 0
+
+
+async def test_upgrade_adds_truncate_capture_to_captures_installed_before(
+    db: ps.Database, dsn: str
+) -> None:
+    # A schema of its own, migrated up to the version before truncate capture, with
+    # captures installed as that version did (no truncate trigger) ...
+    schema = "chg_upgrade"
+    async with ps.connect(dsn, schema=schema) as old:
+        async with old.connection() as conn:
+            await migrate(conn, schema, upto={"main": 8})
+        old._migrated = True  # install as the previous version: what it migrated is all
+        everything = await make_table(db, f"Caf\u00e9 {'x' * 40}")  # a hashed channel name
+        subset = await make_table(db)
+        parent = tname()
+        await execute(
+            db,
+            sql.SQL("CREATE TABLE {} (id int PRIMARY KEY) PARTITION BY RANGE (id)").format(
+                sql.Identifier(parent)
+            ),
+        )
+        await execute(
+            db,
+            sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM (0) TO (100)").format(
+                sql.Identifier(f"{parent}_p"), sql.Identifier(parent)
+            ),
+        )
+        previous: tuple[Any, ...] = ("insert", "update", "delete")
+        for table, kwargs in (
+            (everything, {"operations": previous}),
+            (subset, {"operations": ("insert", "delete")}),
+            (parent, {"operations": previous, "capture": "row"}),
+        ):
+            await ps.PgChangeStream(old, ("public", table), **kwargs).install_trigger()
+    assert [await triggers_on(db, f'"{t}"') for t in (everything, subset, parent)] == [3, 2, 3]
+    # ... then the upgrade.
+    async with ps.connect(dsn, schema=schema) as new:
+        await new.migrate()
+        async with new.connection() as conn:
+            cur = await conn.execute(
+                sql.SQL("SELECT stream, operations FROM {} ORDER BY stream").format(
+                    sql.Identifier(schema, "change_captures")
+                )
+            )
+            registered = {str(r[0]): list(r[1]) for r in await cur.fetchall()}
+        cs: ps.PgChangeStream[Row] = ps.PgChangeStream(new, ("public", everything))
+        partitioned: ps.PgChangeStream[Row] = ps.PgChangeStream(new, parent, capture="row")
+        send, receive = anyio.create_memory_object_stream[ps.Change[Row]](10)
+        async with anyio.create_task_group() as tg:
+            # The trigger the upgrade added notifies the stream's channel: no poll needed.
+            tg.start_soon(forward, cs.subscribe(poll_interval=3600), send)
+            await until_idle(new, 1)
+            await execute(
+                db, sql.SQL("INSERT INTO {} (id) VALUES (1)").format(sql.Identifier(everything))
+            )
+            await execute(
+                db, sql.SQL("INSERT INTO {} (id) VALUES (1)").format(sql.Identifier(parent))
+            )
+            await execute(
+                db,
+                sql.SQL("TRUNCATE {}, {}, {}").format(
+                    *(sql.Identifier(t) for t in (everything, subset, parent))
+                ),
+            )
+            with anyio.fail_after(10):
+                got = [await receive.receive(), await receive.receive()]
+            tg.cancel_scope.cancel()
+        receive.close()
+        assert [(c.op, c.new) for c in got] == [
+            ("insert", {"id": 1, "v": 0, "body": None}),
+            ("truncate", None),
+        ]
+        assert [c.op for c in await partitioned.subscribe_from(0).take(2).collect()] == [
+            "insert",
+            "truncate",
+        ]
+        async with new.connection() as conn:
+            cur = await conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE stream = %s").format(
+                    sql.Identifier(schema, "changes")
+                ),
+                [await ps.PgChangeStream(new, subset).key()],
+            )
+            assert await cur.fetchone() == (0,)
+    # Captures that had every operation there was now have truncate too; a chosen subset
+    # stays as chosen (installing it afresh with the same arguments would not add it).
+    assert registered == {
+        f'public."{everything}"': ["insert", "update", "delete", "truncate"],
+        f"public.{parent}": ["insert", "update", "delete", "truncate"],
+        f"public.{subset}": ["insert", "delete"],
+    }
+    assert [await triggers_on(db, f'"{t}"') for t in (everything, subset, parent)] == [4, 2, 4]
+
+
 # -- delivery -------------------------------------------------------------------------
 
 
@@ -340,37 +561,6 @@ async def test_concurrent_writers_every_change_once_in_row_order(
         last[key] = c.new
 
 
-async def test_listener_killed_mid_stream_loses_nothing(db: ps.Database, dsn: str) -> None:
-    table = await make_table(db)
-    insert = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(table))
-    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
-    await cs.install_trigger()
-    send, receive = anyio.create_memory_object_stream[ps.Change[Row]](100)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(forward, cs.subscribe(poll_interval=3600), send)
-        await until_idle(db, 1)
-        await execute(db, insert, 0)
-        with anyio.fail_after(10):
-            assert (await receive.receive()).new == {"id": 0, "v": 0, "body": None}
-            await until_idle(db, 1)  # its connection is back: the insert below needs one
-            allow_connections(dsn, False)
-            try:
-                assert terminate_backends(dsn, application_name="pgstreams-listener") == 1
-                await execute(db, insert, 1)  # its NOTIFY reaches nobody
-                with anyio.move_on_after(0.3):
-                    await receive.receive()
-                    pytest.fail("delivered without a listener or a poll")
-            finally:
-                allow_connections(dsn, True)
-            # The listener reconnects and wakes every subscriber, which reads the log.
-            assert (await receive.receive()).new == {"id": 1, "v": 0, "body": None}
-            await execute(db, insert, 2)
-            assert (await receive.receive()).new == {"id": 2, "v": 0, "body": None}
-        tg.cancel_scope.cancel()
-    receive.close()
-    assert db.listener.reconnects == 1
-
-
 async def test_notify_off_relies_on_polling(db: ps.Database) -> None:
     table = await make_table(db)
     cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table, notify="off")
@@ -428,28 +618,6 @@ async def test_durable_consumer_resumes_after_the_last_finished_item(db: ps.Data
     assert await cs.consumers() == []
     with pytest.raises(ps.InvalidArgumentError):
         await cs.lag("idx")
-
-
-async def test_durable_consumer_killed_mid_stream(db: ps.Database, dsn: str) -> None:
-    table = await make_table(db)
-    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
-    await cs.install_trigger()
-    await cs.add_consumer("billing-sync")
-    await execute(
-        db,
-        sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, 30) g").format(
-            sql.Identifier(table)
-        ),
-    )
-    script = Path(__file__).parents[1] / "_change_consumer.py"
-    handed = await kill_when_ready(script, dsn, table, "billing-sync", "12")
-    assert len(handed) == 12
-    finished, unfinished = handed[:-1], handed[-1]
-    rest = await cs.subscribe(consumer="billing-sync").take(30 - len(finished)).collect()
-    again = [c.id for c in rest]
-    assert again[0] == unfinished  # the one it held is delivered again ...
-    assert not set(again) & set(finished)  # ... and nothing it had finished
-    assert sorted(finished + again) == await logged_ids(db, await cs.key())
 
 
 # -- replay ---------------------------------------------------------------------------
@@ -530,7 +698,7 @@ async def test_prune_keeps_what_a_consumer_has_not_reached(db: ps.Database) -> N
         ('"unterminated', {}),
         ("", {}),
         (("public", ""), {}),
-        ("EXISTING", {"operations": ("insert", "truncate")}),
+        ("EXISTING", {"operations": ("insert", "upsert")}),
         ("EXISTING", {"operations": ()}),
         ("EXISTING", {"operations": "insert"}),
         ("EXISTING", {"columns": ["no_such_column"]}),

@@ -1,0 +1,57 @@
+"""What a change stream hands out: ``Change`` (one logged change) and ``ChangeLag``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Change", "ChangeLag", "change_from_row"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Change(Generic[T]):
+    """One captured change (or a ``notify`` event) of a stream."""
+
+    id: int
+    op: str
+    """"insert", "update", "delete", "truncate" or "notify"."""
+    table: str
+    """The table, schema-qualified and quoted as PostgreSQL would (``public."Users"``)."""
+    new: T | None
+    """The row after the change (insert, update) or the payload of a notify."""
+    old: T | None
+    """The row before the change (update, delete)."""
+    at: datetime
+    """When the statement that made the change started."""
+    txid: int
+    """The id of the transaction that made it."""
+    pk: Mapping[str, Any] | None = field(default=None, compare=False)
+    """The row's primary key (None for a truncate, a notify or a table without one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeLag:
+    changes: int
+    """Changes committed that the consumer has not finished with."""
+    seconds: float
+    """Age of the oldest of them (0 when there are none)."""
+
+
+def change_from_row(key: str, row: Sequence[Any]) -> Change[Any]:
+    """A ``Change`` from a log row as the ``_columns`` fragment of queries.sql selects it."""
+    _id, txid, op, pk, new, old, at = row
+    return Change(
+        id=int(_id),
+        op=str(op),
+        table=key,
+        new=None if new is None else json.loads(new),
+        old=None if old is None else json.loads(old),
+        at=at,
+        txid=int(txid),
+        pk=None if pk is None else json.loads(pk),
+    )
