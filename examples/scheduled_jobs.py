@@ -24,15 +24,21 @@ async def main() -> None:
         # Last three nights' reports, as ticks on the same stream (catch_up, manual).
         today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         await sched.backfill("nightly-report", start=today - timedelta(days=3), end=today)
+        # Consuming needs no leader: any process streams the ticks that are in the table.
+        async for tick in sched.stream("nightly-report").take(3):
+            print(f"report for {tick.scheduled_at:%Y-%m-%d %H:%M} UTC catch_up={tick.catch_up}")
 
-        async with sched.running():  # this process may lead; it also consumes
-            async for tick in sched.stream("nightly-report").take(3):
-                print(f"report for {tick.scheduled_at:%Y-%m-%d %H:%M} UTC catch_up={tick.catch_up}")
+        async with sched.running():  # leader election: the leader turns fire times into ticks
             async for tick in sched.stream("heartbeat").take(3):
                 print(f"heartbeat at {tick.scheduled_at:%H:%M:%S.%f} {tick.metadata}")
             await sched.trigger_now("nightly-report")  # run it now, outside its schedule
             tick = await sched.stream("nightly-report").first()
             print("manual tick:", tick.manual, "leader here:", sched.is_leader)
+
+        await sched.unregister("heartbeat")  # its ticks stay in history() ...
+        print("heartbeat ticks kept:", len(await sched.history("heartbeat")))
+        await sched.unregister("nightly-report", keep_history=False)  # ... unless asked
+        print("nightly-report ticks kept:", len(await sched.history("nightly-report")))
 
 
 if __name__ == "__main__":

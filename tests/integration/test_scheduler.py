@@ -1,17 +1,15 @@
-"""Scheduler: schedules, leader election, catch-up, overlap, manual ticks, DST, bad input.
+"""Scheduler: schedules, leader election, catch-up, overlap, manual ticks, DST, bad input,
+consumers that do not run the scheduler, history kept after unregister.
 
 Schedule time runs on a ManualClock, so days of cron pass in milliseconds; leases and
-reconnects are real time.
+reconnects are real time. Injected failures are in tests/faults/test_scheduler_faults.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from itertools import islice, pairwise
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -24,85 +22,27 @@ from hypothesis import strategies as st
 import pgstreams as ps
 from pgstreams._sources.scheduler.timing import Timing
 
-from .._killed_consumer import kill_when_ready
-from ..pgserver import allow_connections, terminate_backends
-from ..streams import until_idle
+from ..scheduling import (
+    START,
+    caught_up,
+    clean,
+    eventually,
+    held,
+    history,
+    leading,
+    next_after,
+    nothing_for,
+    scheduler,
+    two_instances,
+)
 
-START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 NY = ZoneInfo("America/New_York")
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def scheduler(db: ps.Database, clock: ps.ManualClock, **kwargs: Any) -> ps.Scheduler:
-    return ps.Scheduler(db, clock=clock, poll_interval=1.0, **kwargs)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` until it holds (10 s at most)."""
-    with anyio.fail_after(10):
-        while not await check():  # noqa: ASYNC110 - the database has no event to await
-            await anyio.sleep(0.01)
-
-
-async def caught_up(sched: ps.Scheduler, clock: ps.ManualClock) -> None:
-    """Wait until the leader has acted on every fire time up to the clock's now."""
-
-    async def done() -> bool:
-        return all(
-            s.paused or s.next_fire_at is None or s.next_fire_at > clock.now()
-            for s in await sched.list()
-        )
-
-    await eventually(done, "the leader to catch up")
-
-
-async def leading(*scheds: ps.Scheduler) -> ps.Scheduler:
-    found: list[ps.Scheduler] = []
-
-    async def one() -> bool:
-        found[:] = [s for s in scheds if s.is_leader]
-        return len(found) == 1
-
-    await eventually(one, "a leader")
-    return found[0]
-
-
-class Held:
-    """A stream's iterator, pulled by hand: the current tick stays held until ``next``."""
-
-    def __init__(self, stream: ps.Stream[ps.ScheduleTick]) -> None:
-        self._stream = stream
-        self._it = aiter(stream)
-
-    async def next(self, within: float = 5) -> ps.ScheduleTick:
-        with anyio.fail_after(within):
-            return await anext(self._it)
-
-
-@asynccontextmanager
-async def held(sched: ps.Scheduler, schedule_id: str | None = None) -> AsyncIterator[Held]:
-    async with sched.stream(schedule_id) as stream:
-        yield Held(stream)
-
-
-async def nothing_for(sched: ps.Scheduler, schedule_id: str, seconds: float) -> None:
-    """A fresh consumer gets no tick of ``schedule_id`` within ``seconds``."""
-    with anyio.move_on_after(seconds):  # cancelling it ends this consumer's stream
-        tick = await sched.stream(schedule_id).first()
-        pytest.fail(f"unexpected tick {tick}")
-
-
 @pytest.fixture
 async def db(db: ps.Database) -> ps.Database:
-    """The shared Database, without schedules (the module shares one database)."""
-    async with db.connection() as conn:
-        await conn.execute("DELETE FROM pgstreams.schedules")
-        await conn.execute("UPDATE pgstreams.scheduler_state SET alive_at = NULL")
-    return db
-
-
-async def history(sched: ps.Scheduler, id: str) -> list[ps.ScheduleTick]:
-    return sorted(await sched.history(id, limit=10_000), key=lambda t: t.scheduled_at)
+    return await clean(db)
 
 
 # -- fire times ------------------------------------------------------------------------
@@ -299,93 +239,6 @@ async def test_next_fire_times(db: ps.Database) -> None:
 # -- running ---------------------------------------------------------------------------
 
 
-async def leader_pid(dsn: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-            " WHERE l.locktype = 'advisory' AND l.granted"
-            " AND a.application_name = 'pgstreams scheduler'"
-        )
-        rows = await cur.fetchall()
-    assert len(rows) == 1, rows
-    return int(rows[0][0])
-
-
-@asynccontextmanager
-async def two_instances(
-    db: ps.Database, dsn: str, clock: ps.ManualClock
-) -> AsyncIterator[tuple[ps.Scheduler, ps.Scheduler]]:
-    """Schedulers "a" and "b" on one clock, each with its own Database (as two processes)."""
-    async with ps.connect(dsn) as other:
-        yield scheduler(db, clock, instance_id="a"), scheduler(other, clock, instance_id="b")
-
-
-async def test_two_instances_100_ticks_no_duplicate_no_gap_across_a_leader_kill(
-    db: ps.Database, dsn: str
-) -> None:
-    clock = ps.ManualClock(START)
-    async with two_instances(db, dsn, clock) as (a, b):
-        await a.register("beat", interval=1, metadata={"n": 1})
-        got: dict[str, list[ps.ScheduleTick]] = {"a": [], "b": []}
-
-        async def consume(sched: ps.Scheduler) -> None:
-            async with sched.stream("beat") as ticks:
-                async for tick in ticks:
-                    got[sched.instance_id].append(tick)
-
-        async with a.running(), b.running(), anyio.create_task_group() as tg:
-            tg.start_soon(consume, a)
-            tg.start_soon(consume, b)
-            await leading(a, b)
-            for k in range(1, 101):
-                if k == 50:
-                    terminate_backends(dsn, pid=await leader_pid(dsn))
-                clock.advance(1)
-                await caught_up(a, clock)
-
-            async def all_delivered() -> bool:
-                return len(got["a"]) + len(got["b"]) >= 100
-
-            await eventually(all_delivered, "100 ticks")
-            await anyio.sleep(0.2)  # room for a duplicate to show up
-            tg.cancel_scope.cancel()
-    ticks = got["a"] + got["b"]
-    assert sorted(t.scheduled_at for t in ticks) == [
-        START + timedelta(seconds=k) for k in range(1, 101)
-    ]
-    assert all(not t.catch_up and not t.manual and t.metadata == {"n": 1} for t in ticks)
-
-
-async def test_leader_connection_dies_and_the_other_instance_takes_over(
-    db: ps.Database, dsn: str
-) -> None:
-    clock = ps.ManualClock(START)
-    async with two_instances(db, dsn, clock) as (a, b):
-        await a.register("beat", interval=10)
-        async with a.running():
-            await leading(a)
-            async with b.running():
-                await anyio.sleep(0.05)
-                assert a.is_leader and not b.is_leader
-                pid = await leader_pid(dsn)
-                allow_connections(dsn, False)  # the old leader cannot come straight back
-                try:
-                    terminate_backends(dsn, pid=pid)
-                    clock.advance(1)  # one poll interval
-
-                    async def b_leads() -> bool:
-                        return b.is_leader and not a.is_leader
-
-                    await eventually(b_leads, "b to take over")
-                finally:
-                    allow_connections(dsn, True)
-                clock.advance(9)
-                await caught_up(b, clock)
-                await anyio.sleep(0.5)  # a reconnects, and stays a follower
-                assert b.is_leader and not a.is_leader
-    assert [t.scheduled_at for t in await history(a, "beat")] == [START + timedelta(seconds=10)]
-
-
 async def test_catch_up_emits_only_the_most_recent_missed_fire_times(db: ps.Database) -> None:
     clock = ps.ManualClock(START)
     sched = scheduler(db, clock)
@@ -441,32 +294,6 @@ async def test_a_schedule_the_leader_cannot_compute_is_retried_a_minute_later(
         lost = await sched.get("lost")
         assert lost is not None and lost.next_fire_at == clock.now() + timedelta(minutes=1)
         assert [t.scheduled_at for t in await history(sched, "fine")] == [clock.now()]
-
-
-async def test_the_leader_survives_a_cancelled_statement(db: ps.Database, dsn: str) -> None:
-    clock = ps.ManualClock(START)
-    sched = scheduler(db, clock)
-    await sched.register("job", interval=60)
-    async with sched.running():
-        await leading(sched)
-        async with await psycopg.AsyncConnection.connect(dsn) as holder:
-            await holder.execute("SELECT 1 FROM pgstreams.schedules WHERE id = 'job' FOR UPDATE")
-            clock.advance(60)  # the leader's pass now waits for that row lock
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as admin:
-
-                async def cancelled() -> bool:
-                    cur = await admin.execute(
-                        "SELECT count(*) FILTER (WHERE pg_cancel_backend(pid))"
-                        " FROM pg_stat_activity WHERE application_name = 'pgstreams scheduler'"
-                        " AND wait_event_type = 'Lock'"
-                    )
-                    row = await cur.fetchone()
-                    return row is not None and row[0] == 1
-
-                await eventually(cancelled, "the leader to wait for the lock")
-            await holder.rollback()
-        await caught_up(sched, clock)
-        assert [t.scheduled_at for t in await history(sched, "job")] == [clock.now()]
 
 
 async def test_overlap_skip_records_fire_times_while_a_tick_is_open(db: ps.Database) -> None:
@@ -634,33 +461,8 @@ async def test_a_failing_consumer_gives_its_tick_back(db: ps.Database) -> None:
         assert (again.id, again.attempt) == (tick.id, 2)
 
 
-async def test_a_killed_consumer_s_tick_comes_back_after_its_lease_even_if_paused(
-    db: ps.Database, dsn: str
-) -> None:
-    sched = ps.Scheduler(db, lease=1.0)  # system clock: shared with the child process
-    await sched.register("job", interval=3600, overlap="skip")
-    async with db.connection() as conn:  # a scheduled tick, due now
-        cur = await conn.execute(
-            "INSERT INTO pgstreams.schedule_ticks (schedule_id, scheduled_at, due_at, kind,"
-            " serial, status, metadata, created_at)"
-            " VALUES ('job', now(), now(), 'scheduled', true, 'pending', '{}', now()) RETURNING id"
-        )
-        row = await cur.fetchone()
-        assert row is not None
-    seen = await kill_when_ready(Path(__file__).parents[1] / "_tick_consumer.py", dsn, "job")
-    assert seen == [row[0]]
-    await sched.pause("job")
-    manual = await sched.trigger_now("job")  # waits behind the dead consumer's serial tick
-    async with sched.running(), held(sched, "job") as ticks:
-        again = await ticks.next(within=10)
-        assert (again.id, again.attempt, again.manual) == (row[0], 2, False)
-        assert (await ticks.next()).id == manual.id
-
-
-async def test_stream_needs_a_running_scheduler(db: ps.Database) -> None:
+async def test_stream_refuses_bad_arguments(db: ps.Database) -> None:
     sched = scheduler(db, ps.ManualClock(START))
-    with pytest.raises(ps.PgStreamsError, match="running"):
-        await sched.stream().first()
     with pytest.raises(ps.InvalidArgumentError):
         sched.stream("").batch(2)
     with pytest.raises(ps.InvalidArgumentError, match="one"):
@@ -767,21 +569,6 @@ async def test_a_running_instance_keeps_the_lease_of_a_slow_tick(db: ps.Database
         assert (done.status, done.attempt) == ("done", 1)
 
 
-async def next_after(ticks: Held, db: ps.Database, act: Callable[[], Awaitable[Any]]) -> Any:
-    """Once the consumer pulling from ``ticks`` and the leader both sleep, ``act``; return
-    what ``act`` returned and the tick that came (within 5 s)."""
-    got: list[ps.ScheduleTick] = []
-
-    async def pull() -> None:
-        got.append(await ticks.next(within=5))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(pull)
-        await until_idle(db, 2)
-        done = await act()
-    return done, got[0]
-
-
 async def test_notify_wakes_a_consumer_long_before_its_poll(db: ps.Database, dsn: str) -> None:
     consumer = ps.Scheduler(db, poll_interval=30)  # the system clock: real waiting
     await consumer.register("job", interval=3600)
@@ -805,3 +592,139 @@ async def test_polling_finds_a_tick_whose_notification_was_lost(db: ps.Database)
     async with consumer.running(), held(consumer, "job") as ticks:
         _, got = await next_after(ticks, db, write_silently)
         assert got.manual
+
+
+# -- a consumer that does not run the scheduler; history kept after unregister -----------
+
+
+async def test_a_process_that_never_runs_the_scheduler_streams_the_leader_s_ticks(
+    db: ps.Database, dsn: str
+) -> None:
+    clock = ps.ManualClock(START)
+    async with two_instances(db, dsn, clock) as (leader, consumer):
+        await leader.register("beat", interval=1, metadata={"n": 1})
+        got: list[ps.ScheduleTick] = []
+        async with leader.running(), held(consumer, "beat") as ticks:
+            await leading(leader)
+            for _ in range(3):
+                clock.advance(1)
+                got.append(await ticks.next())
+            assert not consumer.is_leader
+    assert [t.scheduled_at for t in got] == [START + timedelta(seconds=k) for k in (1, 2, 3)]
+    assert all(t.metadata == {"n": 1} and not t.catch_up for t in got)
+    assert [t.status for t in await history(leader, "beat")] == ["done"] * 3
+
+
+async def test_notify_wakes_a_consumer_that_does_not_run_the_scheduler(
+    db: ps.Database, dsn: str
+) -> None:
+    consumer = ps.Scheduler(db, poll_interval=30)  # the system clock: real waiting
+    await consumer.register("job", interval=3600)
+    async with held(consumer, "job") as ticks, ps.connect(dsn) as other:
+        made, got = await next_after(
+            ticks, db, lambda: ps.Scheduler(other).trigger_now("job"), leader=False
+        )
+        assert got.id == made.id
+
+
+async def test_unregister_keeps_the_history_unless_asked(db: ps.Database) -> None:
+    clock = ps.ManualClock(START)
+    sched = scheduler(db, clock)
+    await sched.register("job", interval=3600)
+    first = await sched.trigger_now("job")
+    async with sched.running(), held(sched, "job") as ticks:
+        assert (await ticks.next()).id == first.id
+    second = await sched.trigger_now("job")  # still pending when the schedule goes
+    assert await sched.unregister("job") is True
+    assert await sched.get("job") is None
+    kept = {t.id: t.status for t in await sched.history("job")}
+    assert kept == {first.id: "done", second.id: "cancelled"}
+    await nothing_for(sched, "job", 0.3)  # its pending tick is never delivered
+    assert await sched.unregister("job") is False  # no schedule: nothing to unregister
+    assert await sched.unregister("job", keep_history=False) is False  # the kept ticks go
+    assert await sched.history("job") == []
+
+    await sched.register("other", interval=3600)
+    await sched.trigger_now("other")
+    assert await sched.unregister("other", keep_history=False) is True
+    assert await sched.history("other") == []
+    with pytest.raises(ps.InvalidArgumentError, match="keep_history"):
+        await sched.unregister("other", keep_history="no")  # type: ignore[arg-type]
+
+
+async def test_a_tick_held_when_its_schedule_is_unregistered(db: ps.Database) -> None:
+    clock = ps.ManualClock(START)
+    sched = scheduler(db, clock)
+    await sched.register("job", interval=3600)
+    kept, failed = await sched.trigger_now("job"), await sched.trigger_now("job")
+
+    async def fail_after_unregister() -> None:
+        async with held(sched, "job") as two:
+            assert (await two.next()).id == failed.id
+            assert await sched.unregister("job") is True
+            raise RuntimeError("handler failed")  # gives its tick back
+
+    async with sched.running():
+        async with held(sched, "job") as one:
+            assert (await one.next()).id == kept.id
+            with pytest.raises(RuntimeError, match="handler failed"):
+                await fail_after_unregister()
+        # one closed cleanly: its consumer finished its tick as usual
+
+        async def settled() -> bool:
+            statuses = {t.id: t.status for t in await sched.history("job")}
+            return statuses == {kept.id: "done", failed.id: "cancelled"}
+
+        clock.advance(1)  # a leader pass: the tick given back is not delivered, ever
+        await eventually(settled, "the ticks to settle")
+        await nothing_for(sched, "job", 0.2)
+
+
+async def test_unregister_waits_for_a_manual_tick_being_made_and_cancels_it(
+    db: ps.Database, dsn: str
+) -> None:
+    clock = ps.ManualClock(START)
+    sched = scheduler(db, clock)
+    await sched.register("job", interval=3600)
+    async with await psycopg.AsyncConnection.connect(dsn) as other:
+        # trigger_now's statement, in a transaction left open: it holds the schedule's row
+        cur = await other.execute(sched._sql["trigger"], {"id": "job", "now": clock.now()})
+        row = await cur.fetchone()
+        assert row is not None
+        async with anyio.create_task_group() as tg:
+            done = anyio.Event()
+
+            async def unregister() -> None:
+                assert await sched.unregister("job") is True
+                done.set()
+
+            tg.start_soon(unregister)
+            await anyio.sleep(0.2)
+            assert not done.is_set()  # waits for the tick's transaction
+            await other.commit()
+    assert [(t.id, t.status) for t in await sched.history("job")] == [(row[0], "cancelled")]
+
+
+async def test_retention_prunes_the_kept_history_of_an_unregistered_schedule(
+    db: ps.Database,
+) -> None:
+    clock = ps.ManualClock(START)
+    sched = scheduler(db, clock, keep_history=timedelta(seconds=25))
+    await sched.register("gone", interval=10)
+    await sched.register("stays", interval=10)
+    async with sched.running():
+        clock.advance(10)
+        await caught_up(sched, clock)
+        assert await sched.unregister("gone") is True
+        assert [t.status for t in await history(sched, "gone")] == ["cancelled"]
+        for _ in range(3):
+            clock.advance(10)
+            await caught_up(sched, clock)
+    assert await history(sched, "gone") == []  # fired at +10 s, older than 25 s at +40 s
+    stays = await history(sched, "stays")  # open ticks are kept however old
+    assert [((t.scheduled_at - START).seconds, t.status) for t in stays] == [
+        (10, "pending"),
+        (20, "pending"),
+        (30, "pending"),
+        (40, "pending"),
+    ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -109,11 +109,7 @@ class Timing:
         assert self.cron is not None
         it = croniter(self.cron, self._wall(t))
         last = t
-        while True:
-            try:
-                wall = it.get_next(datetime)
-            except CroniterBadDateError:
-                return
+        for wall in _walls(it.get_next):
             instant = self._place(wall)
             if instant > last:  # wall times skipped by a jump share one instant
                 last = instant
@@ -138,11 +134,7 @@ class Timing:
                 wall += first - second
         it = croniter(self.cron, wall.replace(microsecond=0) + _SECOND)
         last: datetime | None = None
-        while True:
-            try:
-                wall = it.get_prev(datetime)
-            except CroniterBadDateError:
-                return
+        for wall in _walls(it.get_prev):
             instant = self._place(wall)
             if instant <= t and (last is None or instant < last):
                 last = instant
@@ -191,3 +183,12 @@ class Timing:
 def _micros(t: datetime) -> int:
     delta = t - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _walls(step: Callable[[type[datetime]], datetime]) -> Iterator[datetime]:
+    """The wall times croniter's ``get_next``/``get_prev`` give, until it finds no more."""
+    while True:
+        try:
+            yield step(datetime)
+        except CroniterBadDateError:
+            return
