@@ -8,6 +8,8 @@ reconnects are real time. Injected failures are in tests/faults/test_scheduler_f
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from itertools import islice, pairwise
 from typing import Any
@@ -569,15 +571,58 @@ async def test_a_running_instance_keeps_the_lease_of_a_slow_tick(db: ps.Database
         assert (done.status, done.attempt) == ("done", 1)
 
 
-async def test_notify_wakes_a_consumer_long_before_its_poll(db: ps.Database, dsn: str) -> None:
+async def test_outside_running_a_lease_is_not_renewed(db: ps.Database) -> None:
+    clock = ps.ManualClock(START)
+    first = scheduler(db, clock, lease=0.5, instance_id="first")
+    second = ps.Scheduler(db, clock=clock, poll_interval=0.1, instance_id="second")
+    await first.register("slow", interval=3600)
+    tick = await first.trigger_now("slow")
+    async with held(first, "slow") as mine:
+        assert (await mine.next()).id == tick.id
+        async with held(second, "slow") as theirs:  # takes it once the lease has run out
+            again = await theirs.next()
+            assert (again.id, again.attempt) == (tick.id, 2)
+            with anyio.move_on_after(0.2):  # the first consumer is done: finishing it...
+                await mine.next()
+            (now,) = await first.history("slow")
+            assert (now.status, now.attempt) == ("running", 2)  # ...leaves the new claim be
+    (done,) = await first.history("slow")
+    assert (done.status, done.attempt) == ("done", 2)
+
+
+RUNS = pytest.mark.parametrize("runs", [True, False], ids=["running", "consumer-only"])
+
+
+@asynccontextmanager
+async def maybe_running(sched: ps.Scheduler, runs: bool) -> AsyncIterator[None]:
+    """``sched.running()`` if ``runs``, else nothing: a process that only consumes."""
+    async with AsyncExitStack() as stack:
+        if runs:
+            await stack.enter_async_context(sched.running())
+        yield
+
+
+@RUNS
+async def test_notify_wakes_a_consumer_long_before_its_poll(
+    db: ps.Database, dsn: str, runs: bool
+) -> None:
     consumer = ps.Scheduler(db, poll_interval=30)  # the system clock: real waiting
     await consumer.register("job", interval=3600)
-    async with consumer.running(), held(consumer, "job") as ticks, ps.connect(dsn) as other:
-        made, got = await next_after(ticks, db, lambda: ps.Scheduler(other).trigger_now("job"))
+    async with (
+        maybe_running(consumer, runs),
+        held(consumer, "job") as ticks,
+        ps.connect(dsn) as other,
+    ):
+        made, got = await next_after(
+            ticks, db, lambda: ps.Scheduler(other).trigger_now("job"), leader=runs
+        )
         assert got.id == made.id
 
 
-async def test_polling_finds_a_tick_whose_notification_was_lost(db: ps.Database) -> None:
+@RUNS
+async def test_polling_finds_a_tick_whose_notification_was_lost(
+    db: ps.Database, runs: bool
+) -> None:
     consumer = ps.Scheduler(db, poll_interval=0.2)
     await consumer.register("job", interval=3600)
 
@@ -589,8 +634,8 @@ async def test_polling_finds_a_tick_whose_notification_was_lost(db: ps.Database)
                 " VALUES ('job', now(), now(), 'manual', false, 'pending', '{}', now())"
             )
 
-    async with consumer.running(), held(consumer, "job") as ticks:
-        _, got = await next_after(ticks, db, write_silently)
+    async with maybe_running(consumer, runs), held(consumer, "job") as ticks:
+        _, got = await next_after(ticks, db, write_silently, leader=runs)
         assert got.manual
 
 
@@ -613,18 +658,6 @@ async def test_a_process_that_never_runs_the_scheduler_streams_the_leader_s_tick
     assert [t.scheduled_at for t in got] == [START + timedelta(seconds=k) for k in (1, 2, 3)]
     assert all(t.metadata == {"n": 1} and not t.catch_up for t in got)
     assert [t.status for t in await history(leader, "beat")] == ["done"] * 3
-
-
-async def test_notify_wakes_a_consumer_that_does_not_run_the_scheduler(
-    db: ps.Database, dsn: str
-) -> None:
-    consumer = ps.Scheduler(db, poll_interval=30)  # the system clock: real waiting
-    await consumer.register("job", interval=3600)
-    async with held(consumer, "job") as ticks, ps.connect(dsn) as other:
-        made, got = await next_after(
-            ticks, db, lambda: ps.Scheduler(other).trigger_now("job"), leader=False
-        )
-        assert got.id == made.id
 
 
 async def test_unregister_keeps_the_history_unless_asked(db: ps.Database) -> None:
