@@ -1,4 +1,9 @@
-"""SnapshotStore: JSON snapshots by id in one PostgreSQL table (created on first use)."""
+"""SnapshotStore: JSON snapshots by id in one PostgreSQL table.
+
+The table is a versioned per-instance migration set (``sql/migrations/snapshots/``): the
+default table is part of ``Database.migrate()``, any other is installed or upgraded on the
+store's first use, under the schema's migration lock.
+"""
 
 from __future__ import annotations
 
@@ -8,44 +13,15 @@ from datetime import datetime
 from typing import Any
 
 import anyio
-from psycopg import sql
 
 from .._core.errors import InvalidArgumentError
 from .._core.validate import check_name, check_positive_int, to_json
-from .._pg.calls import fetchall, fetchone, render
+from .._pg import queries
+from .._pg.calls import fetchall, fetchone
 from .._pg.database import Database, connect
-from .._pg.migrate import advisory_key
+from .._pg.migrate import DEFAULT_SNAPSHOT_TABLE, SNAPSHOTS, migrate_instance
 
 __all__ = ["Snapshot", "SnapshotStore"]
-
-_TABLE = """
-CREATE TABLE IF NOT EXISTS {table} (
-    prefix      text        NOT NULL,
-    id          text        NOT NULL,
-    snapshot    jsonb       NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (prefix, id)
-);
-CREATE INDEX IF NOT EXISTS {index} ON {table} (prefix, updated_at DESC);
-"""
-
-_Q = {
-    "SAVE": """
-        INSERT INTO {table} (prefix, id, snapshot)
-        VALUES (%(prefix)s, %(id)s, %(snapshot)s::jsonb)
-        ON CONFLICT (prefix, id) DO UPDATE
-        SET snapshot = EXCLUDED.snapshot, updated_at = clock_timestamp()
-        RETURNING 1
-    """,
-    "LOAD": "SELECT snapshot FROM {table} WHERE prefix = %(prefix)s AND id = %(id)s",
-    "DELETE": "DELETE FROM {table} WHERE prefix = %(prefix)s AND id = %(id)s RETURNING 1",
-    "LIST": """
-        SELECT id, snapshot, updated_at FROM {table}
-        WHERE prefix = %(prefix)s AND starts_with(id, %(start)s)
-        ORDER BY updated_at DESC, id
-        LIMIT %(limit)s
-    """,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +38,9 @@ class SnapshotStore:
     DSN, the store opens (and ``close()`` closes) its own connections; given a Database,
     it leaves it open."""
 
-    def __init__(self, db: Database | str, *, table: str = "snapshots", prefix: str = "") -> None:
+    def __init__(
+        self, db: Database | str, *, table: str = DEFAULT_SNAPSHOT_TABLE, prefix: str = ""
+    ) -> None:
         if isinstance(db, str):
             self._dsn: str | None = db
             self._db: Database | None = None
@@ -87,20 +65,10 @@ class SnapshotStore:
             assert self._dsn is not None
             self._db = await connect(self._dsn)
         if not self._ready:
-            names = {
-                "table": sql.Identifier(self._db.schema, self.table),
-                "index": sql.Identifier(f"{self.table}_updated_at"),
-            }
-            async with self._db.connection() as conn, conn.transaction():
-                key = advisory_key("snapshots", self._db.schema, self.table)
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", [key])
-                await conn.execute(
-                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                        sql.Identifier(self._db.schema)
-                    )
-                )
-                await conn.execute(sql.SQL(_TABLE).format(**names))  # type: ignore[arg-type,unused-ignore]
-            self._sql = render(_Q, names)
+            async with self._db.connection() as conn:
+                await migrate_instance(conn, SNAPSHOTS, self._db.schema, self.table)
+            names = SNAPSHOTS.names(self._db.schema, self.table)
+            self._sql = queries.render(queries.load(__package__, "snapshots.sql"), names)
             self._ready = True
         return self._db
 
@@ -118,19 +86,19 @@ class SnapshotStore:
             )
         text = to_json("snapshot", dict(snapshot))
         db = await self._database()
-        await fetchall(db, self._sql["SAVE"], {**key, "snapshot": text})
+        await fetchall(db, self._sql["save"], {**key, "snapshot": text})
 
     async def load(self, id: str) -> dict[str, Any] | None:
         key = self._key(id)
         db = await self._database()
-        row = await fetchone(db, self._sql["LOAD"], key, allow_none=True, owner="snapshots")
+        row = await fetchone(db, self._sql["load"], key, allow_none=True, owner="snapshots")
         return None if row is None else row[0]
 
     async def delete(self, id: str) -> bool:
         """Delete the snapshot; False if there was none."""
         key = self._key(id)
         db = await self._database()
-        rows = await fetchall(db, self._sql["DELETE"], key)
+        rows = await fetchall(db, self._sql["delete"], key)
         return bool(rows)
 
     async def list(self, *, prefix: str = "", limit: int = 100) -> list[Snapshot]:
@@ -140,7 +108,7 @@ class SnapshotStore:
         check_positive_int("limit", limit)
         db = await self._database()
         params = {"prefix": self.prefix, "start": prefix, "limit": limit}
-        rows = await fetchall(db, self._sql["LIST"], params)
+        rows = await fetchall(db, self._sql["list"], params)
         return [Snapshot(r[0], r[1], r[2]) for r in rows]
 
     async def close(self) -> None:

@@ -29,80 +29,14 @@ from psycopg import sql
 
 from .._core.errors import InvalidArgumentError
 from .._core.validate import check_positive_int, check_seconds, to_json
-from .._pg.calls import fetchall, render
+from .._pg import queries
+from .._pg.calls import fetchall
 from .._pg.database import Database
 
 __all__ = ["Fairness", "PgStepQueue", "StepTask"]
 
 Fairness = Literal["strict-priority", "round-robin", "weighted"]
 FAIRNESS: tuple[Fairness, ...] = ("strict-priority", "round-robin", "weighted")
-# Round-robin is weighted with every weight 1: both order by turns.
-_ORDER = {"priority": "priority DESC, id", "turns": "turn + rn / weight, pos, id"}
-_TASK = (
-    "id, queue, workflow_id, step_name, input, prev_results, priority, status, claimed_by,"
-    " claims, created_at"
-)
-
-_Q = {
-    "ENQUEUE": """
-        INSERT INTO {tasks} (namespace, queue, workflow_id, step_name, input, prev_results,
-                             priority)
-        VALUES (%(ns)s, %(queue)s, %(workflow_id)s, %(step)s, %(input)s::jsonb,
-                %(prev)s::jsonb, %(priority)s)
-        RETURNING id
-    """,
-    "FINISH": """
-        UPDATE {tasks}
-        SET status = %(status)s, result = %(result)s::jsonb, error = %(error)s::jsonb,
-            duration_ms = %(duration)s, finished_at = now()
-        WHERE id = %(id)s AND namespace = %(ns)s AND status = 'running'
-          AND claimed_by = %(worker)s
-        RETURNING 1
-    """,
-    "REQUEUE": """
-        UPDATE {tasks} SET status = 'pending', claimed_by = NULL, claimed_at = NULL
-        WHERE namespace = %(ns)s AND status = 'running'
-          AND (%(stale)s::float8 IS NULL
-               OR claimed_at < now() - %(stale)s::float8 * interval '1 second')
-          AND (%(by)s::text IS NULL OR claimed_by = %(by)s)
-        RETURNING 1
-    """,
-    "METRICS": """
-        SELECT queue, status, count(*) FROM {tasks} WHERE namespace = %(ns)s
-        GROUP BY queue, status
-    """,
-}
-
-# Up to ``limit`` candidates per queue, locked; ranked within their queue; the best
-# ``limit`` by the fairness order are claimed (the others are unlocked at commit).
-_CLAIM = """
-WITH cand AS (
-    SELECT c.id, c.priority, q.pos, q.weight, q.turn
-    FROM unnest(%(queues)s::text[], %(weights)s::float8[], %(turns)s::float8[])
-         WITH ORDINALITY AS q(name, weight, turn, pos)
-    CROSS JOIN LATERAL (
-        SELECT t.id, t.priority FROM {tasks} t
-        WHERE t.namespace = %(ns)s AND t.queue = q.name AND t.status = 'pending'
-        ORDER BY t.priority DESC, t.id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    ) c
-),
-ranked AS (
-    SELECT id, priority, pos, weight, turn,
-           row_number() OVER (PARTITION BY pos ORDER BY priority DESC, id) AS rn
-    FROM cand
-),
-picked AS (
-    SELECT id, row_number() OVER (ORDER BY {order}) AS ord
-    FROM ranked ORDER BY {order} LIMIT %(limit)s
-)
-UPDATE {tasks} t
-SET status = 'running', claimed_by = %(worker)s, claimed_at = now(), claims = t.claims + 1
-FROM picked
-WHERE t.id = picked.id
-RETURNING picked.ord, (SELECT array_agg(DISTINCT pos) FROM cand), {task_columns}
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,18 +65,7 @@ class PgStepQueue:
         self.namespace = namespace
         self._names = {"tasks": sql.Identifier(db.schema, "step_tasks")}
         self._turns: dict[str, float] = {}  # per queue: tasks claimed / weight
-        self._sql = render(_Q, self._names)
-        self._claims = {
-            key: sql.SQL(_CLAIM)
-            .format(
-                order=sql.SQL(order),
-                task_columns=sql.SQL(", ".join(f"t.{c.strip()}" for c in _TASK.split(","))),
-                **self._names,
-            )
-            .as_string()
-            .encode()
-            for key, order in _ORDER.items()
-        }
+        self._sql = queries.render(queries.load(__package__, "step_queue.sql"), self._names)
 
     async def enqueue(
         self,
@@ -174,7 +97,7 @@ class PgStepQueue:
             "priority": priority,
         }
         await self._db.ensure_migrated()
-        rows = await fetchall(self._db, self._sql["ENQUEUE"], params)
+        rows = await fetchall(self._db, self._sql["enqueue"], params)
         return int(rows[0][0])
 
     async def claim(
@@ -213,7 +136,8 @@ class PgStepQueue:
         }
         await self._db.ensure_migrated()
         by_turns = fairness != "strict-priority"
-        rows = await fetchall(self._db, self._claims["turns" if by_turns else "priority"], params)
+        claim = self._sql["claim_by_turns" if by_turns else "claim_by_priority"]
+        rows = await fetchall(self._db, claim, params)
         tasks = [StepTask(*r[2:]) for r in sorted(rows, key=lambda r: r[0])]
         if by_turns:
             self._take_turns(weights, base, tasks, rows[0][1] if rows else [])
@@ -263,7 +187,7 @@ class PgStepQueue:
             "duration": check_seconds("duration_ms", duration_ms),
         }
         await self._db.ensure_migrated()
-        return bool(await fetchall(self._db, self._sql["FINISH"], params))
+        return bool(await fetchall(self._db, self._sql["finish"], params))
 
     async def requeue_stuck(
         self, *, stale_after: float | None = None, claimed_by: str | None = None
@@ -277,12 +201,12 @@ class PgStepQueue:
         stale = None if stale_after is None else check_seconds("stale_after", stale_after)
         params = {"ns": self.namespace, "stale": stale, "by": claimed_by}
         await self._db.ensure_migrated()
-        return len(await fetchall(self._db, self._sql["REQUEUE"], params))
+        return len(await fetchall(self._db, self._sql["requeue"], params))
 
     async def metrics(self) -> dict[str, dict[str, int]]:
         """Per queue of this namespace: pending, running, completed, failed counts."""
         await self._db.ensure_migrated()
-        rows = await fetchall(self._db, self._sql["METRICS"], {"ns": self.namespace})
+        rows = await fetchall(self._db, self._sql["metrics"], {"ns": self.namespace})
         found: dict[str, dict[str, int]] = {}
         for queue, status, count in rows:
             counts = found.setdefault(

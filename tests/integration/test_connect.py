@@ -1,9 +1,8 @@
-"""connect(), Database ownership, migrations and the shared LISTEN connection."""
+"""connect(), Database ownership and the shared LISTEN connection (migrations: tests/migrations)."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import anyio
 import psycopg
@@ -12,7 +11,6 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 import pgstreams as ps
-from pgstreams._pg.migrate import MIGRATIONS, migrate
 
 from ..pgserver import count_backends, terminate_backends
 
@@ -69,36 +67,6 @@ async def test_bad_dsn_is_a_database_error() -> None:
             pass
 
 
-async def test_migrate_is_idempotent(db: ps.Database) -> None:
-    await db.migrate()
-    await db.migrate()
-    async with db.connection() as conn:
-        cur = await conn.execute("SELECT version FROM pgstreams.schema_version ORDER BY 1")
-        assert [r[0] for r in await cur.fetchall()] == [m.version for m in MIGRATIONS]
-
-
-async def test_four_concurrent_migrators_apply_each_version_once(dsn: str) -> None:
-    schema = f"mig_{uuid.uuid4().hex[:8]}"
-    applied: list[list[int]] = []
-
-    async def run() -> None:
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            applied.append(await migrate(conn, schema))
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(4):
-            tg.start_soon(run)
-    everything = sorted(v for versions in applied for v in versions)
-    assert everything == [m.version for m in MIGRATIONS]
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            psycopg.sql.SQL("SELECT count(*) FROM {}.schema_version").format(
-                psycopg.sql.Identifier(schema)
-            )
-        )
-        assert await cur.fetchone() == (len(MIGRATIONS),)
-
-
 async def test_schema_is_configurable(dsn: str) -> None:
     async with ps.connect(dsn, schema="other_ns") as db:
         q = await ps.PgQueue.create(db, "jobs")
@@ -146,44 +114,6 @@ async def test_channel_names_are_quoted(dsn: str) -> None:
         async with db.connection() as conn:
             await conn.execute("SELECT pg_notify(%s, '')", [weird])
         assert await w.wait(5)
-
-
-async def _catalog(conn: psycopg.AsyncConnection[Any], schema: str) -> list[tuple[Any, ...]]:
-    """Tables, columns, indexes and constraints of a schema, with the schema name erased."""
-    cur = await conn.execute(
-        """
-        SELECT 'column', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
-               a.attnotnull::text, coalesce(pg_get_expr(d.adbin, d.adrelid), '')
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-        LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
-        WHERE n.nspname = %(s)s
-        UNION ALL
-        SELECT 'index', tablename, indexname, replace(indexdef, %(s)s, 'S'), '', ''
-        FROM pg_indexes WHERE schemaname = %(s)s
-        UNION ALL
-        SELECT 'constraint', conrelid::regclass::text, conname,
-               replace(pg_get_constraintdef(oid), %(s)s, 'S'), '', ''
-        FROM pg_constraint WHERE connamespace = %(s)s::regnamespace
-        ORDER BY 1, 2, 3
-        """,
-        {"s": schema},
-    )
-    rows = await cur.fetchall()
-    return [tuple(str(v).replace(schema, "S") for v in row) for row in rows]
-
-
-async def test_upgraded_install_equals_fresh_install(dsn: str) -> None:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        fresh = f"fresh_{uuid.uuid4().hex[:8]}"
-        await migrate(conn, fresh)
-        expected = await _catalog(conn, fresh)
-        assert expected  # the catalog query sees the objects
-        for step in range(len(MIGRATIONS)):
-            upgraded = f"upg_{uuid.uuid4().hex[:8]}"
-            await migrate(conn, upgraded, MIGRATIONS[:step])  # an older release
-            await migrate(conn, upgraded)  # then this one
-            assert await _catalog(conn, upgraded) == expected
 
 
 async def test_concurrent_loans_never_share_a_connection(dsn: str) -> None:

@@ -1,4 +1,4 @@
-"""SnapshotStore: save/load/delete/list against a real table it creates itself."""
+"""SnapshotStore: save/load/delete/list against a real table, installed as a versioned set."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import anyio
 import pytest
 
 import pgstreams as ps
+from pgstreams._pg.migrate import SNAPSHOTS
 
 
 async def test_save_load_delete_and_list_newest_first(db: ps.Database) -> None:
@@ -88,3 +89,17 @@ async def test_concurrent_first_calls_open_one_database(
     assert len(opened) == 1
     for db in opened:  # what a leak would have left open
         await db.close()
+
+
+async def test_the_default_table_comes_with_migrate_and_others_are_versioned(
+    db: ps.Database,
+) -> None:
+    await ps.SnapshotStore(db, table="snaps_versioned").list()
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT instance, version FROM pgstreams.instance_version"
+            " WHERE migration_set = 'snapshots' ORDER BY 1, 2"
+        )
+        recorded = await cur.fetchall()
+    for table in ("snapshots", "snaps_versioned"):  # the default one: db.migrate() made it
+        assert [v for t, v in recorded if t == table] == [m.version for m in SNAPSHOTS.migrations]
