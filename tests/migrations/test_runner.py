@@ -36,7 +36,7 @@ async def test_migrate_is_idempotent(db: ps.Database, conn: Conn) -> None:
     assert await versions(conn, "pgstreams") == before
     main = [m.version for m in MIGRATIONS]
     assert [v for s, _, v in before if s == "main"] == main
-    assert [r for r in before if r[0] != "main"] == [
+    assert [r for r in before if r[0] in ("snapshots", "workflows")] == [
         (mset.name, instance, m.version)
         for mset, instance in [(SETS["snapshots"], "snapshots"), (SETS["workflows"], "wf_")]
         for m in mset.migrations
