@@ -9,9 +9,12 @@ a table of the same shape as a PgQueue table (same columns, same partial ready i
 publish = INSERT with ``pg_notify`` in the same statement; consume = ``UPDATE ... WHERE id =
 ANY(ARRAY(SELECT ... FOR UPDATE SKIP LOCKED LIMIT n)) RETURNING`` to lease (the same
 cheap-to-plan shape PgQueue uses); ack = DELETE by id and attempts (the lease) for one
-message, by ``id = ANY(...)`` alone for a batch; auto-ack consume = ``DELETE ... WHERE id =
-ANY(ARRAY(SELECT ... SKIP LOCKED LIMIT n)) RETURNING payload``. JSON goes in as text
-parameters cast with ``::jsonb`` and comes out decoded, as with PgQueue.
+message, by ``id = ANY(...)`` alone for a batch; auto-ack consume = one statement per batch
+that deletes the previous batch by id and leases the next (the lease ``UPDATE`` above), and
+one ``DELETE`` of the last batch at the end -- the work PgQueue's auto-ack does so that a
+dropped connection or a dead consumer loses nothing (a message is deleted once the next is
+asked for). JSON goes in as text parameters cast with ``::jsonb`` and comes out decoded, as
+with PgQueue.
 
 ``metrics()`` reports an exact count of completed messages, so every PgQueue ack or pop
 statement also adds to a counter row. Doing the same work, the floor's ack and pop
@@ -45,7 +48,6 @@ from typing import Any
 
 import anyio
 import psycopg
-from psycopg import sql
 from psycopg.rows import TupleRow
 
 import pgstreams as ps
@@ -60,7 +62,7 @@ from benchmarks._common import (
     server,
     server_facts,
 )
-from pgstreams._sources.queue import sql as Q
+from pgstreams._sources.queue.queue import SHARDS
 
 Conn = psycopg.AsyncConnection[TupleRow]
 
@@ -69,7 +71,7 @@ VISIBILITY = 30.0
 QUEUE = "bench"
 QUEUE_TABLE = f"pgstreams.q_{QUEUE}"
 QUEUE_STATS = "pgstreams.queue_stats"
-FLOOR_TABLE = "public.floor_queue"
+FLOOR_TABLE = "pgstreams.q_floor"
 FLOOR_STATS = "public.floor_stats"
 FLOOR_CHANNEL = "bench.floor_queue"
 BODY = "lorem ipsum dolor sit amet, consectetur adipiscing elit"
@@ -88,10 +90,6 @@ FROM generate_series(1, %s) AS g
 
 # -- the floor: hand-written statements on a same-shaped table -----------------------------
 
-# The very table PgQueue creates for a queue, so the two shapes cannot drift apart.
-FLOOR_CREATE = sql.SQL(Q.CREATE).format(  # type: ignore[arg-type,unused-ignore]
-    table=sql.Identifier("public", "floor_queue"), ready_idx=sql.Identifier("floor_queue_ready")
-)
 
 # PgQueue's counter table, sharded by backend as PgQueue shards it; one queue's rows.
 FLOOR_STATS_CREATE = f"""
@@ -100,12 +98,12 @@ CREATE TABLE {FLOOR_STATS} (
     PRIMARY KEY (queue, shard)
 );
 INSERT INTO {FLOOR_STATS} (queue, shard)
-SELECT 'floor', g FROM generate_series(0, {Q.SHARDS - 1}) AS g;
+SELECT 'floor', g FROM generate_series(0, {SHARDS - 1}) AS g;
 """
 
 FLOOR_PUBLISH = """
 WITH ins AS (
-    INSERT INTO public.floor_queue (payload, headers) VALUES (%s::jsonb, %s::jsonb)
+    INSERT INTO pgstreams.q_floor (payload, headers) VALUES (%s::jsonb, %s::jsonb)
     RETURNING id
 )
 SELECT id, pg_notify(%s, '') FROM ins
@@ -113,7 +111,7 @@ SELECT id, pg_notify(%s, '') FROM ins
 
 FLOOR_PUBLISH_BATCH = """
 WITH ins AS (
-    INSERT INTO public.floor_queue (payload, headers)
+    INSERT INTO pgstreams.q_floor (payload, headers)
     SELECT p, %s::jsonb FROM unnest(%s::jsonb[]) AS u(p)
     RETURNING id
 )
@@ -121,7 +119,7 @@ SELECT array_agg(id), pg_notify(%s, '') FROM ins
 """
 
 _FLOOR_PICK = """ARRAY(
-    SELECT id FROM public.floor_queue
+    SELECT id FROM pgstreams.q_floor
     WHERE dead_at IS NULL AND visible_at <= now()
     ORDER BY visible_at, id
     LIMIT %s
@@ -129,7 +127,7 @@ _FLOOR_PICK = """ARRAY(
 )"""
 
 FLOOR_LEASE = f"""
-UPDATE public.floor_queue
+UPDATE pgstreams.q_floor
 SET attempts = attempts + 1,
     lease = attempts + 1,
     visible_at = now() + %s * interval '1 second'
@@ -140,24 +138,19 @@ RETURNING id, payload, headers, attempts, enqueued_at
 # The counter update each ack or pop statement makes, given CTE ``d`` of deleted rows.
 _FLOOR_COUNT = f"""
 UPDATE {FLOOR_STATS} SET completed = completed + (SELECT count(*) FROM d)
-WHERE queue = 'floor' AND shard = pg_backend_pid() %% {Q.SHARDS}
+WHERE queue = 'floor' AND shard = pg_backend_pid() %% {SHARDS}
 """
 
 # A lease-checked ack, as any visibility-timeout queue needs: (id, attempts) names the lease.
-BARE_ACK = "DELETE FROM public.floor_queue WHERE id = %s AND attempts = %s"
+BARE_ACK = "DELETE FROM pgstreams.q_floor WHERE id = %s AND attempts = %s"
 FLOOR_ACK = f"WITH d AS ({BARE_ACK} RETURNING 1) {_FLOOR_COUNT}"
 
-BARE_ACK_MANY = "DELETE FROM public.floor_queue WHERE id = ANY(%s::bigint[])"
+BARE_ACK_MANY = "DELETE FROM pgstreams.q_floor WHERE id = ANY(%s::bigint[])"
 FLOOR_ACK_MANY = f"WITH d AS ({BARE_ACK_MANY} RETURNING 1) {_FLOOR_COUNT}"
 
-BARE_POP = f"""
-DELETE FROM public.floor_queue WHERE id = ANY({_FLOOR_PICK})
-RETURNING payload
-"""
-FLOOR_POP = f"""
-WITH d AS ({BARE_POP}), s AS ({_FLOOR_COUNT})
-SELECT payload FROM d
-"""
+# Auto-ack: delete the previous batch and lease the next in one statement.
+BARE_POP = f"WITH d AS ({BARE_ACK_MANY}) {FLOOR_LEASE}"
+FLOOR_POP = f"WITH d AS ({BARE_ACK_MANY} RETURNING 1), s AS ({_FLOOR_COUNT}) {FLOOR_LEASE}"
 
 
 def _some(rows: list[TupleRow]) -> list[TupleRow]:
@@ -214,9 +207,13 @@ class Floor:
     async def pop(self, n: int) -> None:
         conn = self.conn
         done = 0
+        ids: list[int] = []
         while done < n:
-            cur = await conn.execute(self.pop_sql, (BATCH,))
-            done += len(_some(await cur.fetchall()))
+            cur = await conn.execute(self.pop_sql, (ids, VISIBILITY, BATCH))
+            rows = _some(await cur.fetchall())
+            ids = [r[0] for r in rows]
+            done += len(rows)
+        await conn.execute(self.ack_many_sql, (ids,))
 
 
 # -- PgQueue: the same work through the public API -----------------------------------------
@@ -389,7 +386,9 @@ async def main(args: argparse.Namespace) -> None:
             await psycopg.AsyncConnection.connect(dsn, autocommit=True) as maint,
             await psycopg.AsyncConnection.connect(dsn, autocommit=True) as floor_conn,
         ):
-            await maint.execute(FLOOR_CREATE)
+            # The very table PgQueue creates for a queue, so the shapes cannot drift apart;
+            # the floor uses it through its own statements alone.
+            await ps.PgQueue.create(db, "floor")
             await maint.execute(FLOOR_STATS_CREATE)
             queue = Queue(await ps.PgQueue.create(db, QUEUE))
             floor, bare = Floor(floor_conn), Floor(floor_conn, counted=False)

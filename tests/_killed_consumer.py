@@ -1,6 +1,7 @@
 """A consumer process for the kill tests: leases a batch, acks part of it, then hangs.
 
-Arguments: DSN, queue name, how many to ack, and "pgqueue" (default) or "pgmq".
+Arguments: DSN, queue name, how many to ack, and "pgqueue" (default), "pgmq" or
+"pgqueue-auto" (PgQueue's auto-ack subscription, 4 messages a read: nothing to ack).
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ async def kill_when_ready(script: Path, *args: str) -> list[int]:
 
 async def main(dsn: str, queue: str, ack: int, kind: str) -> None:
     async with ps.connect(dsn) as db:
+        if kind == "pgqueue-auto":
+            auto = ps.PgQueue[int](db, queue).subscribe(visibility=2, prefetch=4)
+            async with auto as values:
+                handled = 0
+                async for value in values:
+                    handled += 1
+                    print(value, flush=True)
+                    if handled == 10:
+                        print("ready", flush=True)
+                        await anyio.sleep_forever()
+            return
         if kind == "pgmq":
             mode = ps.ReadMode.standard(vt=2, qty=10)
             stream = ps.PgmqQueue[int](db, queue).subscribe_ack(read_mode=mode)

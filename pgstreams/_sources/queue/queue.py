@@ -2,25 +2,27 @@
 
 Delivery:
 
-* ``subscribe()`` deletes each message as it is read (at-most-once).
+* ``subscribe()`` (auto-ack) leases messages as it reads them and deletes each once the
+  next message is asked for or the stream closes (at-least-once, see ``autoack``): a
+  consumer that dies or loses its connection first gets nothing deleted, and the message
+  comes back when its lease runs out.
 * ``subscribe_ack()`` leases messages for ``visibility`` seconds (at-least-once). A lease that
   runs out makes the message visible again by itself -- no janitor process -- and every
   delivery counts an attempt. A message delivered ``max_attempts`` times that is nacked or
-  whose lease runs out moves to the dead set with its last error.
+  whose lease runs out moves to the dead set with its last error (with either subscription).
 * Messages read but never delivered -- read ahead by ``prefetch`` or by an operator such as
   ``buffer`` or ``batch`` when the stream closes -- go back as if never read.
 * Publishing wakes idle subscribers with one NOTIFY per statement (PostgreSQL folds
   identical notifications of one transaction into one); polling is the fallback.
 * A subscriber outlives connection failures: it backs off and retries, while the shared
-  listener reconnects on its own. A failed lease took nothing; a connection lost just after
-  an auto-ack read committed loses what it read, as at-most-once delivery allows.
+  listener reconnects on its own. A failed read took nothing that does not come back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -30,14 +32,15 @@ from psycopg import AsyncConnection, sql
 
 from ..._core.envelope import DeadMessage, Envelope
 from ..._core.errors import DatabaseError, LeaseLostError
-from ..._core.source import UNSET, Handed, Retry, Unset, channel_for, parse_headers
+from ..._core.source import UNSET, Retry, Unset, channel_for, parse_headers
 from ..._core.stream import Stream
 from ..._core.validate import check_name, check_positive_int, check_seconds, headers_json, to_json
-from ..._pg import calls
+from ..._pg import calls, queries
 from ..._pg.database import Database
 from ..._pg.listen import Wakeup
-from ..._pg.migrate import advisory_key
-from . import sql as Q
+from ..._pg.locks import advisory_key
+from ..._pg.migrate import QUEUES, migrate_instance
+from .autoack import AutoAck
 
 __all__ = ["DeadMessage", "PgQueue", "QueueMetrics"]
 
@@ -45,6 +48,8 @@ T = TypeVar("T")
 logger = logging.getLogger("pgstreams.queue")
 
 DEFAULT_POLL_INTERVAL = 5.0
+SHARDS = 16
+"""Completion counter rows per queue: concurrent consumers rarely update the same one."""
 LIMIT_TTL = 5.0
 """Seconds a handle trusts its cached copy of the queue's stored max_attempts."""
 
@@ -77,12 +82,12 @@ class PgQueue(Generic[T]):
         self._channel = channel_for(db.schema, "queue", name)
         names = {
             "table": sql.Identifier(db.schema, f"q_{name}"),
-            "ready_idx": sql.Identifier(f"q_{name}_ready"),
             "stats": sql.Identifier(db.schema, "queue_stats"),
             "queues": sql.Identifier(db.schema, "queues"),
+            "shards": sql.Literal(SHARDS),
         }
         self._limit: tuple[float, int] | None = None  # (read at, max_attempts)
-        self._sql = calls.render_queries(Q, names)
+        self._sql = queries.render(queries.load(__package__), names)
 
     @classmethod
     async def create(
@@ -99,14 +104,13 @@ class PgQueue(Generic[T]):
         queue: PgQueue[Any] = cls(db, name)
         await db.ensure_migrated()
         async with db.connection() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(%s)", [advisory_key("queue", db.schema, name)]
-            )
-            await conn.execute(queue._sql["CREATE"])
-            params = {"queue": name, "max": max_attempts, "shards": Q.SHARDS}
+            key = advisory_key("queue", db.schema, name)
+            await conn.execute(queue._sql["lock"], {"key": key})
+            await migrate_instance(conn, QUEUES, db.schema, name)  # its table, up to date
+            params = {"queue": name, "max": max_attempts}
             keep = isinstance(max_attempts, Unset)
-            await conn.execute(queue._sql["REGISTER_KEEP" if keep else "REGISTER_SET"], params)
-            await conn.execute(queue._sql["REGISTER_SHARDS"], params)
+            await conn.execute(queue._sql["register_keep" if keep else "register_set"], params)
+            await conn.execute(queue._sql["register_shards"], params)
         queue._limit = None
         return queue
 
@@ -131,7 +135,7 @@ class PgQueue(Generic[T]):
             "delay": check_seconds("delay", delay),
             "channel": self._channel,
         }
-        row = await self._fetchone(self._sql["PUBLISH"], params, conn)
+        row = await self._fetchone(self._sql["publish"], params, conn)
         return int(row[0])
 
     async def publish_batch(
@@ -152,28 +156,32 @@ class PgQueue(Generic[T]):
         }
         if not payloads:
             return []
-        row = await self._fetchone(self._sql["PUBLISH_BATCH"], params, conn)
+        row = await self._fetchone(self._sql["publish_batch"], params, conn)
         return list(row[0])
 
     # -- consuming ---------------------------------------------------------------------
 
     def subscribe(
-        self, *, prefetch: int = 1, poll_interval: float = DEFAULT_POLL_INTERVAL
+        self,
+        *,
+        prefetch: int = 1,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        visibility: float = 30,
     ) -> Stream[T]:
-        """Stream message values, deleting each as it is read (auto-ack, at-most-once).
+        """Stream message values, deleting each once the next is asked for (auto-ack).
 
-        ``prefetch`` messages are read per round trip. Messages read but never delivered
-        when the stream closes -- read ahead by ``prefetch`` or by an operator -- are put
-        back with their id and headers.
+        At-least-once: a message is deleted once the next message is asked for or the
+        stream closes; until then it is leased for ``visibility`` seconds from its read, and
+        a consumer that dies or loses its connection before that gets it redelivered after
+        the lease (with ``attempts`` counted, so ``max_attempts`` applies). ``prefetch``
+        messages are read per round trip, and the statement that reads the next ones
+        deletes them. Messages read but never delivered when the stream closes -- read
+        ahead by ``prefetch`` or by an operator -- go back with their id and headers.
         """
         check_positive_int("prefetch", prefetch)
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
-        handed = Handed()
-
-        async def putback(values: list[Any]) -> None:
-            await self._give_back_values(handed, values)
-
-        return Stream(lambda: self._pop_loop(prefetch, poll, handed), putback=putback)
+        vis = check_seconds("visibility", visibility, allow_zero=False)
+        return AutoAck(self, prefetch, vis, poll).stream()
 
     def subscribe_ack(
         self,
@@ -208,10 +216,10 @@ class PgQueue(Generic[T]):
         ids = [env.id for env in envs]
         if len(leases) == 1:
             params: dict[str, Any] = {"ids": ids, "lease": leases.pop(), "queue": self.name}
-            row = await self._fetchone(self._sql["ACK_MANY"], params)
+            row = await self._fetchone(self._sql["ack_many"], params)
         else:
             params = {"ids": ids, "leases": [e._lease for e in envs], "queue": self.name}
-            row = await self._fetchone(self._sql["ACK_PAIRS"], params)
+            row = await self._fetchone(self._sql["ack_pairs"], params)
         for env in envs:
             env._settled = True
         return int(row[0]) if row else 0
@@ -224,39 +232,20 @@ class PgQueue(Generic[T]):
         """
         now = anyio.current_time()
         if self._limit is None or now - self._limit[0] > LIMIT_TTL:
-            row = await self._fetchone(self._sql["LIMIT"], {"queue": self.name}, allow_none=True)
+            row = await self._fetchone(self._sql["limit"], {"queue": self.name}, allow_none=True)
             if row is None:
                 raise DatabaseError(f"queue {self.name!r} does not exist; create it first")
             self._limit = (now, int(row[0]))
         return self._limit[1]
 
-    async def _pop_loop(self, prefetch: int, poll: float, handed: Handed) -> AsyncIterator[T]:
-        params: dict[str, Any] = {"n": prefetch, "queue": self.name}
-        retry = Retry(logger, f"queue {self.name}")
-        async with self._db.wakeups(self._channel) as wakeup:
-            while True:
-                rows = await self._read(self._sql["POP"], params, wakeup, poll, retry)
-                values = [json.loads(row[1]) for row in rows]
-                slots = handed.add(values, rows)
-                delivered = 0
-                try:
-                    for value in values:
-                        delivered += 1
-                        yield value
-                finally:
-                    if delivered < len(rows):
-                        for i in range(delivered, len(rows)):
-                            slots[i] = None  # put back here, so never again by an operator
-                        await self._unpop(rows[delivered:])
-
     async def _lease_loop(
         self, visibility: float, prefetch: int, poll: float
     ) -> AsyncIterator[Envelope[T]]:
-        params: dict[str, Any] = {"n": prefetch, "vis": visibility, "max": 0}
+        params: dict[str, Any] = {"n": prefetch, "vis": visibility, "max": 0, "done": []}
         retry = Retry(logger, f"queue {self.name}")
         async with self._db.wakeups(self._channel) as wakeup:
             while True:
-                rows = await self._read(self._sql["CLAIM"], params, wakeup, poll, retry)
+                rows = await self._read(self._sql["claim"], params, wakeup, poll, retry)
                 rows.sort(key=lambda r: r[0])
                 envelopes = [self._envelope(row) for row in rows if not row[5]]
                 delivered = 0
@@ -275,8 +264,13 @@ class PgQueue(Generic[T]):
         wakeup: Wakeup,
         poll: float,
         retry: Retry,
+        *,
+        sent: Callable[[], None] | None = None,
     ) -> list[Any]:
-        """Take the next rows, sleeping while there are none and riding out failures."""
+        """Take the next rows, sleeping while there are none and riding out failures.
+
+        ``sent`` is called after each statement that went through, found rows or not.
+        """
         while True:
             # Outside the shield, so a busy consumer whose callback never awaits can still
             # be cancelled: the deadline fires during the (shielded) read below.
@@ -286,9 +280,11 @@ class PgQueue(Generic[T]):
                 if "max" in params:  # a lease: apply the queue's current max_attempts
                     params["max"] = await self._max_attempts()
                 rows = await self._fetchall_shielded(query, params)
+                if sent is not None:
+                    sent()
                 if not rows:
                     await wakeup.wait(
-                        await calls.idle_wait(self._db, self._sql["NEXT_VISIBLE"], poll)
+                        await calls.idle_wait(self._db, self._sql["next_visible"], poll)
                     )
                     continue
             except DatabaseError as exc:
@@ -308,28 +304,7 @@ class PgQueue(Generic[T]):
             lease=row[6],
         )
 
-    # -- giving back what was read but not delivered -----------------------------------
-
-    async def _unpop(self, rows: Sequence[Sequence[Any]]) -> None:
-        params = {
-            "ids": [r[0] for r in rows],
-            "payloads": [r[1] for r in rows],
-            "headers": [r[2] for r in rows],
-            "attempts": [r[3] for r in rows],
-            "enqueued": [r[4] for r in rows],
-            "visible": [r[5] for r in rows],
-            "queue": self.name,
-            "channel": self._channel,
-        }
-        await self._cleanup(self._sql["UNPOP"], params, len(rows), "put back unread messages")
-
-    async def _give_back_values(self, handed: Handed, values: list[Any]) -> None:
-        rows, unknown = handed.split(values, f"queue {self.name}", logger)
-        if rows:
-            await self._unpop(rows)
-        if unknown:
-            params = {"payloads": unknown, "queue": self.name, "channel": self._channel}
-            await self._cleanup(self._sql["REINSERT"], params, len(unknown), "re-queue")
+    # -- giving back leases read but not delivered --------------------------------------
 
     async def _release(self, envelopes: Sequence[Envelope[T]]) -> None:
         envs = [e for e in envelopes if not e.settled]
@@ -340,7 +315,7 @@ class PgQueue(Generic[T]):
             "leases": [e._lease for e in envs],
             "channel": self._channel,
         }
-        await self._cleanup(self._sql["RELEASE"], params, len(envs), "release unread leases")
+        await self._cleanup(self._sql["release"], params, len(envs), "release unread leases")
 
     async def _cleanup(
         self, query: bytes, params: Mapping[str, Any], count: int, what: str
@@ -353,7 +328,7 @@ class PgQueue(Generic[T]):
 
     async def _ack(self, env: Envelope[Any]) -> bool:
         params = {"id": env.id, "lease": env._lease, "queue": self.name}
-        return await self._fetchone(self._sql["ACK"], params, allow_none=True) is not None
+        return await self._fetchone(self._sql["ack"], params, allow_none=True) is not None
 
     async def _nack(self, env: Envelope[Any], delay: float, error: str | None) -> bool:
         params = {
@@ -364,18 +339,18 @@ class PgQueue(Generic[T]):
             "max": await self._max_attempts(),
             "channel": self._channel,
         }
-        return await self._fetchone(self._sql["NACK"], params, allow_none=True) is not None
+        return await self._fetchone(self._sql["nack"], params, allow_none=True) is not None
 
     async def _extend(self, env: Envelope[Any], seconds: float) -> None:
         params = {"id": env.id, "lease": env._lease, "seconds": seconds}
-        if await self._fetchone(self._sql["EXTEND"], params, allow_none=True) is None:
+        if await self._fetchone(self._sql["extend"], params, allow_none=True) is None:
             raise LeaseLostError(f"message {env.id}: the lease of attempt {env.attempts} is lost")
 
     # -- administration ----------------------------------------------------------------
 
     async def metrics(self) -> QueueMetrics:
         """Exact counts at one instant (one consistent snapshot)."""
-        row = await self._fetchone(self._sql["METRICS"], {"queue": self.name})
+        row = await self._fetchone(self._sql["metrics"], {"queue": self.name})
         pending, processing, dead, completed = (int(v) for v in row)
         total = pending + processing + dead + completed
         return QueueMetrics(pending, processing, completed, dead, total)
@@ -384,7 +359,7 @@ class PgQueue(Generic[T]):
         """The oldest ``limit`` messages of the dead set."""
         check_positive_int("limit", limit)
         async with self._db.connection() as conn:
-            cur = await conn.execute(self._sql["DEAD"], {"limit": limit})
+            cur = await conn.execute(self._sql["dead"], {"limit": limit})
             rows = await cur.fetchall()
         return [
             DeadMessage(r[0], json.loads(r[1]), parse_headers(r[2]), r[3], r[4], r[5], r[6])
@@ -393,23 +368,21 @@ class PgQueue(Generic[T]):
 
     async def requeue_dead(self) -> int:
         """Make every dead message deliverable again with attempts reset; returns the count."""
-        row = await self._fetchone(self._sql["REQUEUE_DEAD"], {"channel": self._channel})
+        row = await self._fetchone(self._sql["requeue_dead"], {"channel": self._channel})
         return int(row[0])
 
     async def purge(self) -> int:
         """Delete every message (pending, leased and dead); returns how many."""
-        row = await self._fetchone(self._sql["PURGE"], None)
+        row = await self._fetchone(self._sql["purge"], None)
         return int(row[0])
 
     async def drop(self) -> None:
         """Delete the queue, its messages and its counters."""
         async with self._db.connection() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(%s)",
-                [advisory_key("queue", self._db.schema, self.name)],
-            )
-            await conn.execute(self._sql["DROP_TABLE"])
-            await conn.execute(self._sql["UNREGISTER"], {"queue": self.name})
+            key = advisory_key("queue", self._db.schema, self.name)
+            await conn.execute(self._sql["lock"], {"key": key})
+            await conn.execute(self._sql["drop_table"])
+            await conn.execute(self._sql["unregister"], {"queue": self.name})
 
     # -- plumbing ----------------------------------------------------------------------
 

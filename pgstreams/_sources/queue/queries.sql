@@ -1,0 +1,246 @@
+-- SQL of PgQueue.
+--
+-- {table} (the queue's table, which the queue migration set creates and upgrades), {stats}
+-- (the sharded completion counters) and {queues} (the registry) are identifiers; {shards}
+-- is the number of counter rows per queue. Values are %(name)s parameters.
+--
+-- A lease is (id, lease) where lease is the id of the transaction that leased the message:
+-- unique per leasing statement, so the messages of one read share it and a set of them is
+-- matched with two ANY() tests instead of a join. visible_at doubles as the lease's end.
+-- Fragments carry no comments: their text is repeated in every statement that uses them.
+--
+-- _pick takes the next n visible messages, skipping rows other consumers hold, in an ARRAY()
+-- subquery so that PostgreSQL plans the statement cheaply every time; the messages an
+-- auto-ack read deletes in the same statement (%(done)s) are left out, since one statement
+-- cannot both delete and lease a row. _shard is the counter row a statement bumps: it
+-- spreads concurrent consumers over the queue's counter rows. _lease leases a picked row
+-- for %(vis)s seconds and counts the attempt, or -- if it was already delivered
+-- %(max)s times and its lease ran out -- moves it to the dead set instead. _delete_done
+-- deletes the messages an auto-ack stream delivered from its last read (%(last_lease)s is
+-- that read's lease) and counts them as completed.
+
+-- name: lock
+-- Serialises creating, upgrading and dropping one queue across processes.
+SELECT pg_advisory_xact_lock(%(key)s)
+
+-- name: register_set
+-- create(max_attempts=...) sets the limit; create() without it keeps what is stored.
+INSERT INTO {queues} (name, max_attempts) VALUES (%(queue)s, %(max)s)
+ON CONFLICT (name) DO UPDATE SET max_attempts = EXCLUDED.max_attempts
+
+-- name: register_keep
+INSERT INTO {queues} (name, max_attempts) VALUES (%(queue)s, NULL)
+ON CONFLICT (name) DO NOTHING
+
+-- name: register_shards
+INSERT INTO {stats} (queue, shard)
+SELECT %(queue)s, g FROM generate_series(0, {shards} - 1) AS g
+ON CONFLICT DO NOTHING
+
+-- name: limit
+-- The queue's stored max_attempts (NULL = unlimited); handles cache it for a few seconds.
+SELECT coalesce(max_attempts, 2147483647) FROM {queues} WHERE name = %(queue)s
+
+-- name: _shard
+pg_backend_pid() %% {shards}
+
+-- name: _pick
+ARRAY(
+    SELECT id FROM {table}
+    WHERE dead_at IS NULL AND visible_at <= now() AND id <> ALL(%(done)s::bigint[])
+    ORDER BY visible_at, id
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+)
+
+-- name: _lease
+attempts   = CASE WHEN attempts < %(max)s THEN attempts + 1 ELSE attempts END,
+lease      = CASE WHEN attempts < %(max)s THEN pg_current_xact_id()::text::bigint END,
+dead_at    = CASE WHEN attempts < %(max)s THEN NULL ELSE now() END,
+visible_at = CASE WHEN attempts < %(max)s
+                  THEN now() + %(vis)s * interval '1 second' ELSE visible_at END,
+last_error = CASE WHEN lease IS NOT NULL
+                  THEN 'visibility timeout expired' ELSE last_error END
+
+-- name: _delete_done
+done AS (
+    DELETE FROM {table} WHERE id = ANY(%(done)s::bigint[]) AND lease = %(last_lease)s
+    RETURNING 1
+), counted AS (
+    UPDATE {stats} SET completed = completed + (SELECT count(*) FROM done)
+    WHERE queue = %(queue)s AND shard = {_shard} AND EXISTS (SELECT FROM done)
+)
+
+-- name: publish
+WITH m AS (
+    INSERT INTO {table} (payload, headers, visible_at)
+    VALUES (%(payload)s::jsonb, %(headers)s::jsonb, now() + %(delay)s * interval '1 second')
+    RETURNING id
+)
+SELECT id, pg_notify(%(channel)s, '') FROM m
+
+-- name: publish_batch
+-- One notification per statement however many rows it inserts.
+WITH m AS (
+    INSERT INTO {table} (payload, headers, visible_at)
+    SELECT p, %(headers)s::jsonb, now() + %(delay)s * interval '1 second'
+    FROM unnest(%(payloads)s::jsonb[]) WITH ORDINALITY AS x(p, n)
+    ORDER BY n
+    RETURNING id
+)
+SELECT array_agg(id ORDER BY id), pg_notify(%(channel)s, '') FROM m
+
+-- name: pop
+-- Auto-ack: delete the messages delivered since the last read (those of that read, which
+-- share its lease) and lease the next n, in one statement. Everything but the payload's
+-- value comes back as text -- cheap to receive, exact to send back -- so that messages an
+-- operator read ahead but never delivered can be put back byte for byte, in their place.
+-- A dead row (its lease ran out on its last attempt) comes back with is_dead set and is
+-- not delivered.
+WITH {_delete_done}
+UPDATE {table} SET
+{_lease}
+WHERE id = ANY({_pick})
+RETURNING id, payload::text, headers::text, attempts, enqueued_at::text, dead_at IS NOT NULL,
+          lease
+
+-- name: pop_close
+-- An auto-ack stream closing: delete what it delivered, release what it read ahead (as if
+-- never read, back near its place in line: the lease overwrote visible_at; enqueued_at is
+-- where it started). Idempotent, so it can be retried after a connection is lost.
+WITH {_delete_done}, released AS (
+    UPDATE {table}
+    SET attempts = attempts - 1, lease = NULL, visible_at = least(enqueued_at, now())
+    WHERE id = ANY(%(undone)s::bigint[]) AND lease = %(last_lease)s AND dead_at IS NULL
+    RETURNING 1
+)
+SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT FROM released)
+
+-- name: unpop
+-- Messages an operator read ahead and gave back after the stream deleted them: inserted
+-- again with their id, payload text, headers and attempt count, visible at once and near
+-- their place in line. Idempotent: a message already back (or never deleted) is skipped.
+WITH r AS (
+    INSERT INTO {table} (id, payload, headers, attempts, enqueued_at, visible_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT id, p::jsonb, h::jsonb, a, e::timestamptz, least(e::timestamptz, now())
+    FROM unnest(%(ids)s::bigint[], %(payloads)s::text[], %(headers)s::text[],
+                %(attempts)s::int[], %(enqueued)s::text[])
+         AS x(id, p, h, a, e)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+), counted AS (
+    UPDATE {stats} SET completed = completed - (SELECT count(*) FROM r)
+    WHERE queue = %(queue)s AND shard = {_shard} AND EXISTS (SELECT FROM r)
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM r
+
+-- name: reinsert
+-- A message given back whose original row is no longer known: appended as a new message.
+WITH r AS (
+    INSERT INTO {table} (payload) SELECT p::jsonb FROM unnest(%(payloads)s::text[]) AS x(p)
+    RETURNING 1
+), counted AS (
+    UPDATE {stats} SET completed = completed - (SELECT count(*) FROM r)
+    WHERE queue = %(queue)s AND shard = {_shard}
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM r
+
+-- name: claim
+-- Manual ack: lease up to n messages in one UPDATE.
+UPDATE {table} SET
+{_lease}
+WHERE id = ANY({_pick})
+RETURNING id, payload::text, headers::text, attempts, enqueued_at, dead_at IS NOT NULL, lease
+
+-- name: release
+-- Hand back leases that were read but never delivered: as if never read, and back near
+-- their place in line.
+WITH r AS (
+    UPDATE {table} t
+    SET attempts = t.attempts - 1, lease = NULL, visible_at = least(t.enqueued_at, now())
+    FROM unnest(%(ids)s::bigint[], %(leases)s::bigint[]) AS x(id, lease)
+    WHERE t.id = x.id AND t.lease = x.lease AND t.dead_at IS NULL
+    RETURNING 1
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM r
+
+-- name: ack
+WITH d AS (
+    DELETE FROM {table} WHERE id = %(id)s AND lease = %(lease)s RETURNING 1
+)
+UPDATE {stats} SET completed = completed + 1
+WHERE queue = %(queue)s AND shard = {_shard} AND EXISTS (SELECT FROM d)
+RETURNING 1
+
+-- name: ack_many
+-- Envelopes of one claim share its lease, so the usual batch is matched with two ANY()
+-- tests; ack_pairs matches (id, lease) pairs exactly for envelopes of several claims.
+WITH d AS (
+    DELETE FROM {table}
+    WHERE id = ANY(%(ids)s::bigint[]) AND lease = %(lease)s
+    RETURNING id
+), n AS (SELECT count(*) AS c FROM d)
+UPDATE {stats} SET completed = completed + n.c FROM n
+WHERE queue = %(queue)s AND shard = {_shard}
+RETURNING n.c
+
+-- name: ack_pairs
+WITH d AS (
+    DELETE FROM {table} t
+    USING unnest(%(ids)s::bigint[], %(leases)s::bigint[]) AS x(id, lease)
+    WHERE t.id = x.id AND t.lease = x.lease
+    RETURNING t.id
+), n AS (SELECT count(*) AS c FROM d)
+UPDATE {stats} SET completed = completed + n.c FROM n
+WHERE queue = %(queue)s AND shard = {_shard}
+RETURNING n.c
+
+-- name: nack
+-- A nack wakes idle consumers: the message may be visible again at once.
+UPDATE {table}
+SET lease = NULL,
+    visible_at = now() + %(delay)s * interval '1 second',
+    last_error = coalesce(%(error)s, last_error),
+    dead_at = CASE WHEN attempts >= %(max)s THEN now() END
+WHERE id = %(id)s AND lease = %(lease)s AND dead_at IS NULL
+RETURNING pg_notify(%(channel)s, '')
+
+-- name: extend
+UPDATE {table} SET visible_at = now() + %(seconds)s * interval '1 second'
+WHERE id = %(id)s AND lease = %(lease)s AND dead_at IS NULL
+RETURNING 1
+
+-- name: next_visible
+-- Seconds until the next message becomes visible (or a lease runs out), NULL if none.
+SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {table} WHERE dead_at IS NULL
+
+-- name: metrics
+SELECT
+    count(*) FILTER (WHERE dead_at IS NULL
+                     AND NOT (lease IS NOT NULL AND visible_at > now())),
+    count(*) FILTER (WHERE dead_at IS NULL AND lease IS NOT NULL AND visible_at > now()),
+    count(*) FILTER (WHERE dead_at IS NOT NULL),
+    (SELECT coalesce(sum(completed), 0)::bigint FROM {stats} WHERE queue = %(queue)s)
+FROM {table}
+
+-- name: requeue_dead
+WITH r AS (
+    UPDATE {table} SET dead_at = NULL, lease = NULL, attempts = 0, visible_at = now()
+    WHERE dead_at IS NOT NULL
+    RETURNING 1
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM r
+
+-- name: dead
+SELECT id, payload::text, headers::text, attempts, enqueued_at, dead_at, last_error
+FROM {table} WHERE dead_at IS NOT NULL ORDER BY dead_at, id LIMIT %(limit)s
+
+-- name: purge
+WITH d AS (DELETE FROM {table} RETURNING 1) SELECT count(*) FROM d
+
+-- name: drop_table
+DROP TABLE IF EXISTS {table}
+
+-- name: unregister
+DELETE FROM {queues} WHERE name = %(queue)s
