@@ -410,6 +410,7 @@ async def test_upgrade_adds_truncate_capture_to_captures_installed_before(
         f"public.{subset}": ["insert", "delete"],
     }
     assert [await triggers_on(db, f'"{t}"') for t in (everything, subset, parent)] == [4, 2, 4]
+    assert await triggers_on(db, f"{parent}_p") == 3  # its cloned row triggers only
 
 
 # -- delivery -------------------------------------------------------------------------
