@@ -33,6 +33,7 @@ from typing import Any
 
 import anyio
 import psycopg
+from psycopg.types.json import Jsonb
 
 import pgstreams as ps
 from benchmarks._common import (
@@ -155,14 +156,14 @@ def floor_contender(db: ps.Database, dsn: str, workers: int, concurrency: int) -
         async def starter(k: int) -> None:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 for i in range(k, n, STARTERS):
-                    run = {"i": f"run-{i}", "w": "noop3", "n": i}
-                    await conn.execute(q["CREATE"], {"batch": json.dumps([run])})
+                    run = {"i": f"run-{i}", "w": "noop3", "n": json.dumps(i)}
+                    await conn.execute(q["create"], {"batch": Jsonb([run])})
 
         async def worker() -> None:
             claim = {"workflows": ["noop3"], "owner": "floor", "lease": 30.0, "ns": ns}
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 while not done.is_set():
-                    cur = await conn.execute(q["CLAIM"], {**claim, "n": concurrency})
+                    cur = await conn.execute(q["claim"], {**claim, "n": concurrency})
                     rows = await cur.fetchall()
                     if not rows:
                         await anyio.sleep(0.001)
@@ -171,7 +172,7 @@ def floor_contender(db: ps.Database, dsn: str, workers: int, concurrency: int) -
                     values = {r[0]: r[3] for r in rows}
                     for step in ("a", "b", "c"):
                         cur = await conn.execute(
-                            q["ATTEMPT"], {"ids": ids, "names": [step] * len(ids)}
+                            q["attempt"], {"ids": ids, "names": [step] * len(ids)}
                         )
                         attempts = {r[0]: r[2] for r in await cur.fetchall()}
                         marks = []
@@ -183,15 +184,21 @@ def floor_contender(db: ps.Database, dsn: str, workers: int, concurrency: int) -
                                     "n": step,
                                     "s": "succeeded",
                                     "a": attempts[i],
-                                    "o": values[i],
+                                    "o": json.dumps(values[i]),
                                 }
                             )
-                        await conn.execute(q["MARK"], {"batch": json.dumps(marks)})
+                        await conn.execute(q["mark"], {"batch": Jsonb(marks)})
                     ends = [
-                        {"i": r[0], "s": "completed", "w": "floor", "o": values[r[0]], "k": r[-1]}
+                        {
+                            "i": r[0],
+                            "s": "completed",
+                            "w": "floor",
+                            "o": json.dumps(values[r[0]]),
+                            "k": r[-1],
+                        }
                         for r in rows
                     ]
-                    await conn.execute(q["FINISH"], {"batch": json.dumps(ends)})
+                    await conn.execute(q["finish"], {"batch": Jsonb(ends)})
 
         async with anyio.create_task_group() as tg:
             for _ in range(workers):

@@ -5,6 +5,12 @@ Every run lock is a session advisory lock on this connection, and a run's statem
 through it too, so a run whose lock went with a dead connection cannot write another
 row: its calls fail (transient) from then on, and it is resumed elsewhere.
 
+No call waits long on a lock here: with ``lock_timeout``, a statement that waits on a row
+(or table) lock longer than that fails, its calls are tried one by one, and a call that
+still waits fails as ``LockWaitError`` -- having changed nothing -- for its caller to run
+on another connection. So one run whose rows someone else holds does not stall the others
+(and their lease renewals) behind it.
+
 Calls arriving while a batch is in flight wait and go together in the next one (group
 commit): the caller whose call finds the connection idle sends the batch; when the batch
 returns, the oldest waiting call sends the next. Calls of one batchable kind share one
@@ -20,11 +26,17 @@ from typing import Any
 
 import anyio
 from psycopg import AsyncConnection
+from psycopg.errors import LockNotAvailable
 
 from .._core.errors import DatabaseError
+from .._pg import queries
 from .._pg.database import translate_errors
 
-__all__ = ["Batch", "RunSession", "lock_lost"]
+__all__ = ["Batch", "LockWaitError", "RunSession", "lock_lost"]
+
+_SQL = queries.render(
+    {k: v for k, v in queries.load(__package__).items() if k.startswith("session_")}, {}
+)
 
 Opener = Callable[[AsyncExitStack], Awaitable[AsyncConnection[Any]]]
 
@@ -65,6 +77,23 @@ def lock_lost() -> DatabaseError:
     return DatabaseError("the run lock was lost with the connection that held it", transient=True)
 
 
+class LockWaitError(DatabaseError):
+    """A call that waited on a lock longer than the session's ``lock_timeout``: it changed
+    nothing, and may be run on another connection (transient: a claim is tried again)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
+
+
+def _lock_wait(exc: Exception) -> Exception:
+    """``exc``, or a LockWaitError if it is a lock wait that timed out."""
+    if isinstance(exc, DatabaseError) and isinstance(exc.__cause__, LockNotAvailable):
+        error = LockWaitError(str(exc))
+        error.__cause__ = exc.__cause__
+        return error
+    return exc
+
+
 class RunSession:
     """See module docstring. ``generation`` counts the connections it has opened: a lock
     taken on one is valid while ``generation`` still names it."""
@@ -76,13 +105,16 @@ class RunSession:
         batches: dict[str, Batch],
         *,
         keep: bool = True,
+        lock_timeout: float | None = None,
     ) -> None:
         self._open_conn = open_conn
         self._keep = keep  # False: a connection per batch, handed back after it (no locks)
         self._sql = statements
         self._batches = batches
+        self._lock_timeout = lock_timeout
         self._stack: AsyncExitStack | None = None
         self._conn: AsyncConnection[Any] | None = None
+        self._pid: int | None = None  # the backend of the current connection
         self.generation = 0
         self._pending: list[_Call] = []
         self._busy = False  # a caller is sending a batch
@@ -94,6 +126,10 @@ class RunSession:
     @property
     def backend_pid(self) -> int | None:
         return self._conn.info.backend_pid if self.alive and self._conn is not None else None
+
+    def pid_of(self, generation: int) -> int | None:
+        """The backend of connection ``generation``, while it is the current one."""
+        return self._pid if generation == self.generation and self.alive else None
 
     async def call(
         self, kind: str, item: Any, *, group: Hashable = None, generation: int | None = None
@@ -188,14 +224,15 @@ class RunSession:
             if broken and self._conn is conn:
                 self._conn = None  # its locks are gone; fenced calls learn it from now on
             if not broken and len(calls) > 1 and how is not None and how.alone_on_failure:
-                # The statement changed nothing: one call's item may be at fault, so
-                # each goes on its own, and only that one fails.
+                # The statement changed nothing: one call's item may be at fault (or wait
+                # on a lock), so each goes on its own, and only that one fails.
                 for c in calls:
                     await self._run(conn, kind, group, [c], again=again)
                 return
+            error = _lock_wait(exc)
             for c in calls:
                 if not (again and broken and c.generation is None):
-                    _finish(c, error=exc)
+                    _finish(c, error=error)
             return
         try:  # the statement is done: whatever happens now, it must not run again
             results = [rows] if how is None else how.split(items, rows)
@@ -213,10 +250,16 @@ class RunSession:
         stack = AsyncExitStack()
         try:
             conn = await self._open_conn(stack)
+            if self._lock_timeout is not None:
+                with translate_errors():
+                    await conn.execute(
+                        _SQL["session_open"],
+                        {"lock_timeout": f"{max(1, round(self._lock_timeout * 1000))}ms"},
+                    )
         except BaseException:
             await stack.aclose()
             raise
-        self._stack, self._conn = stack, conn
+        self._stack, self._conn, self._pid = stack, conn, conn.info.backend_pid
         self.generation += 1
         return conn
 
@@ -241,7 +284,7 @@ class RunSession:
             if conn is not None and not conn.closed:
                 try:
                     with translate_errors():
-                        await conn.execute("SELECT pg_advisory_unlock_all()")
+                        await conn.execute(_SQL["session_drop"])
                 except DatabaseError:
                     await conn.close()  # the pool drops a closed connection
         finally:

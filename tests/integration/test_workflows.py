@@ -733,7 +733,12 @@ async def test_pg_storage_in_its_own_schema_with_a_prefix(db: ps.Database) -> No
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'wf_custom'"
             " ORDER BY table_name"
         )
-        assert [r[0] for r in await cur.fetchall()] == ["app_attempts", "app_runs", "app_steps"]
+        assert [r[0] for r in await cur.fetchall()] == [
+            "app_attempts",
+            "app_runs",
+            "app_steps",
+            "instance_version",
+        ]
     with pytest.raises(ps.InvalidArgumentError):
         ps.PgWorkflowStorage(db, schema="Bad Schema")
 
