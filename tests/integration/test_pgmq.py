@@ -403,6 +403,12 @@ async def test_partitioned_without_pg_partman_is_refused_before_anything_is_writ
                     "SELECT count(*) FROM pg_class WHERE relname LIKE %s", ["%parted%"]
                 )
                 assert await cur.fetchone() == (0,)
+                cur = await conn.execute(
+                    psycopg.sql.SQL("SELECT count(*) FROM {} WHERE name = 'parted'").format(
+                        psycopg.sql.Identifier(db.schema, "pgmq_queues")
+                    )
+                )
+                assert await cur.fetchone() == (0,)  # no stored max_attempts either
 
 
 async def test_partitioned_queue_with_pg_partman(pg_admin_dsn: str) -> None:
@@ -417,7 +423,6 @@ async def test_partitioned_queue_with_pg_partman(pg_admin_dsn: str) -> None:
                 await conn.execute("CREATE SCHEMA partman")
                 await conn.execute("CREATE EXTENSION pg_partman SCHEMA partman")
             q = await ps.PgmqQueue.create(db, "parted", partitioned=True)
-            assert q is not None
             await ps.PgmqQueue.create(db, "parted", partitioned=True)  # idempotent
             with pytest.raises(ps.InvalidArgumentError, match="partitioned"):
                 await ps.PgmqQueue.create(db, "parted")
@@ -505,7 +510,7 @@ async def test_bad_arguments_are_rejected_before_writing(db: ps.Database) -> Non
     assert (m.queue_length, m.total_sent) == (0, 1)  # nothing bad was ever written
 
 
-# -- throttling under load -------------------------------------------------------------
+# -- throttling under load ------------------------------------------------------------
 
 
 async def test_throttle_recheck_after_a_notification_that_came_while_busy(
