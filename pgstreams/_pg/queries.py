@@ -9,7 +9,9 @@ A file holds blocks, each introduced by a ``-- name: NAME`` line and running to 
 ``{name}`` placeholders are identifiers (or other composables) filled in with ``psycopg.sql``;
 values are always ``%(name)s`` parameters, so a literal ``{`` is written ``{{``. A block whose
 name starts with ``_`` is a fragment: it is rendered first and may be used by other blocks as
-``{_name}``. Comment lines are kept in the text (the server ignores them).
+``{_name}``. Whole-line ``--`` comments document the file and are not sent to the server (so a
+comment can never swallow the rest of a line a fragment is inserted into, and a ``%`` in one is
+not taken for a parameter).
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ def parse(text: str, *, where: str = "<sql>") -> dict[str, str]:
                 raise ValueError(f"{where}:{number}: block {name!r} is defined twice")
             current = blocks[name] = []
         elif current is not None:
-            current.append(line)
+            if not line.lstrip().startswith("--"):
+                current.append(line)
         elif line.strip() and not line.lstrip().startswith("--"):
             raise ValueError(f"{where}:{number}: SQL outside a named block")
     out = {}
     for name, lines in blocks.items():
         body = "\n".join(lines).strip().removesuffix(";").rstrip()
-        if not body or all(ln.lstrip().startswith("--") for ln in body.splitlines()):
+        if not body:
             raise ValueError(f"{where}: block {name!r} is empty")
         out[name] = body
     return out

@@ -25,10 +25,15 @@ def test_blocks_are_parsed_in_order_without_the_trailing_semicolon() -> None:
     assert blocks["take"].endswith("RETURNING '{{}}'::jsonb")
 
 
+def test_comment_lines_are_not_sent() -> None:
+    blocks = parse("-- name: a\n-- 100% of rows\nSELECT 1\n  -- trailing note\nFROM t\n")
+    assert blocks == {"a": "SELECT 1\nFROM t"}
+
+
 def test_fragments_are_rendered_into_blocks_and_identifiers_are_quoted() -> None:
     rendered = render(parse(TEXT), {"table": sql.Identifier("my schema", "q")})
     assert list(rendered) == ["take"]
-    assert rendered["take"].decode().splitlines()[-1] == (
+    assert rendered["take"].decode() == (
         'DELETE FROM "my schema"."q" WHERE id = ANY(ARRAY(SELECT id FROM "my schema"."q" '
         "LIMIT %(n)s)) RETURNING '{}'::jsonb"
     )
