@@ -5,6 +5,13 @@ Guarantees a caller relies on:
 * Nothing is pulled from upstream before downstream asks for it, except by operators that
   must look ahead (``buffer``, ``batch(within=)``, ``merge``, concurrent ``map``), and they
   hold at most a bounded number of items.
+* Those four run their producers as tasks, in a task group that ``async with stream`` (or a
+  terminal: ``for_each``, ``drain``, ``collect``, ``first``) opens and closes in the
+  consumer's task. A chain containing one must be iterated that way: iterated bare, it
+  raises ``PgStreamsError`` before reading anything. Nothing yields to the consumer from
+  inside a scope of the library's, so the consumer's own timeouts and cancel scopes nest as
+  written, ``aclose()`` works from any task, and a stream the garbage collector closes
+  closes quietly.
 * Leaving early -- ``take``, ``first``, ``break`` inside ``async with stream``, an exception
   or a cancellation -- closes the whole chain from the bottom up, so sources return their
   connections, drop their LISTEN registrations and release unhanded leases.
@@ -18,58 +25,26 @@ Guarantees a caller relies on:
 
 from __future__ import annotations
 
-import inspect
-import logging
 import math
-from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any, Generic, NoReturn, Self, TypeAlias, TypeVar, Union, overload
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, Self, TypeVar, overload
 
 import anyio
+from anyio.abc import TaskGroup
 
-from .errors import EmptyStreamError, InvalidArgumentError
+from . import stream_ops as ops
+from .errors import EmptyStreamError, InvalidArgumentError, PgStreamsError
+from .stream_ops import MaybeAwaitable, PutBack, closing_cleanly
+from .stream_tasks import BatchWithin, Buffer, MapConcurrent, Merge
 
 __all__ = ["PutBack", "Stream", "closing_cleanly", "merge"]
-
-logger = logging.getLogger("pgstreams.stream")
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 U = TypeVar("U")
 
-MaybeAwaitable: TypeAlias = Union[U, Awaitable[U]]  # noqa: UP007
-PutBack: TypeAlias = Callable[[list[Any]], Awaitable[None]]
-"""How a source takes back items that were read from it but never delivered."""
-
-
-async def _call(fn: Callable[[T], MaybeAwaitable[U]], item: T) -> U:
-    result = fn(item)
-    if inspect.isawaitable(result):
-        return await result
-    return result
-
-
-@dataclass(slots=True)
-class _Failure:
-    error: BaseException
-
-
-class _Done:
-    pass
-
-
-class _Rejected(Exception):
-    """take_while's way to close its upstream as not clean (never escapes it)."""
-
-
-def _reject() -> NoReturn:
-    raise _Rejected
-
-
-_DONE = _Done()
+Opener = Callable[[TaskGroup | None], AsyncIterator[Any]]
+"""Opens a stage, given the task group of the consumer's scope (None if there is none)."""
 
 
 class Stream(Generic[T_co]):
@@ -77,10 +52,21 @@ class Stream(Generic[T_co]):
 
     A stream is single-use: iterate it once. Use ``async with stream:`` (or a terminal such
     as ``for_each``/``drain``/``collect``/``first``) so that breaking out of a loop closes
-    the chain at once rather than when the garbage collector gets to it.
+    the chain at once rather than when the garbage collector gets to it; a chain with
+    ``buffer``, ``merge``, ``batch(within=)`` or ``map(concurrency>1)`` requires it.
     """
 
-    __slots__ = ("_factory", "_iterator", "_putback", "_sequential", "_started")
+    __slots__ = (
+        "_depth",
+        "_group",
+        "_iterator",
+        "_open",
+        "_owned_group",
+        "_putback",
+        "_sequential",
+        "_started",
+        "_tasks",
+    )
 
     def __init__(
         self,
@@ -89,21 +75,57 @@ class Stream(Generic[T_co]):
         putback: PutBack | None = None,
         sequential: str | None = None,
     ) -> None:
-        if callable(source) and not isinstance(source, AsyncIterable):
-            self._factory: Callable[[], AsyncIterable[T_co]] = source
+        tasks = False
+        if isinstance(source, Stream):
+            inner: Stream[Any] = source
+            opener: Opener = inner._joined
+            tasks = inner._tasks
+            if sequential is None:
+                sequential = inner._sequential  # wrapping a stream keeps its constraint
+        elif callable(source) and not isinstance(source, AsyncIterable):
+            factory = source
+            opener = lambda group: _opened(factory(), group)  # noqa: E731
         else:
             iterable = source
-            self._factory = lambda: iterable
+            opener = lambda group: aiter(iterable)  # noqa: E731
+        self._setup(opener, putback, sequential, tasks)
+
+    def _setup(
+        self, opener: Opener, putback: PutBack | None, sequential: str | None, tasks: bool
+    ) -> None:
+        self._open = opener
         self._putback = putback
-        if sequential is None and isinstance(source, Stream):
-            sequential = _sequential_of(source)  # wrapping a stream keeps its constraint
         self._sequential: str | None = sequential
         """Why this chain must stay sequential, if it must: its source takes "the
         downstream asks for the next item" to mean "the last one is finished" (a durable
         change consumer commits its position then). Operators that read ahead or run
         items concurrently refuse such a chain."""
+        self._tasks = tasks
+        """True if some operator of the chain runs tasks: it then needs a task group."""
+        self._group: TaskGroup | None = None
+        self._owned_group: TaskGroup | None = None
+        self._depth = 0
         self._iterator: AsyncIterator[T_co] | None = None
         self._started = False
+
+    @classmethod
+    def _derived(
+        cls,
+        opener: Opener,
+        *,
+        putback: PutBack | None = None,
+        sequential: str | None = None,
+        tasks: bool,
+    ) -> Stream[Any]:
+        stream: Stream[Any] = cls.__new__(cls)
+        stream._setup(opener, putback, sequential, tasks)
+        return stream
+
+    def _joined(self, group: TaskGroup | None) -> Self:
+        """This stream, in the scope of the stream that reads it (unless it has its own)."""
+        if self._group is None:
+            self._group = group
+        return self
 
     # -- iteration ---------------------------------------------------------------------
 
@@ -115,11 +137,12 @@ class Stream(Generic[T_co]):
             if self._started:
                 raise StopAsyncIteration
             self._started = True
-            self._iterator = aiter(self._factory())
+            self._iterator = self._open(self._group)
         return await self._iterator.__anext__()
 
     async def aclose(self) -> None:
-        """Close the chain now; idempotent."""
+        """Close the chain now; idempotent. Another task than the one iterating may call
+        it, between two items (or while it waits inside an operator that runs tasks)."""
         self._started = True
         iterator, self._iterator = self._iterator, None
         aclose = getattr(iterator, "aclose", None)
@@ -127,26 +150,54 @@ class Stream(Generic[T_co]):
             await aclose()
 
     async def __aenter__(self) -> Self:
+        self._depth += 1
+        if self._tasks and self._group is None and not self._started:
+            group = anyio.create_task_group()
+            await group.__aenter__()
+            self._group = self._owned_group = group
         return self
 
     async def __aexit__(
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        token = _CLEAN_CLOSE.set(typ is None)
+        self._depth -= 1
+        if self._depth:
+            return
+        token = ops.CLEAN_CLOSE.set(typ is None)
         try:
             await self.aclose()
         finally:
-            _CLEAN_CLOSE.reset(token)
+            ops.CLEAN_CLOSE.reset(token)
+            group, self._owned_group = self._owned_group, None
+            if group is not None:
+                # Every operator has closed, so its tasks are done: leaving the group only
+                # confirms it. The body's exception is not handed to the group, which would
+                # wrap it in an ExceptionGroup; it propagates from here unchanged.
+                group.cancel_scope.cancel()
+                await group.__aexit__(None, None, None)
 
     def _pipe(
         self, op: Callable[[Stream[T_co]], AsyncIterator[U]], *, passthrough: bool = False
     ) -> Stream[U]:
         # An operator that hands on upstream's own items (filter, take, ...) can pass a
         # give-back request straight up; one that makes new items cannot.
-        return Stream(
-            lambda: op(self),
+        return Stream._derived(
+            lambda group: op(self._joined(group)),
             putback=self._putback if passthrough else None,
             sequential=self._sequential,
+            tasks=self._tasks,
+        )
+
+    def _staged(
+        self,
+        operator: str,
+        make: Callable[[TaskGroup], AsyncIterator[U]],
+        *,
+        putback: PutBack | None = None,
+    ) -> Stream[U]:
+        """An operator whose producers run as tasks (see ``stream_tasks``)."""
+        return Stream._derived(
+            lambda group: _staged_open(operator, group, make), putback=putback, tasks=True
         )
 
     def _refuse_if_sequential(self, operator: str) -> None:
@@ -177,79 +228,33 @@ class Stream(Generic[T_co]):
         if concurrency > 1:
             self._refuse_if_sequential("map(concurrency > 1)")
         if concurrency == 1:
-            return self._pipe(lambda src: _map_serial(src, fn))
-        return self._pipe(lambda src: _map_concurrent(src, fn, concurrency, ordered))
+            return self._pipe(lambda src: ops.map_serial(src, fn))
+        return self._staged(
+            "map(concurrency > 1)",
+            lambda group: MapConcurrent(group, self, fn, concurrency, ordered),
+        )
 
     def filter(self, pred: Callable[[T_co], MaybeAwaitable[bool]]) -> Stream[T_co]:
         """Keep the items for which ``pred`` (sync or async) is true."""
-
-        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
-            async with _closing(src):
-                async for item in src:
-                    if await _call(pred, item):
-                        yield item
-
-        return self._pipe(op, passthrough=True)
+        return self._pipe(lambda src: ops.filter_items(src, pred), passthrough=True)
 
     def take(self, n: int) -> Stream[T_co]:
         """The first ``n`` items; upstream is closed as soon as the n-th is handed on."""
         _check_int("n", n, minimum=0)
-
-        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
-            async with _closing(src):
-                if n == 0:
-                    return
-                taken = 0
-                async for item in src:
-                    yield item
-                    taken += 1
-                    if taken >= n:
-                        return
-
-        return self._pipe(op, passthrough=True)
+        return self._pipe(lambda src: ops.take(src, n), passthrough=True)
 
     def take_while(self, pred: Callable[[T_co], MaybeAwaitable[bool]]) -> Stream[T_co]:
         """Items up to (not including) the first for which ``pred`` is false."""
-
-        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
-            try:
-                async with _closing(src):
-                    async for item in src:
-                        if not await _call(pred, item):
-                            # Read, never handed on: close upstream as not clean, so that a
-                            # source committing progress does not count it as finished.
-                            _reject()
-                        yield item
-            except _Rejected:
-                return
-
-        return self._pipe(op, passthrough=True)
+        return self._pipe(lambda src: ops.take_while(src, pred), passthrough=True)
 
     def skip(self, n: int) -> Stream[T_co]:
         """Drop the first ``n`` items."""
         _check_int("n", n, minimum=0)
-
-        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
-            async with _closing(src):
-                seen = 0
-                async for item in src:
-                    if seen < n:
-                        seen += 1
-                        continue
-                    yield item
-
-        return self._pipe(op, passthrough=True)
+        return self._pipe(lambda src: ops.skip(src, n), passthrough=True)
 
     def tap(self, fn: Callable[[T_co], MaybeAwaitable[object]]) -> Stream[T_co]:
         """Call ``fn`` on each item for its side effect and pass the item on unchanged."""
-
-        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
-            async with _closing(src):
-                async for item in src:
-                    await _call(fn, item)
-                    yield item
-
-        return self._pipe(op, passthrough=True)
+        return self._pipe(lambda src: ops.tap(src, fn), passthrough=True)
 
     def batch(self, size: int, *, within: float | None = None) -> Stream[list[T_co]]:
         """Group items into lists of ``size``; with ``within``, a partial batch is emitted
@@ -265,50 +270,44 @@ class Stream(Generic[T_co]):
             assert upstream is not None
             await upstream([item for batch in batches for item in batch])
 
-        return Stream(
-            lambda: _batch(self, size, within), putback=putback if upstream is not None else None
+        given_back = putback if upstream is not None else None
+        if within is None:
+            return Stream._derived(
+                lambda group: ops.batch(self._joined(group), size),
+                putback=given_back,
+                tasks=self._tasks,
+            )
+        return self._staged(
+            "batch(within=)",
+            lambda group: BatchWithin(group, self, size, within),
+            putback=given_back,
         )
 
     def buffer(self, n: int) -> Stream[T_co]:
         """Read ahead up to ``n`` items in a background task (decouples producer and consumer)."""
         self._refuse_if_sequential("buffer")
         _check_int("n", n)
-        return self._pipe(lambda src: _buffer(src, n), passthrough=True)
+        return self._staged("buffer", lambda group: Buffer(group, self, n), putback=self._putback)
 
     def throttle(self, per_second: float) -> Stream[T_co]:
         """Emit at most ``per_second`` items per second (evenly spaced)."""
         if not per_second > 0 or math.isinf(per_second):
             raise InvalidArgumentError(f"per_second must be a positive number, got {per_second!r}")
         interval = 1.0 / per_second
-
-        async def op(src: AsyncIterator[T_co]) -> AsyncIterator[T_co]:
-            async with _closing(src):
-                next_at = anyio.current_time()
-                async for item in src:
-                    now = anyio.current_time()
-                    if now < next_at:
-                        try:
-                            await anyio.sleep(next_at - now)
-                        except BaseException:
-                            await _give_back(src, [item])
-                            raise
-                    next_at = max(now, next_at) + interval
-                    yield item
-
-        return self._pipe(op, passthrough=True)
+        return self._pipe(lambda src: ops.throttle(src, interval), passthrough=True)
 
     def through(self, op: Callable[[Stream[T_co]], AsyncIterable[U]]) -> Stream[U]:
         """Apply a stream-to-iterable function, e.g. ``ps.trigger(...)``; closing the result
         closes both what ``op`` returned and this stream."""
 
-        async def gen() -> AsyncIterator[U]:
-            async with _closing(self):
-                iterator = aiter(op(self))
-                async with _closing(iterator):
-                    async for item in iterator:
-                        yield item
+        def opener(group: TaskGroup | None) -> AsyncIterator[U]:
+            def bind(iterator: AsyncIterator[U]) -> None:
+                if isinstance(iterator, Stream):
+                    iterator._joined(group)
 
-        return Stream(gen, sequential=self._sequential)
+            return ops.through(self._joined(group), op, bind)
+
+        return Stream._derived(opener, sequential=self._sequential, tasks=self._tasks)
 
     # -- terminals ---------------------------------------------------------------------
 
@@ -339,336 +338,42 @@ class Stream(Generic[T_co]):
         raise EmptyStreamError("the stream ended without producing an item")
 
 
-def _sequential_of(stream: Stream[Any]) -> str | None:
-    return stream._sequential
-
-
 def merge(*streams: AsyncIterable[T]) -> Stream[T]:
     """Interleave several streams as their items arrive; ends when all have ended.
 
     The first error from any input closes all of them and propagates unchanged. An item in
     transit when the merge closes goes back to the stream it came from.
     """
-
-    for stream in streams:
-        if isinstance(stream, Stream):
-            stream._refuse_if_sequential("merge")
-
-    async def gen() -> AsyncIterator[T]:
-        handoff = _Handoff(1)
-        remaining = len(streams)
-        try:
-            async with _TaskScope() as scope:
-                for origin, source in enumerate(streams):
-                    scope.start_soon(_forward, source, handoff, origin)
-                while remaining:
-                    _, msg = await handoff.get()
-                    if isinstance(msg, _Done):
-                        remaining -= 1
-                    elif isinstance(msg, _Failure):
-                        scope.fail(msg.error)
-                        return
-                    else:
-                        yield msg
-        finally:
-            for origin, items in handoff.leftovers().items():
-                await _give_back(streams[origin], items)
-
-    return Stream(gen)
+    inputs = [s if isinstance(s, Stream) else Stream(s) for s in streams]
+    for stream in inputs:
+        stream._refuse_if_sequential("merge")
+    return Stream._derived(
+        lambda group: _staged_open("merge", group, lambda g: Merge(g, inputs)), tasks=True
+    )
 
 
-# -- operator implementations ----------------------------------------------------------
+def _staged_open(
+    operator: str, group: TaskGroup | None, make: Callable[[TaskGroup], AsyncIterator[T]]
+) -> AsyncIterator[T]:
+    if group is None:
+        raise _needs_scope(operator)
+    return make(group)
 
 
-_CLEAN_CLOSE: ContextVar[bool] = ContextVar("pgstreams_clean_close", default=False)
+def _needs_scope(operator: str) -> PgStreamsError:
+    return PgStreamsError(
+        f"{operator} runs background tasks, which must stop in the task that started them:"
+        " iterate this stream inside `async with stream:` (or use a terminal: for_each,"
+        " drain, collect, first)"
+    )
 
 
-def closing_cleanly() -> bool:
-    """For a source closing: True if everything it handed downstream was finished with.
-
-    True when the chain closes because it ended normally: ``take`` got its items, a
-    terminal returned, ``async with stream`` exited without an exception. False when it
-    closes because of an exception or a cancellation, when ``aclose()`` is called directly,
-    or when the garbage collector closes it. Sources that commit progress (durable change
-    consumers) commit the last item handed out only if this is True.
-    """
-    return _CLEAN_CLOSE.get()
-
-
-@asynccontextmanager
-async def _closing(iterator: AsyncIterable[Any]) -> AsyncIterator[None]:
-    """Close ``iterator`` on exit if it can be closed (async generators and streams can).
-
-    Closing after the body ended normally is clean; after an exception, not; when this
-    operator is itself being closed (GeneratorExit), as clean as that close.
-    """
-    clean: bool | None = None
-    try:
-        yield
-        clean = True
-    except GeneratorExit:
-        raise
-    except BaseException:
-        clean = False
-        raise
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            token = None if clean is None else _CLEAN_CLOSE.set(clean)
-            try:
-                await aclose()
-            finally:
-                if token is not None:
-                    _CLEAN_CLOSE.reset(token)
-
-
-async def _give_back(source: object, items: list[Any]) -> None:
-    """Return undelivered ``items`` to ``source`` if it takes them back (shielded)."""
-    putback = source._putback if isinstance(source, Stream) else None
-    if not items or putback is None:
-        return
-    with anyio.CancelScope(shield=True):
-        try:
-            await putback(items)
-        except Exception:  # must not mask the exception that is closing the chain
-            logger.exception("could not give %d unread items back to their source", len(items))
+def _opened(iterable: AsyncIterable[T], group: TaskGroup | None) -> AsyncIterator[T]:
+    if isinstance(iterable, Stream):  # a factory that returns a stream: it joins the scope
+        return iterable._joined(group)
+    return aiter(iterable)
 
 
 def _check_int(what: str, value: object, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidArgumentError(f"{what} must be an integer >= {minimum}, got {value!r}")
-
-
-class _Handoff:
-    """A bounded hand-over point from producer tasks to the consumer of an operator.
-
-    Every item is at all times either still in here -- and can be given back to its source
-    when the operator closes -- or taken by the consumer, so nothing falls in between, not
-    even when a producer is cancelled while waiting for room.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self._items: deque[tuple[int, Any]] = deque()
-        self._capacity = capacity
-        self._changed = anyio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def put(self, origin: int, item: Any) -> None:
-        try:
-            while len(self._items) >= self._capacity:
-                await self._changed.wait()
-        finally:  # also when cancelled: then it stays here to be given back
-            self.put_nowait(origin, item)
-
-    def put_nowait(self, origin: int, item: Any) -> None:
-        self._items.append((origin, item))
-        self._notify()
-
-    async def get(self) -> tuple[int, Any]:
-        while not self._items:
-            await self._changed.wait()
-        entry = self._items.popleft()
-        self._notify()
-        return entry
-
-    def leftovers(self) -> dict[int, list[Any]]:
-        """Take every item still held (end markers excluded), grouped by origin."""
-        grouped: dict[int, list[Any]] = {}
-        for origin, item in self._items:
-            if not isinstance(item, _Done | _Failure):
-                grouped.setdefault(origin, []).append(item)
-        self._items.clear()
-        return grouped
-
-
-async def _forward(source: AsyncIterable[Any], handoff: _Handoff, origin: int = 0) -> None:
-    """Copy ``source`` into ``handoff``, ending with _DONE or a _Failure (never raising)."""
-    try:
-        iterator = aiter(source)
-        async with _closing(iterator):
-            async for item in iterator:
-                await handoff.put(origin, item)
-    except anyio.get_cancelled_exc_class():
-        raise
-    except Exception as exc:
-        handoff.put_nowait(origin, _Failure(exc))
-        return
-    handoff.put_nowait(origin, _DONE)
-
-
-class _TaskScope:
-    """A task group that is always cancelled on exit, re-raising a child's error unwrapped.
-
-    Children report errors through ``fail()`` instead of raising, so the caller's exception
-    never arrives wrapped in an ExceptionGroup.
-    """
-
-    def __init__(self) -> None:
-        self._tg = anyio.create_task_group()
-        self._error: BaseException | None = None
-
-    async def __aenter__(self) -> _TaskScope:
-        await self._tg.__aenter__()
-        return self
-
-    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        self._tg.start_soon(fn, *args)
-
-    def fail(self, error: BaseException) -> None:
-        if self._error is None:
-            self._error = error
-
-    async def __aexit__(
-        self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any
-    ) -> bool:
-        self._tg.cancel_scope.cancel()
-        if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
-            # The host's own exception (GeneratorExit on aclose, an error) must not be
-            # handed to the task group, which would wrap it in an ExceptionGroup.
-            await self._tg.__aexit__(None, None, None)
-            return False
-        await self._tg.__aexit__(typ, exc, tb)
-        if self._error is not None and exc is None:
-            raise self._error
-        return False
-
-
-async def _map_serial(src: Stream[T], fn: Callable[[T], Any]) -> AsyncIterator[Any]:
-    async with _closing(src):
-        async for item in src:
-            yield await _call(fn, item)
-
-
-async def _map_concurrent(
-    src: Stream[T], fn: Callable[[T], Any], concurrency: int, ordered: bool
-) -> AsyncIterator[Any]:
-    # A slot is taken before an item is pulled and given back when its result is yielded,
-    # so nothing is read ahead of a free slot, and at most `concurrency` items are in
-    # flight or waiting to be yielded. An item handed to `fn` counts as delivered.
-    slots = anyio.Semaphore(concurrency)
-    send, receive = anyio.create_memory_object_stream[tuple[int, Any]](concurrency + 1)
-
-    async def work(index: int, item: T) -> None:
-        try:
-            result: Any = await _call(fn, item)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            result = _Failure(exc)
-        await send.send((index, result))
-
-    async def produce(scope: _TaskScope) -> None:
-        index = 0
-        try:
-            async with _closing(src):
-                while True:
-                    await slots.acquire()
-                    try:
-                        item = await anext(src)
-                    except StopAsyncIteration:
-                        break
-                    scope.start_soon(work, index, item)
-                    index += 1
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            await send.send((index, _Failure(exc)))
-            return
-        await send.send((index, _DONE))
-
-    with send, receive:
-        async with _TaskScope() as scope:
-            scope.start_soon(produce, scope)
-            pending: dict[int, Any] = {}
-            next_index = 0
-            end_index: int | None = None
-            while end_index is None or next_index < end_index:
-                index, result = await receive.receive()
-                if isinstance(result, _Failure):
-                    scope.fail(result.error)
-                    return
-                if isinstance(result, _Done):
-                    end_index = index
-                    continue
-                if not ordered:
-                    next_index += 1
-                    slots.release()
-                    yield result
-                    continue
-                pending[index] = result
-                while next_index in pending:
-                    ready = pending.pop(next_index)
-                    next_index += 1
-                    slots.release()
-                    yield ready
-
-
-async def _batch(src: Stream[T], size: int, within: float | None) -> AsyncIterator[list[T]]:
-    batch: list[T] = []
-    held: list[T] = []
-    try:
-        if within is None:
-            async with _closing(src):
-                async for item in src:
-                    batch.append(item)
-                    if len(batch) >= size:
-                        out, batch = batch, []
-                        yield out
-            if batch:
-                out, batch = batch, []
-                yield out
-            return
-        # Upstream is read by a task, so that waiting for the next item can time out
-        # without abandoning an item half-way through upstream's __anext__.
-        handoff = _Handoff(1)
-        try:
-            async with _TaskScope() as scope:
-                scope.start_soon(_forward, src, handoff)
-                deadline = math.inf
-                while True:
-                    entry: tuple[int, Any] | None = None
-                    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                        entry = await handoff.get()
-                    if entry is None:  # timed out with a partial batch
-                        out, batch, deadline = batch, [], math.inf
-                        yield out
-                        continue
-                    msg = entry[1]
-                    if isinstance(msg, _Failure):
-                        scope.fail(msg.error)
-                        return
-                    if isinstance(msg, _Done):
-                        if batch:
-                            out, batch = batch, []
-                            yield out
-                        return
-                    if not batch:
-                        deadline = anyio.current_time() + within
-                    batch.append(msg)
-                    if len(batch) >= size:
-                        out, batch, deadline = batch, [], math.inf
-                        yield out
-        finally:
-            held = handoff.leftovers().get(0, [])
-    finally:
-        await _give_back(src, batch + held)
-
-
-async def _buffer(src: Stream[T], n: int) -> AsyncIterator[T]:
-    handoff = _Handoff(n)
-    try:
-        async with _TaskScope() as scope:
-            scope.start_soon(_forward, src, handoff)
-            while True:
-                _, msg = await handoff.get()
-                if isinstance(msg, _Failure):
-                    scope.fail(msg.error)
-                    return
-                if isinstance(msg, _Done):
-                    return
-                yield msg
-    finally:
-        await _give_back(src, handoff.leftovers().get(0, []))
