@@ -5,22 +5,25 @@ notification that is lost (the connection dropped, the server restarted) costs l
 never data. After every reconnect each subscriber is woken, because something may have
 been missed while the connection was down.
 
-The listener runs in a daemon thread on its own synchronous connection, so it works the
-same whether the Database was opened with ``async with`` or ``await``, and it never holds
-a connection of the caller's pool. It waits on the socket and a self-pipe together, so a
-new channel is LISTENed at once rather than at the next poll slice.
+The listener has no thread and no task of its own: its subscribers drive it. The first
+subscriber to wait becomes the reader -- it waits on the connection's socket in bounded
+slices, hands each notification to the subscribers of its channel, checks a quiet
+connection with ``SELECT 1`` and reconnects with backoff -- while the others wait on their
+own flags; when the reader's wait ends, another waiting subscriber takes over. A
+subscriber that is busy reads whatever has arrived each time it arms its flag. So the
+connection is read for as long as anyone subscribes, in the subscribers' own tasks and
+cancel scopes, and with anyio only.
+
+The connection is one dedicated autocommit connection, never one of the caller's pool. It
+is closed when the last subscriber leaves and when the Database closes -- at once, or as
+soon as the statement in flight (bounded) ends -- so closing leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import selectors
-import threading
-import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -36,7 +39,7 @@ _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 5.0
 _HEALTH_CHECK_EVERY = 10.0
 _REGISTER_WAIT = 5.0
-_JOIN_TIMEOUT = 10.0
+_STATEMENT_TIMEOUT = 10.0
 # A dead peer must not hang the listener: TCP keepalives and a send timeout bound how long a
 # silent network failure goes unnoticed (about 30 s), after which it reconnects.
 KEEPALIVE_OPTIONS: dict[str, Any] = {
@@ -63,48 +66,58 @@ class Wakeup:
 
     Call ``arm()`` *before* reading the source and ``wait()`` after an empty read: a
     notification that arrives in between leaves the flag set, so it is never missed.
+    A Wakeup without a listener is fired by nothing but ``fire()`` (a subscriber that polls).
     """
 
-    def __init__(self, channel: str) -> None:
+    def __init__(self, channel: str, listener: Listener | None = None) -> None:
         self.channel = channel
-        self._loop = asyncio.get_running_loop()
-        self._event = anyio.Event()
-        self._ready = anyio.Event()
+        self._listener = listener
+        self._fired = False
+        self._signal: anyio.Event | None = None
+        self._registered = False
         self.waiting = False
         """True while the subscriber sleeps in ``wait()`` (it has read everything visible)."""
 
     def arm(self) -> bool:
         """Clear the flag; True if a notification had arrived since the last ``arm()``."""
-        if self._event.is_set():
-            self._event = anyio.Event()
-            return True
-        return False
+        if self._listener is not None:
+            self._listener._poll()
+        fired, self._fired = self._fired, False
+        return fired
 
     async def wait(self, seconds: float) -> bool:
         """Wait until woken or ``seconds`` pass; True if woken."""
+        if self._fired:
+            return True
+        deadline = anyio.current_time() + seconds
         self.waiting = True
         try:
-            with anyio.move_on_after(seconds):
-                await self._event.wait()
-                return True
-            return False
+            if self._listener is None:
+                await self._sleep(deadline)
+            else:
+                await self._listener._wait(self, deadline)
         finally:
             self.waiting = False
+        return self._fired
 
     def fire(self) -> None:
-        """Wake the subscriber (event-loop thread only)."""
-        self._event.set()
+        """Wake the subscriber."""
+        self._fired = True
+        self._nudge()
 
-    def _threadsafe(self, fn: Any) -> None:
-        # RuntimeError: the subscriber's loop is closed, so there is nothing left to wake.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(fn)
+    def _nudge(self) -> None:
+        """End the current ``_sleep`` without firing (the listener's turn passes here)."""
+        if self._signal is not None:
+            self._signal.set()
 
-    def _fire_threadsafe(self) -> None:
-        self._threadsafe(self.fire)
-
-    def _ready_threadsafe(self) -> None:
-        self._threadsafe(self._ready.set)
+    async def _sleep(self, deadline: float) -> None:
+        """Sleep until fired, nudged or the deadline."""
+        signal = self._signal = anyio.Event()
+        try:
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await signal.wait()
+        finally:
+            self._signal = None
 
 
 class Listener:
@@ -117,12 +130,21 @@ class Listener:
             for k, v in (connect_kwargs or {}).items()
             if k not in {"autocommit", "row_factory", "prepare_threshold"}
         }
-        self._lock = threading.Lock()
         self._subs: dict[str, set[Wakeup]] = {}
         self._active: set[str] = set()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._pipe: tuple[int, int] | None = None
+        """Channels LISTENed on the current connection."""
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = anyio.Lock()
+        """Held by whoever uses the connection, the reader waiting on its socket included."""
+        self._idle: anyio.CancelScope | None = None
+        """The reader's wait on the socket, which others cancel to have the connection."""
+        self._reader: Wakeup | None = None
+        self._followers: dict[Wakeup, None] = {}
+        self._closed = False
+        self._failed = False
+        self._retry_at = 0.0
+        self._backoff = _BACKOFF_MIN
+        self._quiet_since = 0.0
         self.backend_pid: int | None = None
         """PID of the listener's current backend (None while disconnected)."""
         self.reconnects = 0
@@ -134,188 +156,247 @@ class Listener:
         If the server is unreachable the wait gives up after a few seconds: the caller's
         polling covers the gap, and every subscriber is woken once the listener reconnects.
         """
-        wakeup = Wakeup(channel)
-        with self._lock:
-            if self._stopping:
-                raise PgStreamsError("the Database is closed")
-            self._subs.setdefault(channel, set()).add(wakeup)
-            ready = channel in self._active
-            self._ensure_thread()
-        if ready:
-            wakeup._ready.set()
-            return wakeup
-        self._poke()
+        if self._closed:
+            raise PgStreamsError("the Database is closed")
+        wakeup = Wakeup(channel, self)
+        self._subs.setdefault(channel, set()).add(wakeup)
         try:
             with anyio.move_on_after(_REGISTER_WAIT):
-                await wakeup._ready.wait()
+                while channel not in self._active and not self._closed:
+                    async with self._exclusive():
+                        retry_in = await self._turn()
+                    if retry_in > 0:
+                        await anyio.sleep(retry_in)
         except BaseException:  # cancelled while waiting: leave nothing registered
             self.unregister(wakeup)
             raise
+        wakeup._registered = True
         return wakeup
 
     def unregister(self, wakeup: Wakeup) -> None:
-        """Drop a subscription; UNLISTEN happens when a channel's last subscriber leaves."""
-        with self._lock:
-            subs = self._subs.get(wakeup.channel)
-            if subs is None:
-                return
-            subs.discard(wakeup)
-            if subs:
-                return
+        """Drop a subscription. A channel left without subscribers is UNLISTENed at the
+        next turn; the connection is closed when no subscriber is left."""
+        subs = self._subs.get(wakeup.channel)
+        if subs is None or wakeup not in subs:
+            return
+        subs.discard(wakeup)
+        if not subs:
             del self._subs[wakeup.channel]
-        self._poke()
+        if not self._subs and not self._lock.locked():
+            self._drop()
 
     def subscriber_count(self) -> int:
-        with self._lock:
-            return sum(len(s) for s in self._subs.values())
+        return sum(len(s) for s in self._subs.values())
 
     def idle_count(self) -> int:
         """Subscribers asleep until a wake-up or their poll interval."""
-        with self._lock:
-            return sum(w.waiting for s in self._subs.values() for w in s)
+        return sum(w.waiting for s in self._subs.values() for w in s)
 
     async def close(self) -> None:
-        """Stop the thread and close its connection; waits for the thread to finish."""
-        with self._lock:
-            self._stopping = True
-            thread = self._thread
-        self._poke()
-        if thread is not None:
-            # Bounded: a thread stuck on a dead network is a daemon and is left behind.
-            await anyio.to_thread.run_sync(thread.join, _JOIN_TIMEOUT, abandon_on_cancel=True)
-            if thread.is_alive():
-                logger.warning("listener thread did not stop within %.0fs", _JOIN_TIMEOUT)
-                return
-        if self._pipe is not None:
-            for fd in self._pipe:
-                os.close(fd)
-            self._pipe = None
-
-    # -- listener thread -------------------------------------------------------------
-
-    def _ensure_thread(self) -> None:
-        if self._thread is not None:
+        """Close the connection; if a turn is in progress, once it ends (it is bounded)."""
+        self._closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        if not self._lock.locked():
+            self._drop()
             return
-        self._pipe = os.pipe()
-        os.set_blocking(self._pipe[0], False)
-        os.set_blocking(self._pipe[1], False)
-        self._thread = threading.Thread(target=self._run, name="pgstreams-listener", daemon=True)
-        self._thread.start()
+        async with self._lock:  # if this is cancelled, the holder closes it as it leaves
+            self._drop()
 
-    def _poke(self) -> None:
-        if self._pipe is not None:
-            # BlockingIOError: the pipe is full, so the thread has a wake-up pending anyway.
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._pipe[1], b"x")
+    # -- taking turns --------------------------------------------------------------------
 
-    def _run(self) -> None:
-        backoff = _BACKOFF_MIN
-        connected_before = False
-        while not self._stopping:
+    async def _wait(self, wakeup: Wakeup, deadline: float) -> None:
+        """Wait as the reader if nobody reads, else as a follower, until woken or deadline."""
+        try:
+            while not wakeup._fired and anyio.current_time() < deadline:
+                if self._reader is None and self._may_read(wakeup):
+                    self._reader = wakeup
+                    try:
+                        await self._read(wakeup, deadline)
+                    finally:
+                        self._reader = None
+                else:
+                    self._followers[wakeup] = None
+                    try:
+                        await wakeup._sleep(deadline)
+                    finally:
+                        del self._followers[wakeup]
+        finally:
+            if self._reader is None and self._followers:
+                # Someone else reads now; if it leaves before its turn, it passes it on.
+                next(iter(self._followers))._nudge()
+
+    def _may_read(self, wakeup: Wakeup) -> bool:
+        """Only a current subscriber of an open listener reads (and so keeps it connected)."""
+        return not self._closed and wakeup in self._subs.get(wakeup.channel, ())
+
+    async def _read(self, wakeup: Wakeup, deadline: float) -> None:
+        while not wakeup._fired and not self._closed:
+            now = anyio.current_time()
+            if now >= deadline:
+                return
+            async with self._exclusive():
+                retry_in = await self._turn()
+                if wakeup._fired:
+                    return
+                if retry_in == 0 and not self._lock.statistics().tasks_waiting:
+                    await self._wait_readable(deadline)
+                    continue
+            if retry_in > 0:  # disconnected: sleep until the next attempt is due
+                await wakeup._sleep(min(deadline, now + retry_in))
+
+    @asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """Have the connection to oneself; whoever leaves it last in a closed listener (or
+        one nobody subscribes to) closes it."""
+        if self._idle is not None:
+            self._idle.cancel()  # the reader lets go of the socket
+        async with self._lock:
             try:
-                options = {
-                    **keepalive_defaults(self._conninfo),
-                    **self._kwargs,
-                    "application_name": "pgstreams-listener",
-                }
-                conn = psycopg.connect(self._conninfo, autocommit=True, **options)
-            except Exception as exc:
-                logger.warning("listener cannot connect (retry in %.2fs): %s", backoff, exc)
-                self._sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-                continue
-            try:
-                conn.add_notify_handler(lambda n: self._dispatch(n.channel))
-                self.backend_pid = conn.info.backend_pid
-                if connected_before:
-                    self.reconnects += 1
-                self._sync_channels(conn)
-                if connected_before:
-                    self._wake_all()
-                connected_before = True
-                backoff = _BACKOFF_MIN
-                self._serve(conn)
-            except psycopg.Error as exc:
-                if not self._stopping:
-                    logger.warning("listener connection lost, reconnecting: %s", exc)
-            except Exception:  # a bug must not silently end every wake-up: log, reconnect
-                logger.exception("listener failed unexpectedly, reconnecting")
+                yield
             finally:
-                self.backend_pid = None
-                with self._lock:
-                    self._active = set()
-                conn.close()
-            if not self._stopping:
-                self._sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
+                if self._closed or not self._subs:
+                    self._drop()
 
-    def _serve(self, conn: psycopg.Connection[Any]) -> None:
-        assert self._pipe is not None
-        pipe_r = self._pipe[0]
-        sock = conn.pgconn.socket
-        # selectors, not select.select: file descriptors above 1024 are fine.
-        with selectors.DefaultSelector() as selector:
-            selector.register(sock, selectors.EVENT_READ, "db")
-            selector.register(pipe_r, selectors.EVENT_READ, "pipe")
-            while not self._stopping:
-                self._sync_channels(conn)
-                ready = {key.data for key, _ in selector.select(_HEALTH_CHECK_EVERY)}
-                if "pipe" in ready:
-                    self._drain_pipe()
-                if "db" in ready:
-                    conn.pgconn.consume_input()
-                    while (n := conn.pgconn.notifies()) is not None:
-                        self._dispatch(n.relname.decode())
-                    if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
-                        raise psycopg.OperationalError("listener connection closed by the server")
-                elif not ready:
-                    conn.execute("SELECT 1")  # detects a silently dead connection
+    async def _turn(self) -> float:
+        """Connect if due, LISTEN/UNLISTEN to match the subscribers, hand out what has
+        arrived. 0 when connected; else the seconds until the next connection attempt."""
+        conn = self._conn
+        fresh = conn is None
+        if conn is None:
+            conn = await self._connect()
+            if conn is None:
+                return max(self._retry_at - anyio.current_time(), 0.001)
+        try:
+            await self._sync(conn)
+            self._drain(conn)
+        except Exception as exc:
+            self._lost(exc)
+            return max(self._retry_at - anyio.current_time(), 0.001)
+        except BaseException:  # cancelled half-way through a statement: state unknown
+            self._drop()
+            raise
+        if fresh:
+            # Whatever was sent while no LISTEN was in place is lost: all re-read.
+            for subs in self._subs.values():
+                for w in subs:
+                    if w._registered:
+                        w.fire()
+        return 0.0
 
-    def _sync_channels(self, conn: psycopg.Connection[Any]) -> None:
+    async def _connect(self) -> psycopg.AsyncConnection[Any] | None:
+        if self._retry_at > anyio.current_time():
+            return None
+        options = {
+            **keepalive_defaults(self._conninfo),
+            **self._kwargs,
+            "application_name": "pgstreams-listener",
+        }
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, **options)
+        except Exception as exc:
+            logger.warning("listener cannot connect (retry in %.2fs): %s", self._backoff, exc)
+            self._schedule_retry()
+            return None
+        conn.add_notify_handler(lambda n: self._dispatch(n.channel))
+        self._conn = conn
+        self._active = set()
+        self.backend_pid = conn.info.backend_pid
+        self._quiet_since = anyio.current_time()
+        self._backoff = _BACKOFF_MIN
+        if self._failed:
+            self._failed = False
+            self.reconnects += 1
+        return conn
+
+    async def _sync(self, conn: psycopg.AsyncConnection[Any]) -> None:
         # A channel leaves _active before its UNLISTEN and joins only after its LISTEN, so
         # register() never mistakes a channel on its way out for a live one.
-        with self._lock:
-            wanted = set(self._subs)
-            to_listen = wanted - self._active
-            to_unlisten = self._active - wanted
-            self._active -= to_unlisten
-        for channel in sorted(to_unlisten):
-            conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
-        for channel in sorted(to_listen):
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        with self._lock:
-            self._active |= to_listen
-            ready = [w for ch in self._active for w in self._subs.get(ch, ())]
-        for w in ready:
-            if not w._ready.is_set():
-                w._ready_threadsafe()
+        for channel in sorted(self._active - set(self._subs)):
+            self._active.discard(channel)
+            await self._execute(conn, sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+        for channel in sorted(set(self._subs) - self._active):
+            await self._execute(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            self._active.add(channel)
+
+    async def _execute(
+        self, conn: psycopg.AsyncConnection[Any], query: sql.SQL | sql.Composed
+    ) -> None:
+        with anyio.fail_after(_STATEMENT_TIMEOUT):
+            await conn.execute(query, prepare=False)
+        self._quiet_since = anyio.current_time()
+
+    async def _wait_readable(self, deadline: float) -> None:
+        """Wait (holding the lock) until the socket has data, the deadline, or a health
+        check is due -- then make it."""
+        conn = self._conn
+        assert conn is not None
+        check_at = self._quiet_since + _HEALTH_CHECK_EVERY
+        with anyio.CancelScope(deadline=min(deadline, check_at)) as idle:
+            self._idle = idle
+            try:
+                await anyio.wait_readable(conn.pgconn.socket)
+                self._quiet_since = anyio.current_time()
+                return
+            except Exception as exc:  # e.g. the socket is gone: as good as a lost connection
+                self._lost(exc)
+                return
+            finally:
+                self._idle = None
+        if anyio.current_time() < check_at:
+            return  # the deadline, or someone else wants the connection
+        try:
+            await self._execute(conn, sql.SQL("SELECT 1"))  # finds a silently dead peer
+        except Exception as exc:
+            self._lost(exc)
+        except BaseException:
+            self._drop()
+            raise
+
+    def _drain(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Hand out the notifications that have arrived (never blocks)."""
+        pgconn = conn.pgconn
+        pgconn.consume_input()  # raises once the server has closed the connection
+        encoding = conn.info.encoding
+        while (n := pgconn.notifies()) is not None:
+            self._dispatch(n.relname.decode(encoding))
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise psycopg.OperationalError("listener connection closed by the server")
+
+    def _poll(self) -> None:
+        """A busy subscriber's look at the connection, if nobody else is using it."""
+        conn = self._conn
+        if conn is None or self._lock.locked():
+            return
+        try:
+            self._drain(conn)
+        except Exception as exc:
+            self._lost(exc)
 
     def _dispatch(self, channel: str) -> None:
-        with self._lock:
-            targets = list(self._subs.get(channel, ()))
-        for w in targets:
-            w._fire_threadsafe()
+        for w in self._subs.get(channel, ()):
+            w.fire()
 
-    def _wake_all(self) -> None:
-        with self._lock:
-            targets = [w for subs in self._subs.values() for w in subs]
-        for w in targets:
-            w._fire_threadsafe()
+    # -- failures ------------------------------------------------------------------------
 
-    def _drain_pipe(self) -> None:
-        assert self._pipe is not None
-        try:
-            while os.read(self._pipe[0], 4096):
-                pass
-        except BlockingIOError:
-            pass
+    def _lost(self, exc: Exception) -> None:
+        if not self._closed:
+            if isinstance(exc, psycopg.Error | TimeoutError):
+                logger.warning("listener connection lost, reconnecting: %s", exc)
+            else:  # a bug must not silently end every wake-up: log, reconnect
+                logger.error("listener failed unexpectedly, reconnecting", exc_info=exc)
+        self._failed = True
+        self._drop()
+        self._schedule_retry()
 
-    def _sleep(self, seconds: float) -> None:
-        """Sleep, but return early when poked (so close() is never delayed by a backoff)."""
-        assert self._pipe is not None
-        deadline = time.monotonic() + seconds
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._pipe[0], selectors.EVENT_READ)
-            while not self._stopping and (left := deadline - time.monotonic()) > 0:
-                if selector.select(left):
-                    self._drain_pipe()
+    def _schedule_retry(self) -> None:
+        self._retry_at = anyio.current_time() + self._backoff
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+
+    def _drop(self) -> None:
+        """Close the connection now (only when nobody waits on its socket)."""
+        conn, self._conn = self._conn, None
+        self._active = set()
+        self.backend_pid = None
+        if conn is not None:
+            conn.pgconn.finish()

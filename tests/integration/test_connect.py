@@ -1,4 +1,4 @@
-"""connect(), Database ownership and the shared LISTEN connection (migrations: tests/migrations)."""
+"""connect() and Database ownership (LISTEN: test_listen.py; migrations: tests/migrations)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 import pgstreams as ps
 
-from ..pgserver import count_backends, terminate_backends
+from ..pgserver import terminate_backends
 
 
 async def test_async_with_and_await_forms(dsn: str) -> None:
@@ -74,46 +74,6 @@ async def test_schema_is_configurable(dsn: str) -> None:
         async with db.connection() as conn:
             cur = await conn.execute("SELECT count(*) FROM other_ns.q_jobs")
             assert await cur.fetchone() == (1,)
-
-
-async def test_one_listen_connection_fans_out_to_many_subscribers(dsn: str) -> None:
-    async with ps.connect(dsn) as db:
-        async with (
-            db.wakeups("chan_a") as a1,
-            db.wakeups("chan_a") as a2,
-            db.wakeups("chan_b") as b,
-        ):
-            assert count_backends(dsn, application_name="pgstreams-listener") == 1
-            for w in (a1, a2, b):
-                w.arm()
-            async with db.connection() as conn:
-                await conn.execute("SELECT pg_notify('chan_a', '')")
-            assert await a1.wait(5) and await a2.wait(5)
-            assert not await b.wait(0.2)
-        assert db.listener.subscriber_count() == 0
-    assert count_backends(dsn, application_name="pgstreams-listener") == 0
-
-
-async def test_listener_reconnects_and_wakes_everyone(dsn: str) -> None:
-    async with ps.connect(dsn) as db, db.wakeups("chan_r") as w:
-        w.arm()
-        assert terminate_backends(dsn, application_name="pgstreams-listener") == 1
-        # Woken by the reconnect itself: a notification may have been missed meanwhile.
-        assert await w.wait(10)
-        assert db.listener.reconnects == 1
-        w.arm()
-        async with db.connection() as conn:
-            await conn.execute("SELECT pg_notify('chan_r', '')")
-        assert await w.wait(10)
-
-
-async def test_channel_names_are_quoted(dsn: str) -> None:
-    weird = 'Mixed."Case"; DROP TABLE x'
-    async with ps.connect(dsn) as db, db.wakeups(weird) as w:
-        w.arm()
-        async with db.connection() as conn:
-            await conn.execute("SELECT pg_notify(%s, '')", [weird])
-        assert await w.wait(5)
 
 
 async def test_concurrent_loans_never_share_a_connection(dsn: str) -> None:
