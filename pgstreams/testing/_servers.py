@@ -16,7 +16,6 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .._pg.embedded import EmbeddedPostgres
 
-
 TEST_DSN_ENV = "PGSTREAMS_TEST_DSN"
 """An admin DSN (a role allowed to CREATE DATABASE) that ``server()`` uses when set."""
 
