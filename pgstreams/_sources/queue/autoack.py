@@ -12,7 +12,10 @@ The guarantee, at-least-once:
   rows arrived), the message becomes visible again when the lease runs out and is delivered
   again with ``attempts`` one higher; a message whose lease runs out on its
   ``max_attempts``-th delivery goes to the dead set instead, as with ``subscribe_ack()``.
-  A consumer that holds one read longer than ``visibility`` may see it delivered elsewhere.
+  A consumer that holds a message longer than ``visibility`` may see it delivered
+  elsewhere. A message read ahead (``prefetch``) is never handed out after its read's lease
+  has run out (by this process's clock, counted from before the read was sent): the
+  messages delivered so far are deleted, the rest released, and the stream reads again.
 * "Asked for" is meant literally: an operator that reads ahead (``buffer``, ``batch``,
   ``merge``, a concurrent ``map``) asks on the subscriber's behalf, so what it holds is
   deleted already and is lost if the process dies (``subscribe_ack()`` does not have this
@@ -75,6 +78,8 @@ class AutoAck(Generic[T]):
         """The current read's entries in ``_handed``."""
         self._delivered = 0
         """How many of ``_rows`` were handed out."""
+        self._expires = 0.0
+        """When the current read's lease runs out (``anyio.current_time()``, early side)."""
         self._kept: set[int] = set()
         """Ids of delivered rows an operator gave back before the stream closed."""
         self._closed = False
@@ -101,18 +106,28 @@ class AutoAck(Generic[T]):
                     values = [json.loads(r[_PAYLOAD]) for r in rows]
                     self._slots = self._handed.add(values, rows)
                     for value in values:
+                        if self._delivered and anyio.current_time() >= self._expires:
+                            # Another consumer may hold the rest already: hand none out.
+                            await self._settle_read("lease ran out: ")
+                            break
                         self._delivered += 1
                         yield value
         finally:
             self._closed = True
             await self._close()
 
-    def _sent(self) -> None:
-        """A read went through: the rows it deleted are gone for good."""
+    def _sent(self, started: float) -> None:
+        """A read sent at ``started`` went through: the rows it deleted are gone for good,
+        and those it leased are leased until ``visibility`` seconds after its start."""
         self._rows, self._slots, self._delivered = [], [], 0
         self._params["done"], self._params["last_lease"] = [], None
+        self._expires = started + self._params["vis"]
 
     async def _close(self) -> None:
+        await self._settle_read("")
+
+    async def _settle_read(self, why: str) -> None:
+        """Delete what the current read delivered and release the rest; forget the read."""
         rows, delivered = self._rows, self._delivered
         self._rows, self._delivered = [], 0
         if not rows:
@@ -128,7 +143,8 @@ class AutoAck(Generic[T]):
             "queue": self._queue.name,
             "channel": self._queue._channel,
         }
-        what = f"delete {len(done)} delivered and release {len(undone)} unread messages"
+        self._kept.clear()
+        what = f"{why}delete {len(done)} delivered and release {len(undone)} unread messages"
         await self._settle("pop_close", params, what)
 
     # -- giving back what an operator read ahead but never delivered -----------------------

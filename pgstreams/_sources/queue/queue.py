@@ -175,8 +175,10 @@ class PgQueue(Generic[T]):
         a consumer that dies or loses its connection before that gets it redelivered after
         the lease (with ``attempts`` counted, so ``max_attempts`` applies). ``prefetch``
         messages are read per round trip, and the statement that reads the next ones
-        deletes them. Messages read but never delivered when the stream closes -- read
-        ahead by ``prefetch`` or by an operator -- go back with their id and headers.
+        deletes them; one whose read's lease runs out before it is handed out goes back
+        instead (another consumer may have it). Messages read but never delivered when the
+        stream closes -- read ahead by ``prefetch`` or by an operator -- go back with their
+        id and headers.
         """
         check_positive_int("prefetch", prefetch)
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
@@ -265,11 +267,12 @@ class PgQueue(Generic[T]):
         poll: float,
         retry: Retry,
         *,
-        sent: Callable[[], None] | None = None,
+        sent: Callable[[float], None] | None = None,
     ) -> list[Any]:
         """Take the next rows, sleeping while there are none and riding out failures.
 
-        ``sent`` is called after each statement that went through, found rows or not.
+        ``sent`` is called after each statement that went through, found rows or not, with
+        the ``anyio.current_time()`` from just before it was sent.
         """
         while True:
             # Outside the shield, so a busy consumer whose callback never awaits can still
@@ -279,9 +282,10 @@ class PgQueue(Generic[T]):
             try:
                 if "max" in params:  # a lease: apply the queue's current max_attempts
                     params["max"] = await self._max_attempts()
+                started = anyio.current_time()
                 rows = await self._fetchall_shielded(query, params)
                 if sent is not None:
-                    sent()
+                    sent(started)
                 if not rows:
                     await wakeup.wait(
                         await calls.idle_wait(self._db, self._sql["next_visible"], poll)
