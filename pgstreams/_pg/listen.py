@@ -104,6 +104,9 @@ class Wakeup:
         """Wake the subscriber."""
         self._fired = True
         self._nudge()
+        listener = self._listener
+        if listener is not None and listener._reader is self and listener._idle is not None:
+            listener._idle.cancel()  # the reader sleeps on the socket, not on its signal
 
     def _nudge(self) -> None:
         """End the current ``_sleep`` without firing (the listener's turn passes here)."""

@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 import pgstreams as ps
+from pgstreams._pg import listen
 
 from ..pgserver import count_backends, terminate_backends
 
@@ -211,3 +212,31 @@ async def test_register_after_close_is_refused(dsn: str) -> None:
     await db.close()
     with pytest.raises(ps.PgStreamsError, match="closed"):
         await db.listener.register("after_close")
+
+
+async def test_fire_wakes_the_subscriber_that_is_reading_the_connection(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reader sleeps on the socket, not on its own signal: fire() (the engine wakes its
+    # workers so) must end that wait too, not leave it until a notification or a deadline.
+    monkeypatch.setattr(listen, "_HEALTH_CHECK_EVERY", 600.0)
+    async with ps.connect(dsn) as db, db.wakeups("fire_reader") as w:
+        w.arm()
+        woken: list[bool] = []
+        returned = anyio.Event()
+        async with anyio.create_task_group() as tg:
+
+            async def waiter() -> None:
+                woken.append(await w.wait(600))
+                returned.set()
+
+            tg.start_soon(waiter)
+            with anyio.fail_after(10):
+                while db.listener.idle_count() < 1:  # noqa: ASYNC110 - no event to await
+                    await anyio.sleep(0.005)
+            assert db.listener._reader is w
+            w.fire()
+            with anyio.move_on_after(10):
+                await returned.wait()
+            tg.cancel_scope.cancel()
+        assert woken == [True]
