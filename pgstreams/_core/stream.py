@@ -35,7 +35,7 @@ from anyio.abc import TaskGroup
 from . import stream_ops as ops
 from .errors import EmptyStreamError, InvalidArgumentError, PgStreamsError
 from .stream_ops import MaybeAwaitable, PutBack, closing_cleanly
-from .stream_tasks import BatchWithin, Buffer, MapConcurrent, Merge
+from .stream_tasks import BatchWithin, Buffer, MapConcurrent, Merge, Stage
 
 __all__ = ["PutBack", "Stream", "closing_cleanly", "merge"]
 
@@ -43,8 +43,20 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 U = TypeVar("U")
 
-Opener = Callable[[TaskGroup | None], AsyncIterator[Any]]
-"""Opens a stage, given the task group of the consumer's scope (None if there is none)."""
+
+class _Scope:
+    """The task group of a consumer's ``async with stream``, and the operators running
+    tasks in it (which ``aclose()`` can end from any task)."""
+
+    __slots__ = ("group", "stages")
+
+    def __init__(self, group: TaskGroup) -> None:
+        self.group = group
+        self.stages: list[Stage[Any]] = []
+
+
+Opener = Callable[[_Scope | None], AsyncIterator[Any]]
+"""Opens a stage, given the consumer's scope (None if there is none)."""
 
 
 class Stream(Generic[T_co]):
@@ -61,7 +73,7 @@ class Stream(Generic[T_co]):
         "_group",
         "_iterator",
         "_open",
-        "_owned_group",
+        "_owned",
         "_putback",
         "_sequential",
         "_started",
@@ -102,8 +114,8 @@ class Stream(Generic[T_co]):
         items concurrently refuse such a chain."""
         self._tasks = tasks
         """True if some operator of the chain runs tasks: it then needs a task group."""
-        self._group: TaskGroup | None = None
-        self._owned_group: TaskGroup | None = None
+        self._group: _Scope | None = None
+        self._owned: _Scope | None = None
         self._depth = 0
         self._iterator: AsyncIterator[T_co] | None = None
         self._started = False
@@ -121,7 +133,7 @@ class Stream(Generic[T_co]):
         stream._setup(opener, putback, sequential, tasks)
         return stream
 
-    def _joined(self, group: TaskGroup | None) -> Self:
+    def _joined(self, group: _Scope | None) -> Self:
         """This stream, in the scope of the stream that reads it (unless it has its own)."""
         if self._group is None:
             self._group = group
@@ -144,6 +156,13 @@ class Stream(Generic[T_co]):
         """Close the chain now; idempotent. Another task than the one iterating may call
         it, between two items (or while it waits inside an operator that runs tasks)."""
         self._started = True
+        if self._group is not None and getattr(self._iterator, "ag_running", False):
+            # A task is inside the chain (an async generator cannot be closed under it): end
+            # the operators that run tasks; as their end reaches the iterating task, it
+            # closes the rest of the chain itself.
+            for stage in self._group.stages:
+                await stage.aclose()
+            return
         iterator, self._iterator = self._iterator, None
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
@@ -154,7 +173,7 @@ class Stream(Generic[T_co]):
         if self._tasks and self._group is None and not self._started:
             group = anyio.create_task_group()
             await group.__aenter__()
-            self._group = self._owned_group = group
+            self._group = self._owned = _Scope(group)
         return self
 
     async def __aexit__(
@@ -168,8 +187,9 @@ class Stream(Generic[T_co]):
             await self.aclose()
         finally:
             ops.CLEAN_CLOSE.reset(token)
-            group, self._owned_group = self._owned_group, None
-            if group is not None:
+            scope, self._owned = self._owned, None
+            if scope is not None:
+                group = scope.group
                 # Every operator has closed, so its tasks are done: leaving the group only
                 # confirms it. The body's exception is not handed to the group, which would
                 # wrap it in an ExceptionGroup; it propagates from here unchanged.
@@ -191,7 +211,7 @@ class Stream(Generic[T_co]):
     def _staged(
         self,
         operator: str,
-        make: Callable[[TaskGroup], AsyncIterator[U]],
+        make: Callable[[TaskGroup], Stage[U]],
         *,
         putback: PutBack | None = None,
     ) -> Stream[U]:
@@ -300,14 +320,15 @@ class Stream(Generic[T_co]):
         """Apply a stream-to-iterable function, e.g. ``ps.trigger(...)``; closing the result
         closes both what ``op`` returned and this stream."""
 
-        def opener(group: TaskGroup | None) -> AsyncIterator[U]:
+        def opener(group: _Scope | None) -> AsyncIterator[U]:
             def bind(iterator: AsyncIterator[U]) -> None:
                 if isinstance(iterator, Stream):
                     iterator._joined(group)
 
             return ops.through(self._joined(group), op, bind)
 
-        return Stream._derived(opener, sequential=self._sequential, tasks=self._tasks)
+        # What `op` returns may run tasks (a stream with `buffer`, say): only opening it tells.
+        return Stream._derived(opener, sequential=self._sequential, tasks=True)
 
     # -- terminals ---------------------------------------------------------------------
 
@@ -353,11 +374,13 @@ def merge(*streams: AsyncIterable[T]) -> Stream[T]:
 
 
 def _staged_open(
-    operator: str, group: TaskGroup | None, make: Callable[[TaskGroup], AsyncIterator[T]]
-) -> AsyncIterator[T]:
-    if group is None:
+    operator: str, scope: _Scope | None, make: Callable[[TaskGroup], Stage[T]]
+) -> Stage[T]:
+    if scope is None:
         raise _needs_scope(operator)
-    return make(group)
+    stage = make(scope.group)
+    scope.stages.append(stage)
+    return stage
 
 
 def _needs_scope(operator: str) -> PgStreamsError:
@@ -368,7 +391,7 @@ def _needs_scope(operator: str) -> PgStreamsError:
     )
 
 
-def _opened(iterable: AsyncIterable[T], group: TaskGroup | None) -> AsyncIterator[T]:
+def _opened(iterable: AsyncIterable[T], group: _Scope | None) -> AsyncIterator[T]:
     if isinstance(iterable, Stream):  # a factory that returns a stream: it joins the scope
         return iterable._joined(group)
     return aiter(iterable)

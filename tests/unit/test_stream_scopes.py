@@ -265,3 +265,52 @@ async def test_through_binds_its_upstream_to_the_consumer_scope() -> None:
     got = await a.stream().buffer(3).through(pairs).take(3).collect()
     assert got == [(0, 0), (1, 1), (2, 4)]
     assert a.closed
+
+
+WAITING_BELOW: dict[str, Make] = {
+    "buffer_filter": lambda a, b: a.buffer(2).filter(lambda x: True),
+    "merge_map": lambda a, b: ps.merge(a, b).map(same),
+    "map_take": lambda a, b: a.map(same, concurrency=2).take(100),
+    "batch_tap": lambda a, b: a.batch(2, within=5).tap(lambda x: None),
+}
+
+
+@pytest.mark.parametrize("make", WAITING_BELOW.values(), ids=WAITING_BELOW.keys())
+async def test_aclose_from_another_task_while_the_consumer_waits_below_an_operator(
+    make: Make,
+) -> None:
+    # The consumer waits for its next item inside an operator that runs tasks, under a
+    # same-task operator (an async generator, which another task cannot close itself).
+    a, b = Source(stall_after=1), Source(stall_after=1)
+    stream = make(a.stream(), b.stream())
+    got_one = anyio.Event()
+    ended = anyio.Event()
+
+    async def consumer() -> None:
+        async with stream:
+            async for _ in stream:
+                got_one.set()
+            ended.set()  # the loop ended: the stream is closed for this task too
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer)
+        await got_one.wait()
+        await stream.aclose()
+        with anyio.fail_after(10):
+            await ended.wait()
+    assert all(s.closed for s in opened(a, b))
+
+
+async def test_through_may_return_a_stream_that_runs_tasks() -> None:
+    # What `op` returns joins the consumer's scope: a terminal, or `async with`, is enough.
+    a = Source()
+    got = await a.stream().through(lambda s: s.buffer(2)).take(3).collect()
+    assert got == [0, 1, 2]
+    assert a.closed
+    b = Source()
+    stream = b.stream().through(lambda s: s.map(same, concurrency=2))
+    async with stream:
+        async for x in stream:
+            if x == 2:
+                break
+    assert b.closed
