@@ -610,6 +610,56 @@ async def test_a_tick_held_when_its_schedule_is_unregistered(db: ps.Database) ->
         await nothing_for(sched, "job", 0.2)
 
 
+async def test_a_tick_given_back_after_its_schedule_came_back_is_not_delivered(
+    db: ps.Database,
+) -> None:
+    clock = ps.ManualClock(START)
+    sched = scheduler(db, clock)  # no leader runs: nothing sweeps the old tick away
+    await sched.register("job", interval=3600, metadata={"v": 1})
+    old = await sched.trigger_now("job")
+
+    async def fail_across_a_new_registration() -> None:
+        async with held(sched, "job") as ticks:
+            assert (await ticks.next()).id == old.id
+            assert await sched.unregister("job") is True
+            await sched.register("job", interval=3600, metadata={"v": 2})  # the same id
+            raise RuntimeError("handler failed")  # gives its tick back
+
+    with pytest.raises(RuntimeError, match="handler failed"):
+        await fail_across_a_new_registration()
+    # The tick of the schedule that was unregistered is never delivered again, not even as
+    # one of the new schedule's.
+    new = await sched.trigger_now("job")
+    async with held(sched, "job") as ticks:
+        got = await ticks.next()
+        assert (got.id, got.metadata) == (new.id, {"v": 2})
+    statuses = {t.id: t.status for t in await sched.history("job")}
+    assert statuses == {old.id: "cancelled", new.id: "done"}
+
+
+async def test_a_tick_whose_lease_ran_out_after_its_schedule_came_back_is_not_taken(
+    db: ps.Database,
+) -> None:
+    clock = ps.ManualClock(START)
+    first = scheduler(db, clock, lease=0.5, instance_id="first")  # never renews: not running
+    second = ps.Scheduler(db, clock=clock, poll_interval=0.1, instance_id="second")
+    await first.register("job", interval=3600)
+    old = await first.trigger_now("job")
+    async with held(first, "job") as stuck:  # as a consumer that hangs or died
+        assert (await stuck.next()).id == old.id
+        assert await first.unregister("job") is True
+        await first.register("job", interval=3600)  # the same id again
+        new = await first.trigger_now("job")
+        async with held(second, "job") as theirs:
+            assert (await theirs.next()).id == new.id
+            # The old tick's lease runs out meanwhile: still never taken.
+            with anyio.move_on_after(1.0):
+                tick = await theirs.next()
+                pytest.fail(f"unexpected tick {tick}")
+    statuses = {t.id: t.status for t in await first.history("job")}
+    assert statuses == {old.id: "done", new.id: "done"}  # the first consumer finished it
+
+
 async def test_unregister_waits_for_a_manual_tick_being_made_and_cancels_it(
     db: ps.Database, dsn: str
 ) -> None:

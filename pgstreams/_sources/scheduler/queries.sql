@@ -50,9 +50,13 @@ DELETE FROM {schedules} WHERE id = %(id)s RETURNING id
 
 -- name: cancel_open
 -- After unregister: ticks not yet delivered never will be. A tick being handled is left to
--- its consumer, which finishes it as usual.
-UPDATE {ticks} SET status = 'cancelled', done_at = %(now)s
-WHERE schedule_id = %(id)s AND status = 'pending'
+-- its consumer, which finishes it as usual; marked unregistered, it is cancelled if given
+-- back or left behind, never taken again (by a schedule registered later under this id).
+UPDATE {ticks}
+SET unregistered = true,
+    status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+    done_at = CASE WHEN status = 'pending' THEN %(now)s ELSE done_at END
+WHERE schedule_id = %(id)s AND status IN ('pending', 'running')
 
 -- name: delete_ticks
 DELETE FROM {ticks} WHERE schedule_id = %(id)s
@@ -119,24 +123,26 @@ DELETE FROM {ticks} WHERE id IN (
 
 -- name: lead_cancel_orphans
 -- Open ticks of unregistered schedules that no consumer will finish: pending ones that
--- came back or slipped past unregister, and running ones whose consumer died (lease out).
+-- slipped past unregister, and running ones whose consumer died (lease out).
 UPDATE {ticks} SET status = 'cancelled', done_at = %(now)s, lease_until = NULL
 WHERE id IN (
     SELECT t.id FROM {ticks} t
     WHERE t.status IN ('pending', 'running')
       AND (t.status = 'pending' OR t.lease_until <= clock_timestamp())
-      AND NOT EXISTS (SELECT 1 FROM {schedules} s WHERE s.id = t.schedule_id)
+      AND (t.unregistered
+           OR NOT EXISTS (SELECT 1 FROM {schedules} s WHERE s.id = t.schedule_id))
     LIMIT 1000
 )
 
 -- name: _takeable
 -- Ticks a consumer may take once due: pending, or running on a lease that ran out (its
 -- consumer died; such a tick is finished even if the schedule was paused since). Only
--- ticks of a registered schedule (the consumers join it). A serial tick waits while
--- another tick of its schedule runs; the unique index schedule_ticks_one_running settles
--- races the snapshot cannot see.
+-- ticks of a registered schedule (the consumers join it), and none that was open when its
+-- schedule was unregistered. A serial tick waits while another tick of its schedule runs;
+-- the unique index schedule_ticks_one_running settles races the snapshot cannot see.
     t.status IN ('pending', 'running')
     AND (t.status = 'pending' OR t.lease_until <= clock_timestamp())
+    AND NOT t.unregistered
     AND (%(schedule)s::text IS NULL OR t.schedule_id = %(schedule)s::text)
     AND (NOT s.paused OR t.kind IN ('manual', 'backfill') OR t.status = 'running')
     AND NOT (t.serial AND t.status = 'pending' AND EXISTS (
@@ -175,12 +181,16 @@ WITH d AS (
 SELECT pg_notify(%(channel)s, '') FROM d WHERE d.serial
 
 -- name: release
+-- A tick of a schedule unregistered while it ran is cancelled instead.
 WITH r AS (
-    UPDATE {ticks} SET status = 'pending', claimed_by = NULL, lease_until = NULL
+    UPDATE {ticks}
+    SET status = CASE WHEN unregistered THEN 'cancelled' ELSE 'pending' END,
+        done_at = CASE WHEN unregistered THEN %(now)s END,
+        claimed_by = NULL, lease_until = NULL
     WHERE id = %(id)s AND status = 'running' AND claimed_by = %(me)s AND claims = %(claims)s
-    RETURNING id
+    RETURNING id, unregistered
 )
-SELECT pg_notify(%(channel)s, '') FROM r
+SELECT pg_notify(%(channel)s, '') FROM r WHERE NOT r.unregistered
 
 -- name: renew
 UPDATE {ticks} t SET lease_until = clock_timestamp() + %(lease)s * interval '1 second'

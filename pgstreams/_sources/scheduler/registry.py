@@ -112,7 +112,8 @@ class ScheduleRegistry:
         Its ticks stay in ``history(id)`` (until ``keep_history`` of the constructor prunes
         them) unless ``keep_history=False``, which deletes them -- also those an earlier
         ``unregister`` kept. Ticks not yet delivered are cancelled, never delivered; a tick
-        being handled is finished by its consumer as usual.
+        being handled is finished by its consumer as usual, and cancelled if that consumer
+        gives it back or dies (never taken again, even once ``id`` is registered anew).
         """
         check_id(id)
         if not isinstance(keep_history, bool):

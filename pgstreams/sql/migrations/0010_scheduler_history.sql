@@ -16,3 +16,9 @@ ALTER TABLE {schema}.schedule_ticks ADD CONSTRAINT schedule_ticks_status_check
 DROP INDEX IF EXISTS {schema}.schedule_ticks_finished;
 CREATE INDEX schedule_ticks_finished
     ON {schema}.schedule_ticks (scheduled_at) WHERE status IN ('done', 'skipped', 'cancelled');
+
+-- unregistered: the tick was open when its schedule was unregistered. Its consumer finishes
+-- it as usual, but a tick given back or left behind by a dead consumer is cancelled rather
+-- than taken again -- also when a schedule of the same id was registered since.
+ALTER TABLE {schema}.schedule_ticks
+    ADD COLUMN IF NOT EXISTS unregistered boolean NOT NULL DEFAULT false;
