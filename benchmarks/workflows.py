@@ -1,8 +1,10 @@
-"""Workflows started and completed per second: a 3-step no-op workflow, 1 and 4 workers.
+"""Workflows started and completed per second: a 3-step no-op workflow, 1 and 4 workers;
+and how soon an idle worker starts a new run.
 
 Run::
 
     python benchmarks/workflows.py [--dsn DSN] [--embedded] [--runs N] [--rounds R]
+        [--samples S]
 
 Each timed run starts N runs (4 concurrent starters, each awaiting one start at a time)
 while the workers execute them, and ends when none is left queued or running. A worker is
@@ -15,6 +17,11 @@ connection, claims up to C runs in one statement (taking their locks), then move
 through the steps in lockstep -- one statement starts an attempt of every claimed run, one
 records every result -- and finishes them (and unlocks) in one statement. Ratio = engine ÷
 floor, per round.
+
+Latency: a worker (its own engine and storage, as another process would have, default
+poll interval) sits idle; a starter calls ``start`` and the time to the first step's
+function being called is measured, S times, the worker idle again before each start. A
+wake-up (NOTIFY) brings the worker; polling alone would take up to its poll interval.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 import argparse
 import itertools
 import json
+import statistics
+import time
 from typing import Any
 
 import anyio
@@ -65,6 +74,40 @@ async def _noop(ctx: ps.WorkflowContext, n: int) -> int:
 
 
 _tags = itertools.count()
+
+first_step = ps.Workflow[int, int]("first-step")
+_first_called: dict[int, float] = {}
+
+
+async def mark(n: int) -> int:
+    _first_called[n] = time.perf_counter()
+    return n
+
+
+@first_step.run
+async def _first_step(ctx: ps.WorkflowContext, n: int) -> int:
+    return await ctx.step("first", mark, n)
+
+
+async def start_latencies(db: ps.Database, samples: int) -> list[float]:
+    """Seconds from ``start`` to the first step's call, with the worker idle before each."""
+    prefix = f"l{next(_tags)}_"
+    working = ps.PgWorkflowStorage(db, table_prefix=prefix)
+    starting = ps.PgWorkflowStorage(db, table_prefix=prefix)
+    worker = ps.WorkflowEngine(storage=working, workflows=[first_step])
+    starter = ps.WorkflowEngine(storage=starting, workflows=[first_step])
+    latencies = []
+    async with worker.worker():
+        for i in range(-10, samples):  # the first ten warm up (untimed)
+            began = time.perf_counter()
+            run = await starter.start(first_step, i, workflow_id=f"latency-{i}")
+            await run.result()
+            if i >= 0:
+                latencies.append(_first_called[i] - began)
+            await anyio.sleep(0.02)  # the worker goes back to sleep
+    await working.close()
+    await starting.close()
+    return latencies
 
 
 async def until_done(dsn: str, table: str) -> None:
@@ -218,6 +261,7 @@ CONFIGS = [(1, 1), (1, 16), (1, 64), (4, 16)]
 
 async def main(args: argparse.Namespace) -> None:
     rows = []
+    latencies: list[float] = []
     async with (
         server(args.dsn, embedded=args.embedded) as srv,
         fresh_database(srv.dsn, "pgstreams_bench_workflows") as dsn,
@@ -225,6 +269,8 @@ async def main(args: argparse.Namespace) -> None:
         facts = await server_facts(dsn)
         async with ps.connect(dsn, max_size=20) as db:
             await db.migrate()
+            if args.samples:
+                latencies = await start_latencies(db, args.samples)
             for workers, concurrency in CONFIGS:
                 contenders = [
                     floor_contender(db, dsn, workers, concurrency),
@@ -248,10 +294,23 @@ async def main(args: argparse.Namespace) -> None:
             1,
         )
     )
+    if latencies:
+        cuts = statistics.quantiles(latencies, n=10)
+        print()
+        print(
+            markdown_table(
+                ["idle worker (PgWorkflowStorage)", "ms"],
+                [
+                    [f"start -> first step latency p{p}, idle worker", f"{cuts[i] * 1000:.1f}"]
+                    for p, i in ((50, 4), (90, 8))
+                ],
+                1,
+            )
+        )
     print()
     print(
         f"{facts} ({srv.label}); {args.runs} runs per timed run, {STARTERS} starters,"
-        f" medians of {args.rounds} interleaved rounds."
+        f" medians of {args.rounds} interleaved rounds; latency over {args.samples} starts."
     )
 
 
@@ -260,6 +319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_server_options(parser)
     parser.add_argument("--runs", type=int, default=2000, help="runs per timed run (2000)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (3)")
+    parser.add_argument(
+        "--samples", type=int, default=200, help="starts timed for the latency (200; 0: skip)"
+    )
     return parser.parse_args(argv)
 
 

@@ -5,23 +5,28 @@ callers race, one run exists. ``worker(concurrency=N)`` claims queued runs -- an
 whose worker died, once their lease has run out -- takes the run lock, and executes them,
 renewing the lease while they run. Runs spread across every process that shares the
 storage.
+
+Idle workers and ``result()`` sleep until the storage wakes them (a run was started or
+handed back; the run ended) and poll every ``poll_interval`` as the safety net: a run whose
+worker died is found by polling once its lease ran out. The engine knows its storage only
+through the ``WorkflowStorage`` protocol.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, nullcontext
-from typing import Any
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .._core.errors import DatabaseError, InvalidArgumentError
 from .._core.validate import check_positive_int, check_seconds, to_json
-from .._pg.database import Database
-from .pg import PgWorkflowStorage
-from .storage import RunRecord, RunStatus, WorkflowStorage
+from .storage import TERMINAL, RunRecord, RunStatus, Wakeup, WorkflowStorage
 from .workflow import (
     Workflow,
     WorkflowCancelledError,
@@ -30,12 +35,17 @@ from .workflow import (
     describe,
 )
 
+if TYPE_CHECKING:
+    from .._pg.database import Database
+
 __all__ = ["RunHandle", "WorkflowEngine"]
 
 logger = logging.getLogger("pgstreams.workflows")
 
-_IDLE_MIN, _IDLE_MAX = 0.005, 0.5
-"""A worker with nothing to do polls again after this long, doubling up to the maximum."""
+_POLL = 0.5
+"""Default seconds between the polls of an idle worker or a ``result()`` waiter."""
+_PRUNE_EVERY = (10.0, 3600.0)
+"""Automatic retention prunes every quarter of the retention, within these bounds."""
 
 
 class RunHandle:
@@ -54,18 +64,23 @@ class RunHandle:
 
     async def result(self) -> Any:
         """Wait until the run ends; its output, or WorkflowFailedError /
-        WorkflowCancelledError."""
-        delay = _IDLE_MIN
-        while True:
-            run = await self._record()
-            if run.status == "completed":
-                return run.output
-            if run.status == "failed":
-                raise WorkflowFailedError(self.workflow_id, run.error)
-            if run.status == "cancelled":
-                raise WorkflowCancelledError(f"workflow {self.workflow_id!r} was cancelled")
-            await anyio.sleep(delay)
-            delay = min(delay * 2, _IDLE_MAX)
+        WorkflowCancelledError. Woken by the storage when the run ends in any process,
+        polling every ``poll_interval`` as the safety net."""
+        run = await self._record()
+        if run.status not in TERMINAL:
+            storage = self._engine.storage
+            async with storage.end_wakeups(self.workflow_id) as wake:
+                while True:
+                    wake.arm()  # before the read: an end in between is not missed
+                    run = await self._record()
+                    if run.status in TERMINAL:
+                        break
+                    await wake.wait(self._engine.poll_interval)
+        if run.status == "failed":
+            raise WorkflowFailedError(self.workflow_id, run.error)
+        if run.status == "cancelled":
+            raise WorkflowCancelledError(f"workflow {self.workflow_id!r} was cancelled")
+        return run.output
 
     async def cancel(self) -> bool:
         """Cancel the run: at once if queued, at its worker's next lease renewal if
@@ -88,8 +103,11 @@ class RunHandle:
 class WorkflowEngine:
     """Starts and executes workflow runs on one storage (see module docstring).
 
-    ``lease``: seconds a worker holds a run without renewing it; a run whose worker died
-    is resumed elsewhere after that long.
+    ``WorkflowEngine(db)`` keeps its runs in PostgreSQL (``PgWorkflowStorage(db)``);
+    ``storage=`` takes any ``WorkflowStorage``. ``lease``: seconds a worker holds a run
+    without renewing it; a run whose worker died is resumed elsewhere after that long.
+    ``poll_interval``: seconds between the polls of idle workers and ``result()`` waiters
+    (the safety net under wake-ups; also how soon a run whose lease ran out is found).
     """
 
     def __init__(
@@ -99,26 +117,36 @@ class WorkflowEngine:
         storage: WorkflowStorage | None = None,
         workflows: list[Workflow[Any, Any]] | None = None,
         lease: float = 30.0,
+        poll_interval: float = _POLL,
     ) -> None:
-        if (db is None) == (storage is None):
+        if storage is None and db is not None:
+            storage = _default_storage(db)
+        elif (db is None) == (storage is None):
             raise InvalidArgumentError("WorkflowEngine needs exactly one of db or storage=")
-        self.storage: WorkflowStorage = storage if storage is not None else PgWorkflowStorage(db)  # type: ignore[arg-type]
+        assert storage is not None
+        self.storage: WorkflowStorage = storage
         self._lease = check_seconds("lease", lease, allow_zero=False)
+        self.poll_interval = check_seconds("poll_interval", poll_interval, allow_zero=False)
         self._workflows: dict[str, Workflow[Any, Any]] = {}
+        self._working: set[Wakeup] = set()  # the wake-ups of this engine's worker blocks
         for wf in workflows or []:
             self.register(wf)
-        self._work = anyio.Event()  # set by start(): a local worker need not wait its poll
 
     def register(self, workflow: Workflow[Any, Any]) -> None:
-        """Make ``workflow`` known to this engine's workers (``start`` does it too)."""
+        """Make ``workflow`` known to this engine's workers (``start`` and ``trigger`` do
+        it too); running workers claim its runs from then on."""
         if not isinstance(workflow, Workflow):
             raise InvalidArgumentError(f"not a Workflow: {workflow!r}")
         if workflow.fn is None:
             raise InvalidArgumentError(f"workflow {workflow.name!r} has no @run function")
         known = self._workflows.get(workflow.name)
-        if known is not None and known is not workflow:
+        if known is workflow:
+            return
+        if known is not None:
             raise InvalidArgumentError(f"another workflow is registered as {workflow.name!r}")
         self._workflows[workflow.name] = workflow
+        for wake in self._working:  # its runs may be queued already
+            wake.fire()
 
     async def start(
         self,
@@ -141,9 +169,7 @@ class WorkflowEngine:
                 f"workflow_id must be a 1-200 character str: {workflow_id!r}"
             )
         run, created = await self.storage.create_run(workflow_id, workflow.name, input)
-        if created:
-            self._work.set()
-        elif run.workflow != workflow.name:
+        if not created and run.workflow != workflow.name:
             raise InvalidArgumentError(
                 f"workflow id {workflow_id!r} belongs to a run of {run.workflow!r}"
             )
@@ -153,54 +179,78 @@ class WorkflowEngine:
         """A handle on an existing run."""
         return RunHandle(self, workflow_id, False)
 
+    async def prune(self, *, older_than: timedelta | float) -> int:
+        """Delete the runs that ended (completed, failed or cancelled) longer than
+        ``older_than`` ago (a timedelta or seconds, by the storage's clock), with their
+        steps and history; returns how many. Queued and running runs are never touched,
+        however old. A pruned run's workflow id may be started again."""
+        return await self.storage.prune(_duration("older_than", older_than))
+
     # -- workers -----------------------------------------------------------------------
 
     @asynccontextmanager
     async def worker(
-        self, *, concurrency: int = 1, poll_interval: float = _IDLE_MAX
+        self,
+        *,
+        concurrency: int = 1,
+        poll_interval: float | None = None,
+        retention: timedelta | float | None = None,
     ) -> AsyncIterator[WorkflowEngine]:
         """Execute runs of the registered workflows, ``concurrency`` at a time, until the
-        block exits (runs still executing then are resumed later, by any worker)."""
+        block exits (runs still executing then are handed back, for any worker to resume).
+
+        A worker may start before any workflow is registered: it claims the runs of each
+        workflow from the moment it is registered. ``poll_interval`` overrides the
+        engine's. With ``retention`` (a timedelta or seconds), the worker also prunes
+        runs that ended longer ago than that -- when it starts, then every quarter of the
+        retention (at least every hour) -- one process at a time.
+        """
         check_positive_int("concurrency", concurrency)
-        poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
-        if not self._workflows:
-            raise InvalidArgumentError("no workflow is registered with this engine")
-        # A storage may keep resources for its workers (PgWorkflowStorage: its session).
-        serving = getattr(self.storage, "serving", None)
+        poll = (
+            self.poll_interval
+            if poll_interval is None
+            else check_seconds("poll_interval", poll_interval, allow_zero=False)
+        )
+        keep = None if retention is None else _duration("retention", retention)
         owner = f"{uuid.uuid4().hex[:12]}"
         async with (
-            serving() if serving is not None else nullcontext(),
+            self.storage.serving(),
+            self.storage.work_wakeups() as wake,
             anyio.create_task_group() as tg,
         ):
-            poller = anyio.Lock()
-            for _ in range(concurrency):
-                tg.start_soon(self._slot, owner, poll, poller)
+            self._working.add(wake)
             try:
+                poller = anyio.Lock()
+                for _ in range(concurrency):
+                    tg.start_soon(self._slot, owner, poll, poller, wake)
+                if keep is not None:
+                    tg.start_soon(self._retain, keep)
                 yield self
             finally:
+                self._working.discard(wake)
                 tg.cancel_scope.cancel()
 
-    async def _slot(self, owner: str, poll: float, poller: anyio.Lock) -> None:
-        idle = 0.0  # 0: this slot has just executed a run
+    async def _slot(self, owner: str, poll: float, poller: anyio.Lock, wake: Wakeup) -> None:
+        fresh = False  # True: this slot has just executed a run
         while True:
-            if idle:
-                # Idle slots take turns: one polls (and waits for start() to wake it), so a
-                # new run wakes one slot rather than all. A slot back from a run claims at
-                # once, and its claim may share a statement with its neighbours'.
-                async with poller:
-                    run = await self._claim(owner)
-                    while run is None:
-                        self._work = anyio.Event() if self._work.is_set() else self._work
-                        with anyio.move_on_after(min(idle, poll)):
-                            await self._work.wait()
-                        idle = min(idle * 2, poll)
-                        run = await self._claim(owner)
-            else:
+            if fresh:
+                # A slot back from a run claims at once, and its claim may share a
+                # statement with its neighbours'.
                 run = await self._claim(owner)
                 if run is None:
-                    idle = _IDLE_MIN
+                    fresh = False
                     continue
-            idle = 0.0
+            else:
+                # Idle slots take turns: one sleeps on the wake-up and claims, so a new
+                # run wakes one slot rather than all.
+                async with poller:
+                    wake.arm()  # before the claim: a run started meanwhile is not missed
+                    run = await self._claim(owner)
+                    while run is None:
+                        await wake.wait(poll)
+                        wake.arm()
+                        run = await self._claim(owner)
+            fresh = True
             try:
                 locked = await self.storage.lock_run(run.workflow_id, owner, self._lease)
             except DatabaseError as exc:
@@ -224,7 +274,23 @@ class WorkflowEngine:
                 if stopping:
                     await self._hand_back(run.workflow_id, owner)
 
+    async def _retain(self, keep: float) -> None:
+        """Automatic retention: prune now, then every so often (jittered, so processes
+        started together drift apart); the storage lets one process prune at a time."""
+        every = min(max(keep / 4, _PRUNE_EVERY[0]), _PRUNE_EVERY[1])
+        while True:
+            try:
+                pruned = await self.storage.prune(keep, exclusive=True)
+            except DatabaseError as exc:
+                logger.warning("workflow retention: %s; trying again later", exc)
+            else:
+                if pruned:
+                    logger.info("workflow retention: pruned %d finished runs", pruned)
+            await anyio.sleep(every * random.uniform(0.9, 1.1))
+
     async def _claim(self, owner: str) -> RunRecord | None:
+        if not self._workflows:
+            return None  # nothing to claim until a workflow is registered
         try:
             # Read each time: start() and trigger() register workflows as they go.
             return await self.storage.claim_run(list(self._workflows), owner, self._lease)
@@ -314,3 +380,18 @@ class WorkflowEngine:
             return await self.storage.extend_lock(workflow_id, owner, self._lease)
         except DatabaseError:
             return True  # unknown: the lease decides
+
+
+def _default_storage(db: Database) -> WorkflowStorage:
+    """``WorkflowEngine(db)``'s storage. Imported here, on use, so that the engine module
+    depends on the storage protocol alone."""
+    from .pg import PgWorkflowStorage
+
+    return PgWorkflowStorage(db)
+
+
+def _duration(what: str, value: timedelta | float) -> float:
+    """A timedelta or a number of seconds, as seconds (>= 0)."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    return check_seconds(what, value)

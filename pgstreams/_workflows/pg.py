@@ -19,7 +19,7 @@ alone, and a run that lost its lock still writes nothing.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +31,7 @@ from .._core.validate import check_name, check_schema, to_json
 from .._pg.database import Database, translate_errors
 from .._pg.locks import KEY_SQL, lock_text
 from .._pg.migrate import WORKFLOWS, migrate_instance
+from . import pg_upkeep
 from .pg_statements import (
     BATCHES,
     CreateItem,
@@ -50,6 +51,7 @@ from .storage import (
     StepAttempt,
     StepRecord,
     StepStatus,
+    Wakeup,
 )
 
 __all__ = ["PgWorkflowStorage"]
@@ -394,6 +396,21 @@ class PgWorkflowStorage:
             # connection), drop the session's connection and every lock on it (runs still
             # executing learn it at their next call).
             await self._session.reset(held.generation)
+
+    # -- wake-ups and retention (NOTIFYs from the runs table's triggers; see pg_upkeep) --
+
+    def work_wakeups(self) -> AbstractAsyncContextManager[Wakeup]:
+        return self._db.wakeups(pg_upkeep.work_channel(self.schema, self.table_prefix))
+
+    def end_wakeups(self, workflow_id: str) -> AbstractAsyncContextManager[Wakeup]:
+        return self._db.wakeups(pg_upkeep.end_channel(self.schema, self.table_prefix, workflow_id))
+
+    async def prune(self, older_than: float, *, exclusive: bool = False) -> int:
+        if not self._ready:
+            await self.migrate()
+        return await pg_upkeep.prune(
+            self._db, self._names, self.schema, self.table_prefix, older_than, exclusive=exclusive
+        )
 
     async def close(self) -> None:
         """Release the run locks this process still holds, and the session."""

@@ -3,24 +3,32 @@
 Keys under ``key_prefix``: a hash per run and per step, a list plus a hash per run for its
 step history, and per workflow a sorted set of runs a worker may claim, scored by when
 (creation time while queued, lease expiry while running). Every multi-key change is one
-Lua script, so it is atomic; times are Redis server time. The run lock is ``SET NX PX``
-with an owner token, extended and released only by its owner (Lua), taken with a bounded
-number of retries.
+Lua script (``redis_scripts``), so it is atomic; times are Redis server time. The run lock
+is ``SET NX PX`` with an owner token, extended and released only by its owner (Lua), taken
+with a bounded number of retries.
+
+The scripts that start a run, hand it back or end it PUBLISH a wake-up, which waiters
+receive on pub/sub connections of their own (``redis_wakeups``). Ended runs are indexed
+by end time, so that ``prune`` finds them without scanning.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Coroutine, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 
 from .._core.errors import DatabaseError, InvalidArgumentError
-from .._core.validate import to_json
-from .storage import RunRecord, RunStatus, StepAttempt, StepRecord, StepStatus
+from .._core.validate import check_seconds, to_json
+from . import redis_scripts as scripts
+from .redis_wakeups import wakeups
+from .storage import RunRecord, RunStatus, StepAttempt, StepRecord, StepStatus, Wakeup
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -31,146 +39,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 _LOCK_TRIES = 3
 _LOCK_RETRY_DELAY = 0.05
-
-# KEYS[1] run hash, KEYS[2] the workflow's ready set. ARGV: id, workflow, input json.
-# Returns {created (1/0), the run's hash}.
-_CREATE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('HGETALL', KEYS[1])} end
-redis.call('HSET', KEYS[1], 'workflow', ARGV[2], 'status', 'queued', 'input', ARGV[3],
-           'executions', 0, 'cancel_requested', 0, 'created_at', now, 'updated_at', now)
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-return {1, redis.call('HGETALL', KEYS[1])}
-"""
-
-# KEYS: ready sets of the workflows. ARGV: key prefix, owner, lease ms. Returns
-# {id, the run's hash}, or false.
-_CLAIM = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local best, best_key, best_score = nil, nil, nil
-for _, key in ipairs(KEYS) do
-    local first = redis.call('ZRANGE', key, '-inf', now, 'BYSCORE', 'LIMIT', 0, 1, 'WITHSCORES')
-    if first[1] and (best_score == nil or tonumber(first[2]) < best_score) then
-        best, best_key, best_score = first[1], key, tonumber(first[2])
-    end
-end
-if best == nil then return false end
-local run = ARGV[1] .. 'run:' .. best
-local until_ms = now + tonumber(ARGV[3])
-redis.call('HSET', run, 'status', 'running', 'owner', ARGV[2], 'lease_until', until_ms,
-           'updated_at', now)
-redis.call('HINCRBY', run, 'executions', 1)
-redis.call('ZADD', best_key, until_ms, best)
-return {best, redis.call('HGETALL', run)}
-"""
-
-# The ready set of the run in KEYS[1] (ARGV[1] is the key prefix): found by the script, so
-# callers need no round trip to learn the run's workflow first.
-_READY = """
-local ready = ARGV[1] .. 'ready:' .. (redis.call('HGET', KEYS[1], 'workflow') or '')
-"""
-
-# KEYS[1] run. ARGV: key prefix, id, owner, lease ms. Returns 1 if renewed.
-_RENEW = (
-    _READY
-    + """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3]
-   or redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-local t = redis.call('TIME')
-local until_ms = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'lease_until', until_ms)
-redis.call('ZADD', ready, until_ms, ARGV[2])
-return 1
-"""
-)
-
-# KEYS[1] run. ARGV: key prefix, id, status, owner ('' = any), output, error.
-_UPDATE = (
-    _READY
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local status = redis.call('HGET', KEYS[1], 'status')
-if ARGV[4] ~= '' and (redis.call('HGET', KEYS[1], 'owner') ~= ARGV[4]
-   or status == 'completed' or status == 'failed' or status == 'cancelled') then return 0 end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'output', ARGV[5], 'error', ARGV[6],
-           'updated_at', now)
-redis.call('HDEL', KEYS[1], 'lease_until')
-if ARGV[3] == 'queued' then
-    redis.call('HDEL', KEYS[1], 'owner')
-    redis.call('ZADD', ready, now, ARGV[2])
-elseif ARGV[3] ~= 'running' then
-    redis.call('ZREM', ready, ARGV[2])
-end
-return 1
-"""
-)
-
-# KEYS[1] run. ARGV: key prefix, id. Returns the run's hash after (empty if none).
-_CANCEL = (
-    _READY
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {} end
-if status == 'queued' then
-    redis.call('HSET', KEYS[1], 'status', 'cancelled')
-    redis.call('ZREM', ready, ARGV[2])
-elseif status == 'running' then
-    redis.call('HSET', KEYS[1], 'cancel_requested', 1)
-end
-return redis.call('HGETALL', KEYS[1])
-"""
-)
-
-# KEYS[1] step, KEYS[2] history list, KEYS[3] history entries. ARGV: step name.
-_ATTEMPT = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'status', 'running')
-local entry = ARGV[1] .. '\\31' .. n
-redis.call('RPUSH', KEYS[2], entry)
-redis.call('HSET', KEYS[3], entry, cjson.encode({status = 'running', started_at = now}))
-return n
-"""
-
-# KEYS[1] step, KEYS[2] history entries. ARGV: name, status, attempt ('' = none),
-# output json ('' = none), error json ('' = none).
-_MARK = """
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'output', ARGV[4], 'error', ARGV[5])
-redis.call('HSETNX', KEYS[1], 'attempts', 0)
-if ARGV[3] ~= '' then
-    local entry = ARGV[1] .. '\\31' .. ARGV[3]
-    local old = redis.call('HGET', KEYS[2], entry)
-    if old then
-        local t = redis.call('TIME')
-        local e = cjson.decode(old)
-        e.status = ARGV[2]
-        e.output = ARGV[4]
-        e.error = ARGV[5]
-        if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' then
-            e.finished_at = t[1] * 1000 + math.floor(t[2] / 1000)
-        end
-        redis.call('HSET', KEYS[2], entry, cjson.encode(e))
-    end
-end
-return 1
-"""
-
-_EXTEND_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+_PRUNE_BATCH = 200
+"""Runs deleted per script call: each call blocks the server while it runs."""
+_PRUNE_LOCK_TTL = 60.0
+"""Seconds the prune lock outlives a process that died holding it (renewed per batch)."""
 
 
 def _translated(
@@ -228,15 +100,16 @@ class RedisWorkflowStorage:
         self._scripts = {
             name: self._redis.register_script(text)
             for name, text in {
-                "create": _CREATE,
-                "claim": _CLAIM,
-                "renew": _RENEW,
-                "update": _UPDATE,
-                "cancel": _CANCEL,
-                "attempt": _ATTEMPT,
-                "mark": _MARK,
-                "extend": _EXTEND_LOCK,
-                "release": _RELEASE_LOCK,
+                "create": scripts.CREATE,
+                "claim": scripts.CLAIM,
+                "renew": scripts.RENEW,
+                "update": scripts.UPDATE,
+                "cancel": scripts.CANCEL,
+                "attempt": scripts.ATTEMPT,
+                "mark": scripts.MARK,
+                "prune": scripts.PRUNE,
+                "extend": scripts.EXTEND_LOCK,
+                "release": scripts.RELEASE_LOCK,
             }.items()
         }
 
@@ -255,6 +128,7 @@ class RedisWorkflowStorage:
             f"{p}step:{len(workflow_id)}:{workflow_id}:{name}",
             f"{p}history:{workflow_id}",
             f"{p}attempts:{workflow_id}",
+            f"{p}steps:{workflow_id}",  # every step key of the run, for pruning
         ]
 
     # -- runs --------------------------------------------------------------------------
@@ -266,7 +140,7 @@ class RedisWorkflowStorage:
         text = to_json("input", input)
         created, raw = await self._scripts["create"](
             keys=[self._run_key(workflow_id), self._ready_key(workflow)],
-            args=[workflow_id, workflow, text],
+            args=[workflow_id, workflow, text, self.key_prefix],
         )
         run = _record(workflow_id, _pairs(raw))
         assert run is not None
@@ -331,7 +205,7 @@ class RedisWorkflowStorage:
 
     @_translated
     async def run_history(self, workflow_id: str) -> list[StepAttempt]:
-        _, history, entries = self._step_keys(workflow_id, "")
+        _, history, entries, _ = self._step_keys(workflow_id, "")
         order = [_text(e) or "" for e in await self._redis.lrange(history, 0, -1)]
         if not order:
             return []
@@ -358,7 +232,8 @@ class RedisWorkflowStorage:
 
     @_translated
     async def insert_step(self, workflow_id: str, name: str) -> StepRecord:
-        key = self._step_keys(workflow_id, name)[0]
+        key, _, _, steps = self._step_keys(workflow_id, name)
+        await self._redis.sadd(steps, key)  # first: a step key pruning cannot find is never made
         await self._redis.hsetnx(key, "status", "scheduled")
         await self._redis.hsetnx(key, "attempts", 0)
         step = await self.get_step(workflow_id, name)
@@ -397,9 +272,9 @@ class RedisWorkflowStorage:
         output: Any = None,
         error: dict[str, Any] | None = None,
     ) -> None:
-        step, _, entries = self._step_keys(workflow_id, name)
+        step, _, entries, steps = self._step_keys(workflow_id, name)
         await self._scripts["mark"](
-            keys=[step, entries],
+            keys=[step, entries, steps],
             args=[
                 name,
                 status,
@@ -436,6 +311,42 @@ class RedisWorkflowStorage:
     async def unlock_run(self, workflow_id: str, owner: str) -> None:
         with anyio.CancelScope(shield=True):
             await self._scripts["release"](keys=[self._lock_key(workflow_id)], args=[owner])
+
+    # -- waiting and retention ---------------------------------------------------------
+
+    def work_wakeups(self) -> AbstractAsyncContextManager[Wakeup]:
+        return wakeups(self._redis, f"{self.key_prefix}wake:work")
+
+    def end_wakeups(self, workflow_id: str) -> AbstractAsyncContextManager[Wakeup]:
+        return wakeups(self._redis, f"{self.key_prefix}wake:ended:{workflow_id}")
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        yield  # workers need nothing kept for them
+
+    @_translated
+    async def prune(self, older_than: float, *, exclusive: bool = False) -> int:
+        """Runs that ended before this storage indexed runs by end time are not found."""
+        age = int(check_seconds("older_than", older_than) * 1000)
+        lock, token = f"{self.key_prefix}prune-lock", uuid.uuid4().hex
+        ttl = int(_PRUNE_LOCK_TTL * 1000)
+        if exclusive and not await self._redis.set(lock, token, nx=True, px=ttl):
+            return 0  # another process is pruning
+        total = 0
+        try:
+            while True:
+                looked, gone = await self._scripts["prune"](
+                    keys=[f"{self.key_prefix}ended"], args=[self.key_prefix, age, _PRUNE_BATCH]
+                )
+                total += int(gone)
+                if int(looked) < _PRUNE_BATCH:
+                    return total
+                if exclusive and not await self._scripts["extend"](keys=[lock], args=[token, ttl]):
+                    return total  # the lock lapsed: another process may have taken over
+        finally:
+            if exclusive:
+                with anyio.CancelScope(shield=True):
+                    await self._scripts["release"](keys=[lock], args=[token])
 
     async def close(self) -> None:
         if self._owned:

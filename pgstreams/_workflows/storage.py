@@ -5,22 +5,32 @@ objects. A run is claimed with a lease (``owner`` until ``lease_until``) that it
 renews; a run whose lease ran out is orphaned and may be claimed again. The run lock is a
 second, independent guard: one process executes a given run at a time, even if a lease
 lapses while its worker still runs.
+
+Waiters -- idle workers, and callers of ``result()`` -- sleep on a :class:`Wakeup` the
+storage fires when something they wait for may have happened, and poll as the safety net:
+a wake-up may be spurious or lost (a dropped connection), never the only news.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import anyio
+
 __all__ = [
+    "LocalWakeup",
     "RunRecord",
     "RunStatus",
     "StepAttempt",
     "StepRecord",
     "StepStatus",
+    "Wakeup",
     "WorkflowStorage",
+    "local_wakeups",
 ]
 
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
@@ -66,6 +76,55 @@ class StepAttempt:
     error: dict[str, Any] | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class Wakeup(Protocol):
+    """A waiter's wake-up flag: ``arm()`` before looking, ``wait()`` after finding nothing.
+
+    Something that happens in between leaves the flag set, so ``wait()`` returns at once:
+    a wake-up is never missed between the look and the sleep.
+    """
+
+    def arm(self) -> bool:
+        """Clear the flag; True if it was set."""
+        ...
+
+    async def wait(self, seconds: float) -> bool:
+        """Sleep until fired or ``seconds`` pass; True if fired."""
+        ...
+
+    def fire(self) -> None:
+        """Set the flag (from the waiter's own event loop)."""
+        ...
+
+
+class LocalWakeup:
+    """A :class:`Wakeup` only this process fires: what a storage without notifications
+    hands out (its waiters then poll)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def arm(self) -> bool:
+        if self._event.is_set():
+            self._event = anyio.Event()
+            return True
+        return False
+
+    async def wait(self, seconds: float) -> bool:
+        with anyio.move_on_after(seconds):
+            await self._event.wait()
+            return True
+        return False
+
+    def fire(self) -> None:
+        self._event.set()
+
+
+@asynccontextmanager
+async def local_wakeups() -> AsyncIterator[Wakeup]:
+    """Wake-ups that only this process fires (the polling default)."""
+    yield LocalWakeup()
 
 
 @runtime_checkable
@@ -143,6 +202,33 @@ class WorkflowStorage(Protocol):
 
     async def unlock_run(self, workflow_id: str, owner: str) -> None:
         """Release the run lock if ``owner`` holds it."""
+        ...
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def work_wakeups(self) -> AbstractAsyncContextManager[Wakeup]:
+        """For a worker: fired when a run may have become claimable (started, or handed
+        back) by any process. ``local_wakeups()`` is the polling default."""
+        ...
+
+    def end_wakeups(self, workflow_id: str) -> AbstractAsyncContextManager[Wakeup]:
+        """For ``result()``: fired when the run may have ended (completed, failed or
+        cancelled) in any process. ``local_wakeups()`` is the polling default."""
+        ...
+
+    def serving(self) -> AbstractAsyncContextManager[None]:
+        """Held by each worker block while it runs: what the storage keeps for its workers
+        (PostgreSQL: the run session) lives as long as one block does."""
+        ...
+
+    # -- retention -----------------------------------------------------------------------
+
+    async def prune(self, older_than: float, *, exclusive: bool = False) -> int:
+        """Delete the runs that ended (completed, failed or cancelled) more than
+        ``older_than`` seconds ago by the storage's clock, with their steps and history;
+        returns how many. Queued and running runs are never touched. With ``exclusive``,
+        one process prunes at a time: give way (returning what this call deleted, if
+        anything) when another is pruning."""
         ...
 
     async def close(self) -> None: ...
