@@ -20,8 +20,9 @@ floor, per round.
 
 Latency: a worker (its own engine and storage, as another process would have, default
 poll interval) sits idle; a starter calls ``start`` and the time to the first step's
-function being called is measured, S times, the worker idle again before each start. A
-wake-up (NOTIFY) brings the worker; polling alone would take up to its poll interval.
+function being called is measured, S times, the worker idle again before each start (the
+starter waits for the run's end only after the step has been called). A wake-up (NOTIFY)
+brings the worker; polling alone would take up to its poll interval.
 """
 
 from __future__ import annotations
@@ -77,10 +78,12 @@ _tags = itertools.count()
 
 first_step = ps.Workflow[int, int]("first-step")
 _first_called: dict[int, float] = {}
+_first_events: dict[int, anyio.Event] = {}
 
 
 async def mark(n: int) -> int:
     _first_called[n] = time.perf_counter()
+    _first_events[n].set()
     return n
 
 
@@ -90,7 +93,8 @@ async def _first_step(ctx: ps.WorkflowContext, n: int) -> int:
 
 
 async def start_latencies(db: ps.Database, samples: int) -> list[float]:
-    """Seconds from ``start`` to the first step's call, with the worker idle before each."""
+    """Seconds from ``start`` to the first step's call, with the worker idle before each.
+    The starter does nothing else meanwhile; it waits for the run's end afterwards."""
     prefix = f"l{next(_tags)}_"
     working = ps.PgWorkflowStorage(db, table_prefix=prefix)
     starting = ps.PgWorkflowStorage(db, table_prefix=prefix)
@@ -99,11 +103,13 @@ async def start_latencies(db: ps.Database, samples: int) -> list[float]:
     latencies = []
     async with worker.worker():
         for i in range(-10, samples):  # the first ten warm up (untimed)
+            _first_events[i] = anyio.Event()
             began = time.perf_counter()
             run = await starter.start(first_step, i, workflow_id=f"latency-{i}")
-            await run.result()
+            await _first_events[i].wait()
             if i >= 0:
                 latencies.append(_first_called[i] - began)
+            await run.result()
             await anyio.sleep(0.02)  # the worker goes back to sleep
     await working.close()
     await starting.close()
