@@ -48,11 +48,13 @@ class _Scope:
     """The task group of a consumer's ``async with stream``, and the operators running
     tasks in it (which ``aclose()`` can end from any task)."""
 
-    __slots__ = ("group", "stages")
+    __slots__ = ("closed", "group", "stages")
 
     def __init__(self, group: TaskGroup) -> None:
         self.group = group
         self.stages: list[Stage[Any]] = []
+        self.closed = False
+        """Closed from another task: operators opened from now on end before they start."""
 
 
 Opener = Callable[[_Scope | None], AsyncIterator[Any]]
@@ -160,6 +162,7 @@ class Stream(Generic[T_co]):
             # A task is inside the chain (an async generator cannot be closed under it): end
             # the operators that run tasks; as their end reaches the iterating task, it
             # closes the rest of the chain itself.
+            self._group.closed = True
             for stage in self._group.stages:
                 await stage.aclose()
             return
@@ -379,6 +382,8 @@ def _staged_open(
     if scope is None:
         raise _needs_scope(operator)
     stage = make(scope.group)
+    if scope.closed:
+        stage.stop()
     scope.stages.append(stage)
     return stage
 

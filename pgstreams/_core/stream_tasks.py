@@ -187,12 +187,16 @@ class Stage(Generic[T]):
     async def __anext__(self) -> T:
         raise NotImplementedError
 
-    async def aclose(self) -> None:
-        """Stop the producers and give back what they read ahead; idempotent, any task."""
+    def stop(self) -> None:
+        """End the iteration and cancel the producers (a host not started never starts)."""
         if not self._closed:
             self._closed = True
             self._scope.cancel()
             self._handoff.close()
+
+    async def aclose(self) -> None:
+        """Stop the producers and give back what they read ahead; idempotent, any task."""
+        self.stop()
         if self._started:
             with anyio.CancelScope(shield=True):
                 await self._done.wait()

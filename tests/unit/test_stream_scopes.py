@@ -314,3 +314,37 @@ async def test_through_may_return_a_stream_that_runs_tasks() -> None:
             if x == 2:
                 break
     assert b.closed
+
+
+async def test_aclose_from_another_task_before_an_operator_that_runs_tasks_opens() -> None:
+    # The consumer is inside the chain, but the buffer below it has not opened yet (`op`
+    # waits before it pulls): closed meanwhile, that buffer must not start reading.
+    a = Source()
+    pulling = anyio.Event()
+    go = anyio.Event()
+
+    async def op(s: ps.Stream[int]) -> AsyncIterator[int]:
+        pulling.set()
+        await go.wait()
+        async for x in s:
+            yield x
+
+    stream = a.stream().buffer(2).through(op)
+    got: list[int] = []
+    ended = anyio.Event()
+
+    async def consumer() -> None:
+        async with stream:
+            async for x in stream:
+                got.append(x)
+            ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer)
+        await pulling.wait()
+        await stream.aclose()
+        go.set()
+        with anyio.fail_after(10):
+            await ended.wait()
+    assert got == []
+    assert a.pulled == 0
