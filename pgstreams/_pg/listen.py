@@ -280,6 +280,9 @@ class Listener:
             self._drop()
             raise
         if fresh:
+            # Only a connection that LISTENs counts as a success: one that connects and
+            # then fails (a hot standby refuses LISTEN) keeps backing off.
+            self._backoff = _BACKOFF_MIN
             # Whatever was sent while no LISTEN was in place is lost: all re-read.
             for subs in self._subs.values():
                 for w in subs:
@@ -306,7 +309,6 @@ class Listener:
         self._active = set()
         self.backend_pid = conn.info.backend_pid
         self._quiet_since = anyio.current_time()
-        self._backoff = _BACKOFF_MIN
         if self._failed:
             self._failed = False
             self.reconnects += 1

@@ -4,8 +4,10 @@ subscribers, closing while in use."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import anyio
+import psycopg
 import pytest
 
 import pgstreams as ps
@@ -123,3 +125,32 @@ async def test_churning_subscribers_and_killed_connections(dsn: str) -> None:
             await notify(db, "churn_0")
             assert await w.wait(10)
     await until_no_listener(dsn)
+
+
+async def test_a_connection_that_cannot_listen_is_retried_with_growing_backoff(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a hot standby ("cannot execute LISTEN during recovery"): connecting works and
+    # LISTEN fails. A connection made must not count as a success, or the listener would
+    # reconnect 20 times a second for as long as that lasts.
+    async def refuse(self: listen.Listener, conn: Any) -> None:
+        raise psycopg.errors.ReadOnlySqlTransaction("cannot execute LISTEN during recovery")
+
+    delays: list[float] = []
+    four = anyio.Event()
+    schedule = listen.Listener._schedule_retry
+
+    def record(self: listen.Listener) -> None:
+        delays.append(self._backoff)  # the delay this retry waits
+        if len(delays) == 4:
+            four.set()
+        schedule(self)
+
+    monkeypatch.setattr(listen, "_REGISTER_WAIT", 60.0)
+    monkeypatch.setattr(listen.Listener, "_sync", refuse)
+    monkeypatch.setattr(listen.Listener, "_schedule_retry", record)
+    async with ps.connect(dsn) as db, anyio.create_task_group() as tg:
+        tg.start_soon(db.listener.register, "standby")
+        await four.wait()
+        tg.cancel_scope.cancel()
+    assert delays[:4] == [listen._BACKOFF_MIN * 2**i for i in range(4)]
