@@ -10,14 +10,12 @@
 -- Fragments carry no comments: their text is repeated in every statement that uses them.
 --
 -- _pick takes the next n visible messages, skipping rows other consumers hold, in an ARRAY()
--- subquery so that PostgreSQL plans the statement cheaply every time; the messages an
--- auto-ack read deletes in the same statement (%(done)s) are left out, since one statement
--- cannot both delete and lease a row. _shard is the counter row a statement bumps: it
--- spreads concurrent consumers over the queue's counter rows. _lease leases a picked row
--- for %(vis)s seconds and counts the attempt, or -- if it was already delivered
--- %(max)s times and its lease ran out -- moves it to the dead set instead. _delete_done
--- deletes the messages an auto-ack stream delivered from its last read (%(last_lease)s is
--- that read's lease) and counts them as completed.
+-- subquery so that PostgreSQL plans the statement cheaply every time. _shard is the counter
+-- row a statement bumps: it spreads concurrent consumers over the queue's counter rows.
+-- _lease leases a picked row for %(vis)s seconds and counts the attempt, or -- if it was
+-- already delivered %(max)s times and its lease ran out -- moves it to the dead set
+-- instead. _delete_done deletes the messages an auto-ack stream delivered from its last
+-- read (%(last_lease)s is that read's lease) and counts them as completed.
 
 -- name: lock
 -- Serialises creating, upgrading and dropping one queue across processes.
@@ -47,7 +45,7 @@ pg_backend_pid() %% {shards}
 -- name: _pick
 ARRAY(
     SELECT id FROM {table}
-    WHERE dead_at IS NULL AND visible_at <= now() AND id <> ALL(%(done)s::bigint[])
+    WHERE dead_at IS NULL AND visible_at <= now()
     ORDER BY visible_at, id
     LIMIT %(n)s
     FOR UPDATE SKIP LOCKED
@@ -96,11 +94,12 @@ SELECT array_agg(id ORDER BY id), pg_notify(%(channel)s, '') FROM m
 -- value comes back as text -- cheap to receive, exact to send back -- so that messages an
 -- operator read ahead but never delivered can be put back byte for byte, in their place.
 -- A dead row (its lease ran out on its last attempt) comes back with is_dead set and is
--- not delivered.
+-- not delivered. A delivered message whose lease ran out may be picked again: it is left
+-- out (one statement cannot both delete and lease a row), so the read returns one less.
 WITH {_delete_done}
 UPDATE {table} SET
 {_lease}
-WHERE id = ANY({_pick})
+WHERE id = ANY({_pick}) AND id <> ALL(%(done)s::bigint[])
 RETURNING id, payload::text, headers::text, attempts, enqueued_at::text, dead_at IS NOT NULL,
           lease
 
@@ -127,7 +126,7 @@ WITH r AS (
     FROM unnest(%(ids)s::bigint[], %(payloads)s::text[], %(headers)s::text[],
                 %(attempts)s::int[], %(enqueued)s::text[])
          AS x(id, p, h, a, e)
-    ON CONFLICT (id) DO NOTHING
+    ON CONFLICT (id) DO NOTHING  -- already back: never let one duplicate sink the rest
     RETURNING 1
 ), counted AS (
     UPDATE {stats} SET completed = completed - (SELECT count(*) FROM r)

@@ -243,7 +243,7 @@ class PgQueue(Generic[T]):
     async def _lease_loop(
         self, visibility: float, prefetch: int, poll: float
     ) -> AsyncIterator[Envelope[T]]:
-        params: dict[str, Any] = {"n": prefetch, "vis": visibility, "max": 0, "done": []}
+        params: dict[str, Any] = {"n": prefetch, "vis": visibility, "max": 0}
         retry = Retry(logger, f"queue {self.name}")
         async with self._db.wakeups(self._channel) as wakeup:
             while True:
