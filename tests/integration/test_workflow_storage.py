@@ -93,7 +93,8 @@ async def test_a_run_waiting_on_a_row_lock_holds_up_no_other_run(
             with anyio.fail_after(15):  # before the fix: stuck behind the waiting statement
                 assert [await run.result() for run in runs] == [i + 3 for i in range(20)]
             assert await held.status() == "running"
-            assert await waiting_on_a_lock(db)  # it still waits, alone
+            waiters = await waiting_on_a_lock(db)  # it still waits, alone, off the session
+            assert waiters and storage._session.backend_pid not in waiters
             await other.rollback()
         with anyio.fail_after(10):
             assert await held.result() == "through"
