@@ -6,24 +6,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection
 
 from .._core.errors import DatabaseError
 from .database import Database, database_error
 
 __all__ = [
+    "SourceCalls",
     "cleanup",
     "fetchall",
     "fetchall_shielded",
     "fetchone",
     "idle_wait",
-    "render",
-    "render_queries",
     "using",
 ]
 
@@ -139,20 +137,28 @@ async def idle_wait(
     return poll
 
 
-def render(texts: Mapping[str, str], names: Mapping[str, sql.Composable]) -> dict[str, bytes]:
-    """Each SQL text with its ``{name}`` identifiers substituted: rendered once, so each
-    call sends ready bytes."""
-    return {
-        key: sql.SQL(text).format(**names).as_string().encode()  # type: ignore[arg-type,unused-ignore]
-        for key, text in texts.items()
-    }
+class SourceCalls:
+    """Statement helpers for a source object with ``_db`` and ``name``: errors and cleanup
+    logs name the source (``"<_kind> <name>: ..."``) and go to its ``_logger``."""
 
+    _kind: ClassVar[str]
+    _db: Database
+    name: str
+    _logger: ClassVar[logging.Logger]
 
-def render_queries(module: ModuleType, names: Mapping[str, sql.Composable]) -> dict[str, bytes]:
-    """``render`` every public upper-case string of ``module`` (an SQL module)."""
-    texts = {
-        key: text
-        for key, text in vars(module).items()
-        if key.isupper() and not key.startswith("_") and isinstance(text, str)
-    }
-    return render(texts, names)
+    async def _fetchone(
+        self,
+        query: bytes,
+        params: Mapping[str, Any] | None,
+        conn: AsyncConnection[Any] | None = None,
+        *,
+        allow_none: bool = False,
+    ) -> Any:
+        return await fetchone(
+            self._db, query, params, conn, allow_none=allow_none, owner=f"{self._kind} {self.name}"
+        )
+
+    async def _cleanup(self, query: bytes, params: Mapping[str, Any], what: str) -> None:
+        await cleanup(
+            self._db, query, params, logger=self._logger, what=f"{self._kind} {self.name}: {what}"
+        )

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-from psycopg import AsyncConnection, sql
+from psycopg import sql
 
 from ..._core.errors import DatabaseError, InvalidArgumentError
 from ..._core.source import Retry
@@ -42,12 +41,15 @@ def int_at_least(what: str, value: object, low: int) -> int:
     return value
 
 
-class QueueCore:
+class QueueCore(calls.SourceCalls):
     """A handle on one pgmq queue: names and statements, no I/O until a method is awaited.
 
     Statements are rendered once per handle; ``max_attempts`` and the notification throttle
     are read from the database and trusted for ``SETTINGS_TTL`` seconds.
     """
+
+    _kind = "pgmq"
+    _logger = logger
 
     def __init__(self, db: Database, name: str) -> None:
         check_name("pgmq queue", name)
@@ -111,23 +113,6 @@ class QueueCore:
                     idle.woken(throttle)
             except DatabaseError as exc:
                 await retry.after(exc)
-
-    async def _cleanup(self, query: bytes, params: Mapping[str, Any], what: str) -> None:
-        await calls.cleanup(
-            self._db, query, params, logger=logger, what=f"pgmq {self.name}: {what}"
-        )
-
-    async def _fetchone(
-        self,
-        query: bytes,
-        params: Mapping[str, Any] | None,
-        conn: AsyncConnection[Any] | None = None,
-        *,
-        allow_none: bool = False,
-    ) -> Any:
-        return await calls.fetchone(
-            self._db, query, params, conn, allow_none=allow_none, owner=f"pgmq {self.name}"
-        )
 
     def __repr__(self) -> str:
         return f"PgmqQueue({self.name!r})"

@@ -69,12 +69,15 @@ class QueueMetrics:
     total: int
 
 
-class PgQueue(Generic[T]):
+class PgQueue(calls.SourceCalls, Generic[T]):
     """A durable queue of JSON messages in one PostgreSQL table (see module docstring).
 
     ``await PgQueue.create(db, name)`` creates it (or opens it); ``PgQueue(db, name)`` opens
     an existing queue without touching the database.
     """
+
+    _kind = "queue"
+    _logger = logger
 
     def __init__(self, db: Database, name: str) -> None:
         self._db = db
@@ -319,14 +322,7 @@ class PgQueue(Generic[T]):
             "leases": [e._lease for e in envs],
             "channel": self._channel,
         }
-        await self._cleanup(self._sql["release"], params, len(envs), "release unread leases")
-
-    async def _cleanup(
-        self, query: bytes, params: Mapping[str, Any], count: int, what: str
-    ) -> None:
-        await calls.cleanup(
-            self._db, query, params, logger=logger, what=f"queue {self.name}: {what} ({count})"
-        )
+        await self._cleanup(self._sql["release"], params, f"release unread leases ({len(envs)})")
 
     # -- settling (called by Envelope) -------------------------------------------------
 
@@ -389,18 +385,6 @@ class PgQueue(Generic[T]):
             await conn.execute(self._sql["unregister"], {"queue": self.name})
 
     # -- plumbing ----------------------------------------------------------------------
-
-    async def _fetchone(
-        self,
-        query: bytes,
-        params: Mapping[str, Any] | None,
-        conn: AsyncConnection[Any] | None = None,
-        *,
-        allow_none: bool = False,
-    ) -> Any:
-        return await calls.fetchone(
-            self._db, query, params, conn, allow_none=allow_none, owner=f"queue {self.name}"
-        )
 
     async def _fetchall_shielded(self, query: bytes, params: Mapping[str, Any]) -> list[Any]:
         return await calls.fetchall_shielded(self._db, query, params)
