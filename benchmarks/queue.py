@@ -9,12 +9,12 @@ a table of the same shape as a PgQueue table (same columns, same partial ready i
 publish = INSERT with ``pg_notify`` in the same statement; consume = ``UPDATE ... WHERE id =
 ANY(ARRAY(SELECT ... FOR UPDATE SKIP LOCKED LIMIT n)) RETURNING`` to lease (the same
 cheap-to-plan shape PgQueue uses); ack = DELETE by id and attempts (the lease) for one
-message, by ``id = ANY(...)`` alone for a batch; auto-ack consume = one statement per batch
-that deletes the previous batch by id and leases the next (the lease ``UPDATE`` above), and
-one ``DELETE`` of the last batch at the end -- the work PgQueue's auto-ack does so that a
-dropped connection or a dead consumer loses nothing (a message is deleted once the next is
-asked for). JSON goes in as text parameters cast with ``::jsonb`` and comes out decoded, as
-with PgQueue.
+message, by ``id = ANY(...)`` alone for a batch; auto-ack consume = one round trip per batch
+that commits the previous batch's transaction and, in a new one left open while the batch
+is handed out, deletes the next (``DELETE ... WHERE id = ANY(ARRAY(...)) RETURNING``), and a
+commit at the end -- the work PgQueue's auto-ack does so that a dropped connection or a dead
+consumer loses nothing (a message is deleted once the next is asked for). JSON goes in as
+text parameters cast with ``::jsonb`` and comes out decoded, as with PgQueue.
 
 ``metrics()`` reports an exact count of completed messages, so every PgQueue ack or pop
 statement also adds to a counter row. Doing the same work, the floor's ack and pop
@@ -148,9 +148,14 @@ FLOOR_ACK = f"WITH d AS ({BARE_ACK} RETURNING 1) {_FLOOR_COUNT}"
 BARE_ACK_MANY = "DELETE FROM pgstreams.q_floor WHERE id = ANY(%s::bigint[])"
 FLOOR_ACK_MANY = f"WITH d AS ({BARE_ACK_MANY} RETURNING 1) {_FLOOR_COUNT}"
 
-# Auto-ack: delete the previous batch and lease the next in one statement.
-BARE_POP = f"WITH d AS ({BARE_ACK_MANY}) {FLOOR_LEASE}"
-FLOOR_POP = f"WITH d AS ({BARE_ACK_MANY} RETURNING 1), s AS ({_FLOOR_COUNT}) {FLOOR_LEASE}"
+# Auto-ack: take a batch by deleting it in a transaction left open while it is handed out;
+# commit it (after counting it) in the same round trip as the next take.
+FLOOR_TAKE = f"BEGIN; DELETE FROM pgstreams.q_floor WHERE id = ANY({_FLOOR_PICK}) RETURNING *"
+FLOOR_COMMIT_COUNT = f"""
+UPDATE {FLOOR_STATS} SET completed = completed + %s
+WHERE queue = 'floor' AND shard = pg_backend_pid() %% {SHARDS};
+COMMIT;
+"""
 
 
 def _some(rows: list[TupleRow]) -> list[TupleRow]:
@@ -170,7 +175,7 @@ class Floor:
         self.values: list[dict[str, Any]] = []
         self.ack_sql = FLOOR_ACK if counted else BARE_ACK
         self.ack_many_sql = FLOOR_ACK_MANY if counted else BARE_ACK_MANY
-        self.pop_sql = FLOOR_POP if counted else BARE_POP
+        self.commit_sql = FLOOR_COMMIT_COUNT if counted else "SELECT %s; COMMIT;"
 
     async def publish(self, n: int) -> None:
         conn = self.conn
@@ -205,15 +210,21 @@ class Floor:
             done += len(rows)
 
     async def pop(self, n: int) -> None:
-        conn = self.conn
-        done = 0
-        ids: list[int] = []
+        # Several statements in one round trip need client-side binding.
+        cur = psycopg.AsyncClientCursor(self.conn)
+        done = taken = 0
         while done < n:
-            cur = await conn.execute(self.pop_sql, (ids, VISIBILITY, BATCH))
+            if taken:
+                await cur.execute(self.commit_sql + FLOOR_TAKE, (taken, BATCH))
+                while cur.nextset():
+                    pass
+            else:
+                await cur.execute(FLOOR_TAKE, (BATCH,))
+                cur.nextset()
             rows = _some(await cur.fetchall())
-            ids = [r[0] for r in rows]
-            done += len(rows)
-        await conn.execute(self.ack_many_sql, (ids,))
+            taken = len(rows)
+            done += taken
+        await cur.execute(self.commit_sql, (taken,))
 
 
 # -- PgQueue: the same work through the public API -----------------------------------------

@@ -7,15 +7,29 @@ import hashlib
 import json
 import logging
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import anyio
 
 from .errors import DatabaseError, PayloadError
 from .validate import to_json
 
-__all__ = ["UNSET", "Handed", "Retry", "Unset", "channel_for", "parse_headers"]
+if TYPE_CHECKING:
+    from .._pg.listen import Wakeup
+
+__all__ = [
+    "UNSET",
+    "HandOut",
+    "Handed",
+    "Retry",
+    "Unset",
+    "Waiting",
+    "channel_for",
+    "parse_headers",
+]
+
+E = TypeVar("E")
 
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _HANDED_MEMORY = 4096
@@ -133,3 +147,35 @@ class Retry:
 
     def reset(self) -> None:
         self._delay = _RETRY_MIN
+
+
+class Waiting:
+    """How a subscriber waits for more rows: woken through its NOTIFY channel, looking
+    again every ``poll`` seconds at the latest, and backing off from lost connections."""
+
+    __slots__ = ("poll", "retry", "wakeup")
+
+    def __init__(self, wakeup: Wakeup, poll: float, retry: Retry) -> None:
+        self.wakeup = wakeup
+        self.poll = poll
+        self.retry = retry
+
+
+class HandOut(Generic[E]):
+    """Items read in one go and handed out one at a time; ``rest`` is what was not handed
+    out (yet), for the stream to give back when it stops early."""
+
+    __slots__ = ("_given", "_items")
+
+    def __init__(self, items: list[E]) -> None:
+        self._items = items
+        self._given = 0
+
+    def __iter__(self) -> Iterator[E]:
+        for item in self._items:
+            self._given += 1
+            yield item
+
+    @property
+    def rest(self) -> list[E]:
+        return self._items[self._given :]

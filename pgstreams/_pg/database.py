@@ -59,6 +59,9 @@ class Database:
             assert conn is not None
             self.dsn = make_conninfo(conn.info.dsn, password=conn.info.password or None)
             kwargs = {}
+        self._kwargs = {
+            k: v for k, v in kwargs.items() if k not in {"autocommit", "row_factory", "context"}
+        }
         self.listener = Listener(self.dsn, kwargs)
         self._spare: tuple[AsyncConnection[Any], float] | None = None  # (conn, kept since)
         self._spare_busy = False
@@ -112,6 +115,16 @@ class Database:
                     yield self._conn
                 finally:
                     self.connections_in_use -= 1
+
+    async def dedicated(self) -> AsyncConnection[Any]:
+        """Open a connection of this Database's own, outside the pool, in autocommit mode:
+        for a stream that holds a transaction open between the values it hands out. The
+        caller closes it."""
+        if self._closed:
+            raise DatabaseError("the Database is closed")
+        options = {**keepalive_defaults(self.dsn), **self._kwargs}
+        with translate_errors():
+            return await AsyncConnection.connect(self.dsn, autocommit=True, **options)
 
     @asynccontextmanager
     async def wakeups(self, channel: str | None) -> AsyncIterator[Wakeup]:
@@ -253,6 +266,7 @@ def database_error(exc: psycopg.Error) -> DatabaseError:
 
 # SQLSTATEs of a server going away: admin_shutdown, crash_shutdown, cannot_connect_now.
 _SHUTDOWN_STATES = frozenset({"57P01", "57P02", "57P03"})
+_IDLE_TIMEOUT = "25P03"  # idle_in_transaction_session_timeout
 
 
 def _transient(exc: psycopg.Error) -> bool:
@@ -265,9 +279,11 @@ def _transient(exc: psycopg.Error) -> bool:
         return False
     if isinstance(exc, PoolTimeout):
         return True  # no connection could be had in time: the server may be restarting
+    state = exc.sqlstate
+    if state == _IDLE_TIMEOUT:
+        return True  # the server ended a session left idle in a transaction: it is gone
     if not isinstance(exc, psycopg.OperationalError):
         return False
-    state = exc.sqlstate
     if state is None:  # raised by libpq on the client side: the connection broke
         return True
     return state.startswith("08") or state in _SHUTDOWN_STATES

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 from psycopg import AsyncConnection, sql
 
@@ -46,9 +46,11 @@ from .pg_statements import (
 from .run_session import LockWaitError, RunSession, lock_lost
 from .storage import (
     TERMINAL,
+    RunChange,
     RunRecord,
     RunStatus,
     StepAttempt,
+    StepChange,
     StepRecord,
     StepStatus,
     Wakeup,
@@ -247,14 +249,9 @@ class PgWorkflowStorage:
         return bool(rows)
 
     async def update_run(
-        self,
-        workflow_id: str,
-        status: RunStatus,
-        *,
-        owner: str | None = None,
-        output: Any = None,
-        error: dict[str, Any] | None = None,
+        self, workflow_id: str, status: RunStatus, **change: Unpack[RunChange]
     ) -> bool:
+        owner, output, error = change.get("owner"), change.get("output"), change.get("error")
         out = None if output is None else to_json("output", output)
         err = None if error is None else to_json("error", error)
         held = self._held(workflow_id)
@@ -300,15 +297,9 @@ class PgWorkflowStorage:
         return int(rows[0][2])
 
     async def mark_step(
-        self,
-        workflow_id: str,
-        name: str,
-        status: StepStatus,
-        *,
-        attempt: int | None = None,
-        output: Any = None,
-        error: dict[str, Any] | None = None,
+        self, workflow_id: str, name: str, status: StepStatus, **change: Unpack[StepChange]
     ) -> None:
+        attempt, output, error = change.get("attempt"), change.get("output"), change.get("error")
         out = None if output is None else to_json("step output", output)
         err = None if error is None else to_json("step error", error)
         item = MarkItem(

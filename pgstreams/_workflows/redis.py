@@ -20,13 +20,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, Unpack
 
 import anyio
 
 from .._core.errors import DatabaseError, InvalidArgumentError
 from .._core.validate import check_seconds, to_json
 from . import redis_scripts as scripts
+from . import storage
 from .redis_wakeups import wakeups
 from .storage import RunRecord, RunStatus, StepAttempt, StepRecord, StepStatus, Wakeup
 
@@ -175,14 +176,9 @@ class RedisWorkflowStorage:
 
     @_translated
     async def update_run(
-        self,
-        workflow_id: str,
-        status: RunStatus,
-        *,
-        owner: str | None = None,
-        output: Any = None,
-        error: dict[str, Any] | None = None,
+        self, workflow_id: str, status: RunStatus, **change: Unpack[storage.RunChange]
     ) -> bool:
+        owner, output, error = change.get("owner"), change.get("output"), change.get("error")
         updated = await self._scripts["update"](
             keys=[self._run_key(workflow_id)],
             args=[
@@ -263,15 +259,9 @@ class RedisWorkflowStorage:
 
     @_translated
     async def mark_step(
-        self,
-        workflow_id: str,
-        name: str,
-        status: StepStatus,
-        *,
-        attempt: int | None = None,
-        output: Any = None,
-        error: dict[str, Any] | None = None,
+        self, workflow_id: str, name: str, status: StepStatus, **change: Unpack[storage.StepChange]
     ) -> None:
+        attempt, output, error = change.get("attempt"), change.get("output"), change.get("error")
         step, _, entries, steps = self._step_keys(workflow_id, name)
         await self._scripts["mark"](
             keys=[step, entries, steps],

@@ -17,15 +17,17 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypedDict, Unpack, runtime_checkable
 
 import anyio
 
 __all__ = [
     "LocalWakeup",
+    "RunChange",
     "RunRecord",
     "RunStatus",
     "StepAttempt",
+    "StepChange",
     "StepRecord",
     "StepStatus",
     "Wakeup",
@@ -38,12 +40,33 @@ StepStatus = Literal["scheduled", "running", "succeeded", "failed"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 
+class _Outcome(TypedDict, total=False):
+    output: Any
+    error: dict[str, Any] | None
+
+
+class RunChange(_Outcome, total=False):
+    """What ``update_run`` sets besides the status; ``owner`` makes it conditional."""
+
+    owner: str | None
+
+
+class StepChange(_Outcome, total=False):
+    """What ``mark_step`` sets besides the status; ``attempt`` names a history entry."""
+
+    attempt: int | None
+
+
 @dataclass(frozen=True, slots=True)
 class RunRecord:
+    """One run of a workflow, as stored."""
+
     workflow_id: str
     workflow: str
+    """The registered workflow's name."""
     status: RunStatus
     input: Any
+    """What ``start()`` was given (JSON)."""
     output: Any = None
     error: dict[str, Any] | None = None
     executions: int = 0
@@ -56,10 +79,13 @@ class RunRecord:
 
 @dataclass(frozen=True, slots=True)
 class StepRecord:
+    """One step of a run, as stored (its latest attempt's outcome)."""
+
     workflow_id: str
     name: str
     status: StepStatus
     attempts: int
+    """Attempts started so far."""
     output: Any = None
     error: dict[str, Any] | None = None
 
@@ -71,6 +97,7 @@ class StepAttempt:
     workflow_id: str
     step: str
     attempt: int
+    """1 for the first try."""
     status: StepStatus
     output: Any = None
     error: dict[str, Any] | None = None
@@ -151,13 +178,7 @@ class WorkflowStorage(Protocol):
         ...
 
     async def update_run(
-        self,
-        workflow_id: str,
-        status: RunStatus,
-        *,
-        owner: str | None = None,
-        output: Any = None,
-        error: dict[str, Any] | None = None,
+        self, workflow_id: str, status: RunStatus, **change: Unpack[RunChange]
     ) -> bool:
         """Set the status (and output or error); with ``owner``, only if they hold it."""
         ...
@@ -182,14 +203,7 @@ class WorkflowStorage(Protocol):
         ...
 
     async def mark_step(
-        self,
-        workflow_id: str,
-        name: str,
-        status: StepStatus,
-        *,
-        attempt: int | None = None,
-        output: Any = None,
-        error: dict[str, Any] | None = None,
+        self, workflow_id: str, name: str, status: StepStatus, **change: Unpack[StepChange]
     ) -> None:
         """Set the step's status; with ``attempt``, finish that history entry too."""
         ...

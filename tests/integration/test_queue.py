@@ -34,7 +34,7 @@ async def test_auto_ack_deletes_a_message_once_the_next_is_asked_for(db: ps.Data
     await q.publish_batch(list(range(5)))
     async with q.subscribe(prefetch=2) as values:
         assert await anext(values) == 0
-        m = await q.metrics()  # 0 and 1 are leased by the read; nothing is deleted yet
+        m = await q.metrics()  # 0 and 1 are taken by the open read; nothing is deleted yet
         assert (m.pending, m.processing, m.completed) == (3, 2, 0)
         assert await anext(values) == 1
         assert (await q.metrics()).completed == 0
@@ -48,46 +48,59 @@ async def test_auto_ack_deletes_a_message_once_the_next_is_asked_for(db: ps.Data
     assert await q.ack_many(rest) == 2
 
 
-async def test_auto_ack_redelivery_counts_attempts_up_to_max_attempts(db: ps.Database) -> None:
-    q = await ps.PgQueue.create(db, qname(), max_attempts=2)
-    await q.publish("slow")
-    # Two consumers hold it past their leases, as consumers that hang or die would.
-    async with q.subscribe(visibility=0.2) as first:
-        assert await anext(first) == "slow"
-        await anyio.sleep(0.3)
-        async with q.subscribe(visibility=0.2) as second:
-            assert await anext(second) == "slow"  # visible again: its second attempt
-            await anyio.sleep(0.3)
-            # Its lease ran out on the last attempt: the next read moves it to the dead set.
-            with anyio.move_on_after(0.3):
-                await q.subscribe().first()
-                pytest.fail("delivered past max_attempts")
-    # Closing found their leases gone: a dead message is not deleted.
-    [dead] = await q.dead_letters()
-    assert (dead.value, dead.attempts, dead.last_error) == ("slow", 2, "visibility timeout expired")
-    m = await q.metrics()
-    assert (m.pending, m.processing, m.completed, m.dead) == (0, 0, 0, 1)
-
-
-async def test_auto_ack_read_ahead_whose_lease_ran_out_is_not_handed_out(
-    db: ps.Database,
+async def test_auto_ack_consumer_that_hangs_gives_its_read_back_after_visibility(
+    db: ps.Database, caplog: pytest.LogCaptureFixture
 ) -> None:
-    q = await ps.PgQueue.create(db, qname())
+    q = await ps.PgQueue.create(db, qname(), max_attempts=1)
     ids = await q.publish_batch([0, 1, 2])
     async with q.subscribe(prefetch=3, visibility=0.2) as slow:
         assert await anext(slow) == 0
-        await anyio.sleep(0.3)  # handling 0 outlasts the lease of the whole read
-        # All three are visible again: a live consumer takes 0 (held too long: documented)
-        # and 1, which the slow consumer has not handed out yet, while 2 stays in line.
-        other = await q.subscribe_ack(prefetch=2).take(2).collect()
-        assert [(e.id, e.attempts) for e in other] == [(ids[0], 2), (ids[1], 2)]
-        # The slow consumer never hands out 1 (the other consumer has it): it goes on
-        # with 2, which no one else took.
-        with anyio.fail_after(5):
+        # Handling 0 outlasts the lease: the server ends the session idle in the read's
+        # transaction, and all three are back in line as they were (attempts not counted,
+        # so max_attempts=1 does not send them to the dead set).
+        with anyio.fail_after(10):
+            other = await q.subscribe_ack(prefetch=2).take(2).collect()
+        assert [(e.id, e.attempts) for e in other] == [(ids[0], 1), (ids[1], 1)]
+        # The slow consumer never hands out 1 (the other consumer has it): its read is gone,
+        # so it reads again and goes on with 2, which no one else took.
+        with anyio.fail_after(10):
             assert await anext(slow) == 2
     assert await q.ack_many(other) == 2
     m = await q.metrics()
     assert (m.pending, m.processing, m.completed, m.dead, m.total) == (0, 0, 3, 0, 3)
+    assert "go back in line" in caplog.text
+
+
+async def test_auto_ack_read_moves_a_spent_manual_ack_lease_to_the_dead_set(
+    db: ps.Database,
+) -> None:
+    q = await ps.PgQueue.create(db, qname(), max_attempts=1)
+    await q.publish("slow")
+    await q.publish("next")
+    env = await q.subscribe_ack(visibility=0.2).first()  # never acked: its only attempt
+    assert env.value == "slow"
+    await anyio.sleep(0.3)
+    with anyio.fail_after(10):
+        assert await q.subscribe(prefetch=2).first() == "next"
+    [dead] = await q.dead_letters()
+    assert (dead.value, dead.attempts, dead.last_error) == ("slow", 1, "visibility timeout expired")
+    m = await q.metrics()
+    assert (m.pending, m.processing, m.completed, m.dead) == (0, 0, 1, 1)
+
+
+async def test_auto_ack_close_puts_back_read_ahead_in_its_place(db: ps.Database) -> None:
+    q = await ps.PgQueue.create(db, qname())
+    ids = await q.publish_batch(list(range(4)), headers={"k": "v"})
+    async with q.subscribe(prefetch=4) as values:
+        assert [await anext(values), await anext(values)] == [0, 1]
+    m = await q.metrics()
+    assert (m.pending, m.processing, m.completed, m.total) == (2, 0, 2, 4)
+    rest = await q.subscribe_ack(prefetch=2).take(2).collect()
+    assert [(e.id, e.value, e.headers, e.attempts) for e in rest] == [
+        (ids[2], 2, {"k": "v"}, 1),
+        (ids[3], 3, {"k": "v"}, 1),
+    ]
+    assert await q.ack_many(rest) == 2
 
 
 async def test_headers_and_envelope_fields(db: ps.Database) -> None:

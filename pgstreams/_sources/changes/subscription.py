@@ -30,10 +30,9 @@ import anyio
 import anyio.lowlevel
 
 from ..._core.errors import DatabaseError
-from ..._core.source import Retry
+from ..._core.source import Retry, Waiting
 from ..._core.stream import closing_cleanly
 from ..._pg import calls
-from ..._pg.listen import Wakeup
 from . import consumers
 from .change import Change, change_from_row
 from .log import Log
@@ -110,7 +109,7 @@ async def run(
     try:
         async with log.db.wakeups(log.channel(key)) as wake:
             while True:
-                rows = await _next_rows(log, cursor, filters, wake, poll, retry)
+                rows = await _next_rows(log, cursor, filters, Waiting(wake, poll, retry))
                 for row in rows:
                     cursor.after = max(cursor.after, row[0])
                     unsaved = (cursor.prev.text, cursor.cur.text, row[0], cursor.top)
@@ -151,14 +150,10 @@ async def _open(
 
 
 async def _next_rows(
-    log: Log,
-    cursor: _Cursor,
-    filters: dict[str, Any],
-    wake: Wakeup,
-    poll: float,
-    retry: Retry,
+    log: Log, cursor: _Cursor, filters: dict[str, Any], waiting: Waiting
 ) -> list[Any]:
     """The next rows in delivery order, waiting while there are none."""
+    wake, retry = waiting.wakeup, waiting.retry
     while True:
         await anyio.lowlevel.checkpoint_if_cancelled()
         wake.arm()
@@ -192,7 +187,7 @@ async def _next_rows(
         cursor.exhausted = len(rows) < filters["n"]
         if rows:
             return rows
-        await wake.wait(poll)
+        await wake.wait(waiting.poll)
 
 
 def _check_server(in_recovery: bool, now: _Snapshot, seen: _Snapshot) -> None:

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from ..._core.source import Handed, Retry
+from ..._core.source import Handed, Retry, Waiting
 from ..._core.stream import Stream
 from ..._core.validate import check_positive_int, check_seconds
 from .core import Idle, QueueCore, logger
@@ -54,7 +54,7 @@ class AutoAck(QueueCore, Generic[T]):
             idle = Idle()
             while True:
                 rows, _ = await self._read_standard(
-                    self._sql["pop"], params, wakeup, poll, retry, idle
+                    self._sql["pop"], params, Waiting(wakeup, poll, retry), idle
                 )
                 rows.sort(key=msg_id)  # pgmq returns what it took in no set order
                 values: list[Any] = [None if r[1] is None else json.loads(r[1]) for r in rows]

@@ -12,11 +12,10 @@ import anyio.lowlevel
 from psycopg import sql
 
 from ..._core.errors import DatabaseError, InvalidArgumentError
-from ..._core.source import Retry
+from ..._core.source import Waiting
 from ..._core.validate import check_name
 from ..._pg import calls, queries
 from ..._pg.database import Database
-from ..._pg.listen import Wakeup
 
 __all__ = ["PGMQ_NAME_MAX", "Idle", "QueueCore", "int_at_least", "logger", "plain_statements"]
 
@@ -86,16 +85,11 @@ class QueueCore(calls.SourceCalls):
         return self._settings[1], self._settings[2]
 
     async def _read_standard(
-        self,
-        query: bytes,
-        params: dict[str, Any],
-        wakeup: Wakeup,
-        poll: float,
-        retry: Retry,
-        idle: Idle,
+        self, query: bytes, params: dict[str, Any], waiting: Waiting, idle: Idle
     ) -> tuple[builtins.list[Any], int | None]:
         """The next rows of a standard read or pop and the queue's max_attempts, sleeping
         while there are none."""
+        wakeup, retry = waiting.wakeup, waiting.retry
         while True:
             await anyio.lowlevel.checkpoint_if_cancelled()
             try:
@@ -107,7 +101,7 @@ class QueueCore(calls.SourceCalls):
                     retry.reset()
                     return rows, limit
                 timeout = idle.timeout(
-                    await calls.idle_wait(self._db, self._sql["next_visible"], poll)
+                    await calls.idle_wait(self._db, self._sql["next_visible"], waiting.poll)
                 )
                 if await wakeup.wait(timeout):
                     idle.woken(throttle)

@@ -15,7 +15,7 @@ from psycopg import AsyncConnection
 
 from ..._core.envelope import Envelope
 from ..._core.errors import DatabaseError, InvalidArgumentError, LeaseLostError
-from ..._core.source import Retry, parse_headers
+from ..._core.source import HandOut, Retry, Waiting, parse_headers
 from ..._core.stream import Stream
 from ..._core.validate import check_seconds
 from ..._pg import calls
@@ -175,7 +175,7 @@ class ManualAck(DeadLetters, Generic[T]):
                 if mode.max_poll_seconds is None:
                     params = {"queue": self.name, "vt": mode.vt, "qty": mode.qty}
                     rows, limit = await self._read_standard(
-                        self._sql["read"], params, wakeup, poll, retry, idle
+                        self._sql["read"], params, Waiting(wakeup, poll, retry), idle
                     )
                 else:
                     rows, limit = await self._read_polling(sub, mode, retry)
@@ -183,15 +183,12 @@ class ManualAck(DeadLetters, Generic[T]):
                 if limit is not None and any(r[2] > limit for r in rows):
                     await self._dead_letter([r for r in rows if r[2] > limit])
                     rows = [r for r in rows if r[2] <= limit]
-                envelopes = [self._envelope(sub, r) for r in rows]
-                delivered = 0
+                batch = HandOut([self._envelope(sub, r) for r in rows])
                 try:
-                    for env in envelopes:
-                        delivered += 1
+                    for env in batch:
                         yield env
                 finally:
-                    if delivered < len(envelopes):
-                        await sub.release(envelopes[delivered:])
+                    await sub.release(batch.rest)
 
     def _envelope(self, sub: _Settler, row: Sequence[Any]) -> Envelope[T]:
         return Envelope(

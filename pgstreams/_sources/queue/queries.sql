@@ -4,6 +4,7 @@
 -- (the sharded completion counters) and {queues} (the registry) are identifiers; {shards}
 -- is the number of counter rows per queue. Values are %(name)s parameters.
 --
+-- Manual ack leases messages; auto-ack deletes them in a transaction it holds open (pop_*).
 -- A lease is (id, lease) where lease is the id of the transaction that leased the message:
 -- unique per leasing statement, so the messages of one read share it and a set of them is
 -- matched with two ANY() tests instead of a join. visible_at doubles as the lease's end.
@@ -14,8 +15,7 @@
 -- row a statement bumps: it spreads concurrent consumers over the queue's counter rows.
 -- _lease leases a picked row for %(vis)s seconds and counts the attempt, or -- if it was
 -- already delivered %(max)s times and its lease ran out -- moves it to the dead set
--- instead. _delete_done deletes the messages an auto-ack stream delivered from its last
--- read (%(last_lease)s is that read's lease) and counts them as completed.
+-- instead.
 
 -- name: lock
 -- Serialises creating, upgrading and dropping one queue across processes.
@@ -60,15 +60,6 @@ visible_at = CASE WHEN attempts < %(max)s
 last_error = CASE WHEN lease IS NOT NULL
                   THEN 'visibility timeout expired' ELSE last_error END
 
--- name: _delete_done
-done AS (
-    DELETE FROM {table} WHERE id = ANY(%(done)s::bigint[]) AND lease = %(last_lease)s
-    RETURNING 1
-), counted AS (
-    UPDATE {stats} SET completed = completed + (SELECT count(*) FROM done)
-    WHERE queue = %(queue)s AND shard = {_shard} AND EXISTS (SELECT FROM done)
-)
-
 -- name: publish
 WITH m AS (
     INSERT INTO {table} (payload, headers, visible_at)
@@ -88,32 +79,50 @@ WITH m AS (
 )
 SELECT array_agg(id ORDER BY id), pg_notify(%(channel)s, '') FROM m
 
--- name: pop
--- Auto-ack: delete the messages delivered since the last read (those of that read, which
--- share its lease) and lease the next n, in one statement. Everything but the payload's
--- value comes back as text -- cheap to receive, exact to send back -- so that messages an
--- operator read ahead but never delivered can be put back byte for byte, in their place.
--- A dead row (its lease ran out on its last attempt) comes back with is_dead set and is
--- not delivered. A delivered message whose lease ran out may be picked again: it is left
--- out (one statement cannot both delete and lease a row), so the read returns one less.
-WITH {_delete_done}
-UPDATE {table} SET
-{_lease}
-WHERE id = ANY({_pick}) AND id <> ALL(%(done)s::bigint[])
-RETURNING id, payload::text, headers::text, attempts, enqueued_at::text, dead_at IS NOT NULL,
-          lease
+-- name: pop_begin
+-- Auto-ack: a read opens a transaction that stays open while its messages are handed out;
+-- a session left idle in it longer than the lease ends, and its read goes back.
+BEGIN;
+SELECT set_config('idle_in_transaction_session_timeout', %(idle_ms)s, true);
 
--- name: pop_close
--- An auto-ack stream closing: delete what it delivered, release what it read ahead (as if
--- never read, back near its place in line: the lease overwrote visible_at; enqueued_at is
--- where it started). Idempotent, so it can be retried after a connection is lost.
-WITH {_delete_done}, released AS (
-    UPDATE {table}
-    SET attempts = attempts - 1, lease = NULL, visible_at = least(enqueued_at, now())
-    WHERE id = ANY(%(undone)s::bigint[]) AND lease = %(last_lease)s AND dead_at IS NULL
-    RETURNING 1
+-- name: pop
+-- Auto-ack: take the next n messages by deleting them inside the open transaction. Other
+-- consumers skip them (their rows are locked); they are gone once it commits -- when the
+-- subscriber asks for more -- and back in line at once if the connection drops first. A
+-- message whose manual-ack lease ran out on its last attempt goes to the dead set instead.
+-- Everything but the payload's value comes back as text, cheap to receive and exact to put
+-- back.
+WITH picked AS MATERIALIZED (
+    SELECT id, attempts >= %(max)s AS spent FROM {table}
+    WHERE dead_at IS NULL AND visible_at <= now()
+    ORDER BY visible_at, id
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+), dead AS (
+    UPDATE {table} SET
+        dead_at = now(),
+        last_error = CASE WHEN lease IS NOT NULL
+                          THEN 'visibility timeout expired' ELSE last_error END
+    WHERE id = ANY(ARRAY(SELECT id FROM picked WHERE spent))
 )
-SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT FROM released)
+DELETE FROM {table} WHERE id = ANY(ARRAY(SELECT id FROM picked WHERE NOT spent))
+RETURNING id, payload::text, headers::text, attempts, enqueued_at::text, visible_at::text
+
+-- name: pop_count
+-- Messages of the open transaction that were handed out, counted as completed.
+UPDATE {stats} SET completed = completed + %(count)s
+WHERE queue = %(queue)s AND shard = {_shard};
+
+-- name: pop_keep
+-- Messages of the open transaction that were never handed out, put back as they were (in
+-- their place in line) before it commits; idle consumers are woken.
+INSERT INTO {table} (id, payload, headers, attempts, enqueued_at, visible_at)
+OVERRIDING SYSTEM VALUE
+SELECT id, p::jsonb, h::jsonb, a, e::timestamptz, v::timestamptz
+FROM unnest(%(ids)s::bigint[], %(payloads)s::text[], %(headers)s::text[],
+            %(attempts)s::int[], %(enqueued)s::text[], %(visible)s::text[])
+     AS x(id, p, h, a, e, v);
+SELECT pg_notify(%(channel)s, '');
 
 -- name: unpop
 -- Messages an operator read ahead and gave back after the stream deleted them: inserted
@@ -215,13 +224,27 @@ RETURNING 1
 SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {table} WHERE dead_at IS NULL
 
 -- name: metrics
+-- In flight: leased (manual ack), or taken by an auto-ack read whose transaction is still
+-- open -- the row's xmax is a transaction in progress: among the snapshot's running ids, or
+-- at or past its xmax (compared on the low 32 bits, modulo 2^32).
+WITH s AS (
+    SELECT pg_snapshot_xmax(snap)::text::bigint %% 4294967296 AS top,
+           ARRAY(SELECT x::text::bigint %% 4294967296 FROM pg_snapshot_xip(snap) AS x) AS xids
+    FROM pg_current_snapshot() AS snap
+), m AS (
+    SELECT t.dead_at IS NOT NULL AS dead,
+           (t.lease IS NOT NULL AND t.visible_at > now())
+           OR (t.xmax <> '0' AND (
+               (s.top - t.xmax::text::bigint + 4294967296) %% 4294967296 NOT BETWEEN 1 AND 2147483647
+               OR t.xmax::text::bigint = ANY(s.xids))) AS busy
+    FROM {table} AS t, s
+)
 SELECT
-    count(*) FILTER (WHERE dead_at IS NULL
-                     AND NOT (lease IS NOT NULL AND visible_at > now())),
-    count(*) FILTER (WHERE dead_at IS NULL AND lease IS NOT NULL AND visible_at > now()),
-    count(*) FILTER (WHERE dead_at IS NOT NULL),
+    count(*) FILTER (WHERE NOT dead AND NOT busy),
+    count(*) FILTER (WHERE NOT dead AND busy),
+    count(*) FILTER (WHERE dead),
     (SELECT coalesce(sum(completed), 0)::bigint FROM {stats} WHERE queue = %(queue)s)
-FROM {table}
+FROM m
 
 -- name: requeue_dead
 WITH r AS (

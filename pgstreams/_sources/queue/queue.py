@@ -22,22 +22,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
-from psycopg import AsyncConnection, sql
+from psycopg import sql
 
 from ..._core.envelope import DeadMessage, Envelope
 from ..._core.errors import DatabaseError, LeaseLostError
-from ..._core.source import UNSET, Retry, Unset, channel_for, parse_headers
+from ..._core.publisher import Publisher, Sending
+from ..._core.source import UNSET, HandOut, Retry, Unset, Waiting, channel_for, parse_headers
 from ..._core.stream import Stream
-from ..._core.validate import check_name, check_positive_int, check_seconds, headers_json, to_json
+from ..._core.validate import check_name, check_positive_int, check_seconds
 from ..._pg import calls, queries
 from ..._pg.database import Database
-from ..._pg.listen import Wakeup
 from ..._pg.locks import advisory_key
 from ..._pg.migrate import QUEUES, migrate_instance
 from .autoack import AutoAck
@@ -69,7 +69,7 @@ class QueueMetrics:
     total: int
 
 
-class PgQueue(calls.SourceCalls, Generic[T]):
+class PgQueue(calls.SourceCalls, Publisher[T]):
     """A durable queue of JSON messages in one PostgreSQL table (see module docstring).
 
     ``await PgQueue.create(db, name)`` creates it (or opens it); ``PgQueue(db, name)`` opens
@@ -119,48 +119,18 @@ class PgQueue(calls.SourceCalls, Generic[T]):
 
     # -- publishing --------------------------------------------------------------------
 
-    async def publish(
-        self,
-        value: T,
-        *,
-        delay: float = 0,
-        headers: Mapping[str, Any] | None = None,
-        conn: AsyncConnection[Any] | None = None,
-    ) -> int:
-        """Append one message; returns its id.
-
-        With ``conn`` the insert joins that connection's current transaction: the message
-        exists (and subscribers are woken) only if and when the caller commits.
-        """
-        params = {
-            "payload": to_json("message", value),
-            "headers": headers_json(headers),
-            "delay": check_seconds("delay", delay),
-            "channel": self._channel,
-        }
-        row = await self._fetchone(self._sql["publish"], params, conn)
+    async def _send(self, payload: str, how: Sending) -> int:
+        params = {"payload": payload, **self._sending(how)}
+        row = await self._fetchone(self._sql["publish"], params, how.conn)
         return int(row[0])
 
-    async def publish_batch(
-        self,
-        values: Iterable[T],
-        *,
-        delay: float = 0,
-        headers: Mapping[str, Any] | None = None,
-        conn: AsyncConnection[Any] | None = None,
-    ) -> list[int]:
-        """Append many messages in one statement (all or none); returns their ids in order."""
-        payloads = [to_json(f"message {i}", v) for i, v in enumerate(values)]
-        params = {
-            "payloads": payloads,
-            "headers": headers_json(headers),
-            "delay": check_seconds("delay", delay),
-            "channel": self._channel,
-        }
-        if not payloads:
-            return []
-        row = await self._fetchone(self._sql["publish_batch"], params, conn)
+    async def _send_batch(self, payloads: list[str], how: Sending) -> list[int]:
+        params = {"payloads": payloads, **self._sending(how)}
+        row = await self._fetchone(self._sql["publish_batch"], params, how.conn)
         return list(row[0])
+
+    def _sending(self, how: Sending) -> dict[str, Any]:
+        return {"headers": how.headers or "{}", "delay": how.delay, "channel": self._channel}
 
     # -- consuming ---------------------------------------------------------------------
 
@@ -249,34 +219,20 @@ class PgQueue(calls.SourceCalls, Generic[T]):
         params: dict[str, Any] = {"n": prefetch, "vis": visibility, "max": 0}
         retry = Retry(logger, f"queue {self.name}")
         async with self._db.wakeups(self._channel) as wakeup:
+            waiting = Waiting(wakeup, poll, retry)
             while True:
-                rows = await self._read(self._sql["claim"], params, wakeup, poll, retry)
+                rows = await self._read(self._sql["claim"], params, waiting)
                 rows.sort(key=lambda r: r[0])
-                envelopes = [self._envelope(row) for row in rows if not row[5]]
-                delivered = 0
+                batch = HandOut([self._envelope(row) for row in rows if not row[5]])
                 try:
-                    for env in envelopes:
-                        delivered += 1
+                    for env in batch:
                         yield env
                 finally:
-                    if delivered < len(envelopes):
-                        await self._release(envelopes[delivered:])
+                    await self._release(batch.rest)
 
-    async def _read(
-        self,
-        query: bytes,
-        params: dict[str, Any],
-        wakeup: Wakeup,
-        poll: float,
-        retry: Retry,
-        *,
-        sent: Callable[[float], None] | None = None,
-    ) -> list[Any]:
-        """Take the next rows, sleeping while there are none and riding out failures.
-
-        ``sent`` is called after each statement that went through, found rows or not, with
-        the ``anyio.current_time()`` from just before it was sent.
-        """
+    async def _read(self, query: bytes, params: dict[str, Any], waiting: Waiting) -> list[Any]:
+        """Take the next rows, sleeping while there are none and riding out failures."""
+        wakeup, retry = waiting.wakeup, waiting.retry
         while True:
             # Outside the shield, so a busy consumer whose callback never awaits can still
             # be cancelled: the deadline fires during the (shielded) read below.
@@ -285,13 +241,10 @@ class PgQueue(calls.SourceCalls, Generic[T]):
             try:
                 if "max" in params:  # a lease: apply the queue's current max_attempts
                     params["max"] = await self._max_attempts()
-                started = anyio.current_time()
                 rows = await self._fetchall_shielded(query, params)
-                if sent is not None:
-                    sent(started)
                 if not rows:
                     await wakeup.wait(
-                        await calls.idle_wait(self._db, self._sql["next_visible"], poll)
+                        await calls.idle_wait(self._db, self._sql["next_visible"], waiting.poll)
                     )
                     continue
             except DatabaseError as exc:
