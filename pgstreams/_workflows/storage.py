@@ -65,7 +65,7 @@ class RunRecord:
     workflow: str
     """The registered workflow's name."""
     status: RunStatus
-    input: Any
+    input: Any = None
     """What ``start()`` was given (JSON)."""
     output: Any = None
     error: dict[str, Any] | None = None
@@ -84,7 +84,8 @@ class StepRecord:
     workflow_id: str
     name: str
     status: StepStatus
-    attempts: int
+    """The latest attempt's."""
+    attempts: int = 0
     """Attempts started so far."""
     output: Any = None
     error: dict[str, Any] | None = None
