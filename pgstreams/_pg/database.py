@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from .._core.errors import DatabaseError, InvalidArgumentError
 from .._core.validate import check_schema
-from .listen import Listener, Wakeup, keepalive_defaults
+from .listen import Listener, Wakeup, keepalive_defaults, own_connection
 
 __all__ = ["Database", "connect", "embedded"]
 
@@ -59,9 +59,7 @@ class Database:
             assert conn is not None
             self.dsn = make_conninfo(conn.info.dsn, password=conn.info.password or None)
             kwargs = {}
-        self._kwargs = {
-            k: v for k, v in kwargs.items() if k not in {"autocommit", "row_factory", "context"}
-        }
+        self._kwargs = kwargs
         self.listener = Listener(self.dsn, kwargs)
         self._spare: tuple[AsyncConnection[Any], float] | None = None  # (conn, kept since)
         self._spare_busy = False
@@ -122,9 +120,8 @@ class Database:
         caller closes it."""
         if self._closed:
             raise DatabaseError("the Database is closed")
-        options = {**keepalive_defaults(self.dsn), **self._kwargs}
         with translate_errors():
-            return await AsyncConnection.connect(self.dsn, autocommit=True, **options)
+            return await own_connection(self.dsn, self._kwargs)
 
     @asynccontextmanager
     async def wakeups(self, channel: str | None) -> AsyncIterator[Wakeup]:

@@ -61,6 +61,20 @@ def keepalive_defaults(conninfo: str) -> dict[str, Any]:
     return {k: v for k, v in KEEPALIVE_OPTIONS.items() if k not in present}
 
 
+async def own_connection(
+    conninfo: str, kwargs: Mapping[str, Any], **extra: Any
+) -> psycopg.AsyncConnection[Any]:
+    """A connection of the library's own, outside any pool, in autocommit mode: the pool's
+    connection ``kwargs`` (less those that would change what statements return) over the
+    keepalive defaults, then ``extra``."""
+    own = {k: v for k, v in kwargs.items() if k not in _NOT_OWN}
+    options = {**keepalive_defaults(conninfo), **own, **extra, "autocommit": True}
+    return await psycopg.AsyncConnection.connect(conninfo, **options)
+
+
+_NOT_OWN = frozenset({"autocommit", "row_factory", "prepare_threshold", "context"})
+
+
 class Wakeup:
     """A subscriber's wake-up flag: set by notifications, cleared by ``arm()``.
 
@@ -128,11 +142,7 @@ class Listener:
 
     def __init__(self, conninfo: str, connect_kwargs: Mapping[str, Any] | None = None) -> None:
         self._conninfo = conninfo
-        self._kwargs = {
-            k: v
-            for k, v in (connect_kwargs or {}).items()
-            if k not in {"autocommit", "row_factory", "prepare_threshold"}
-        }
+        self._kwargs = dict(connect_kwargs or {})
         self._subs: dict[str, set[Wakeup]] = {}
         self._active: set[str] = set()
         """Channels LISTENed on the current connection."""
@@ -293,13 +303,10 @@ class Listener:
     async def _connect(self) -> psycopg.AsyncConnection[Any] | None:
         if self._retry_at > anyio.current_time():
             return None
-        options = {
-            **keepalive_defaults(self._conninfo),
-            **self._kwargs,
-            "application_name": "pgstreams-listener",
-        }
         try:
-            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, **options)
+            conn = await own_connection(
+                self._conninfo, self._kwargs, application_name="pgstreams-listener"
+            )
         except Exception as exc:
             logger.warning("listener cannot connect (retry in %.2fs): %s", self._backoff, exc)
             self._schedule_retry()
