@@ -15,10 +15,11 @@ from ._core.errors import (
     PayloadError,
     PgStreamsError,
     ScheduleNotFoundError,
+    SlotLostError,
 )
 from ._core.stream import Stream, merge
 from ._pg.database import Database, connect, embedded
-from ._sources.changes.stream import Change, ChangeLag, PgChangeStream
+from ._sources.changes.stream import Change, ChangeLag, ConsumerInfo, PgChangeStream
 from ._sources.pgmq.queue import PgmqMetrics, PgmqQueue, ReadMode
 from ._sources.queue.queue import PgQueue, QueueMetrics
 from ._sources.scheduler.scheduler import Schedule, Scheduler, ScheduleTick
@@ -43,6 +44,7 @@ __all__ = [
     "Change",
     "ChangeLag",
     "Clock",
+    "ConsumerInfo",
     "Database",
     "DatabaseError",
     "DeadMessage",
@@ -70,6 +72,7 @@ __all__ = [
     "ScheduleNotFoundError",
     "ScheduleTick",
     "Scheduler",
+    "SlotLostError",
     "Snapshot",
     "SnapshotStore",
     "StepAttempt",

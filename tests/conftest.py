@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -75,3 +75,61 @@ async def db(dsn: str) -> AsyncIterator[ps.Database]:
                     break
                 await anyio.sleep(0.01)
         assert stats.get("requests_waiting", 0) == 0
+
+
+@pytest.fixture(scope="session")
+def wal_server(pg_server: str) -> Iterator[str]:
+    """An admin DSN of a server with ``wal_level=logical``: the session's server if it has
+    it, else an embedded cluster (WAL tests never skip for want of one)."""
+    import psycopg
+
+    from pgstreams.testing import embedded
+
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        row = conn.execute("SHOW wal_level").fetchone()
+    if row is not None and row[0] == "logical":
+        yield pg_server
+        return
+    with embedded() as local:
+        yield local.dsn
+
+
+@pytest.fixture(scope="module")
+def wal_dsn(wal_server: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database per module on the logical-decoding server."""
+    from pgstreams.testing import fresh_database
+
+    label = request.module.__name__.rsplit(".", 1)[-1]
+    with fresh_database(wal_server, label) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def wal_db(wal_dsn: str) -> AsyncIterator[ps.Database]:
+    """A Database on the module's logical-decoding database. After the test no live slot
+    may be left (they vanish when their stream closes), and every slot a test made is
+    dropped."""
+    async with ps.connect(wal_dsn, max_size=20) as database:
+        yield database
+        assert database.connections_in_use == 0
+        async with database.connection() as conn:
+            cur = await conn.execute(
+                "SELECT slot_name FROM pg_replication_slots"
+                " WHERE database = current_database() AND slot_name LIKE 'pgslive%%'"
+            )
+            live = [r[0] for r in await cur.fetchall()]
+            with anyio.fail_after(10):
+                while True:
+                    cur = await conn.execute(
+                        "SELECT count(*) FROM pg_replication_slots"
+                        " WHERE database = current_database() AND active"
+                    )
+                    row = await cur.fetchone()
+                    if row is not None and row[0] == 0:
+                        break
+                    await anyio.sleep(0.05)
+            await conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE database = current_database()"
+            )
+        assert live == [], f"live slots left behind: {live}"

@@ -11,6 +11,7 @@ __all__ = [
     "PayloadError",
     "PgStreamsError",
     "ScheduleNotFoundError",
+    "SlotLostError",
 ]
 
 
@@ -52,3 +53,19 @@ class EmbeddedPostgresError(PgStreamsError):
 
 class ScheduleNotFoundError(PgStreamsError, LookupError):
     """No schedule is registered under that id."""
+
+
+class SlotLostError(PgStreamsError):
+    """A WAL consumer's replication slot was invalidated (it retained more WAL than
+    ``max_slot_wal_keep_size`` allows) or dropped: the changes it held are gone."""
+
+    def __init__(self, slot: str, reason: str) -> None:
+        super().__init__(
+            f"replication slot {slot!r} is lost ({reason}): the changes it retained are gone"
+            " and it cannot resume. Subscribe with on_slot_lost='resnapshot' to recreate it"
+            " and re-read the tables' current rows, or drop_consumer() and subscribe again"
+            " (optionally with snapshot=True); raise max_slot_wal_keep_size to make this"
+            " rarer."
+        )
+        self.slot = slot
+        self.reason = reason

@@ -114,14 +114,14 @@ class Database:
                 finally:
                     self.connections_in_use -= 1
 
-    async def dedicated(self) -> AsyncConnection[Any]:
+    async def dedicated(self, **extra: Any) -> AsyncConnection[Any]:
         """Open a connection of this Database's own, outside the pool, in autocommit mode:
-        for a stream that holds a transaction open between the values it hands out. The
-        caller closes it."""
+        for a stream that holds a transaction open between the values it hands out, or a
+        replication session (``extra``: more connection parameters). The caller closes it."""
         if self._closed:
             raise DatabaseError("the Database is closed")
         with translate_errors():
-            return await own_connection(self.dsn, self._kwargs)
+            return await own_connection(self.dsn, self._kwargs, **extra)
 
     @asynccontextmanager
     async def wakeups(self, channel: str | None) -> AsyncIterator[Wakeup]:

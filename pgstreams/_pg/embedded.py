@@ -269,13 +269,13 @@ class EmbeddedPostgres:
         groups: list[int] | None = [] if self._run_as else None  # drop root's extra groups
         return _ChildOptions(cwd=self._tmpdir, env=env, user=uid, group=gid, extra_groups=groups)
 
-    def _spawn(self) -> None:
-        self._port = _free_port()
+    def _spawn(self, port: int | None = None) -> None:
+        self._port = port or _free_port()
         postgres = os.path.join(str(self._bindir), "postgres")
         args = [postgres, "-D", self._path("data"), "-p", str(self._port)]
         for name, value in self._settings.items():
             args += ["-c", f"{name}={value}"]
-        with open(self._path("postgres.log"), "wb") as log:
+        with open(self._path("postgres.log"), "ab") as log:
             self._proc = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
@@ -330,16 +330,8 @@ class EmbeddedPostgres:
                 # The caller may be a short-lived worker thread, whose exit would fire the
                 # parent-death signal long before the process dies.
                 _on_lifelong_thread(self._spawn)
-                deadline = time.monotonic() + _START_TIMEOUT
-                while self._starting(deadline, attempt):
-                    try:
-                        with psycopg.connect(self.dsn, connect_timeout=1) as conn:
-                            row = conn.execute("SHOW data_directory").fetchone()
-                    except psycopg.Error:
-                        row = None
-                    if self._is_ours(row):
-                        return
-                    time.sleep(0.05)
+                if self._await_ready(attempt):
+                    return
         except BaseException:
             self._abort()
             raise
@@ -370,6 +362,33 @@ class EmbeddedPostgres:
         except BaseException:
             self._abort()
             raise
+
+    def restart(self) -> None:
+        """Shut the server down (fast mode) and start it again on the same port and data,
+        as an operator's restart would: sessions end, the cluster's contents stay."""
+        proc = self._proc
+        if proc is None:
+            raise EmbeddedPostgresError("EmbeddedPostgres is not running")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        port = self._port
+        _on_lifelong_thread(lambda: self._spawn(port))
+        self._await_ready(_PORT_ATTEMPTS)
+
+    def _await_ready(self, attempt: int) -> bool:
+        """Block until the spawned server accepts connections (True), or until it lost its
+        port and another attempt may follow (False)."""
+        deadline = time.monotonic() + _START_TIMEOUT
+        while self._starting(deadline, attempt):
+            try:
+                with psycopg.connect(self.dsn, connect_timeout=1) as conn:
+                    row = conn.execute("SHOW data_directory").fetchone()
+            except psycopg.Error:
+                row = None
+            if self._is_ours(row):
+                return True
+            time.sleep(0.05)
+        return False
 
     def _abort(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

@@ -607,7 +607,7 @@ async def test_durable_consumer_resumes_after_the_last_finished_item(db: ps.Data
     # 4 was finished; 5 was not, so it comes again.
     assert ids(await cs.subscribe(consumer="idx").take(6).collect()) == [5, 6, 7, 8, 9, 10]
     assert (await cs.lag("idx")).changes == 0
-    assert await cs.consumers() == ["idx"]
+    assert [c.name for c in await cs.consumers()] == ["idx"]
     async with cs.subscribe(consumer="idx") as stream:
         await execute(
             db, sql.SQL("INSERT INTO {} (id) VALUES (11), (12)").format(sql.Identifier(table))

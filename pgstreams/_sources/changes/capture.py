@@ -40,7 +40,7 @@ __all__ = [
 
 Operation = Literal["insert", "update", "delete", "truncate"]
 NotifyMode = Literal["statement", "off"]
-CaptureMode = Literal["statement", "row"]
+CaptureMode = Literal["statement", "row", "wal"]
 OPERATIONS: tuple[Operation, ...] = ("insert", "update", "delete", "truncate")
 
 # One capture per (library schema, table): a schema name has at most 48 characters, so the

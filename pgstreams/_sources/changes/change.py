@@ -18,8 +18,11 @@ class Change(Generic[T]):
     """One captured change (or a ``notify`` event) of a stream."""
 
     id: int
+    """Trigger capture: the change's place in the log. WAL capture: its commit LSN
+    shifted left 32 bits plus its place in the transaction (unique, in delivery order)."""
     op: str
-    """"insert", "update", "delete", "truncate" or "notify"."""
+    """"insert", "update", "delete", "truncate", "notify", or (WAL capture) "snapshot" for
+    a row read by a snapshot."""
     table: str
     """The table, schema-qualified and quoted as PostgreSQL would (``public."Users"``)."""
     new: T | None
@@ -27,11 +30,18 @@ class Change(Generic[T]):
     old: T | None
     """The row before the change (update, delete)."""
     at: datetime
-    """When the statement that made the change started."""
+    """When the statement that made the change started (WAL capture: when its transaction
+    committed)."""
     txid: int
     """The id of the transaction that made it."""
     pk: Mapping[str, Any] | None = field(default=None, compare=False)
-    """The row's primary key (None for a truncate, a notify or a table without one)."""
+    """The row's primary key (None for a truncate, a notify or a table without one; WAL
+    capture: the replica identity's columns)."""
+    lsn: str | None = None
+    """WAL capture: the LSN of the transaction's commit record (``"0/16B3748"``)."""
+    unchanged: tuple[str, ...] = ()
+    """WAL capture: columns of ``new`` whose TOASTed value did not change and that the WAL
+    did not carry -- absent from ``new``, never shown as NULL."""
 
 
 @dataclass(frozen=True, slots=True)

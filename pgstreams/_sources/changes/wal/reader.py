@@ -1,0 +1,584 @@
+"""Reading a WAL change stream: pgoutput messages in, ``Change`` objects out.
+
+Order and acknowledgement: pgoutput sends each transaction whole, at its commit, in commit
+order. A change is handed out as soon as its message is decoded -- nothing is held per
+transaction, so memory does not grow with transaction size. When the downstream asks for
+the next item it has finished with the last one; so when the reader gets to a
+transaction's Commit, every change of it has been handled, and the transaction's end LSN
+is confirmed to the server -- at once for a durable consumer, so a crash redelivers only
+the transaction it was in; at least once a second for a live subscription. Statuses also go
+out when the server asks, and every 10 s in any case. After a reconnect the server
+resends from the last confirmed position: at-least-once, never a gap.
+
+Idle slots: when no transaction is in flight, the position of the server's keepalive (all
+it has sent) is confirmed too, so traffic on other tables does not pile up behind the slot;
+after ``heartbeat`` seconds without any message a tiny non-transactional logical message
+is written to make the server move on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import psycopg
+
+from ...._core.errors import DatabaseError
+from ...._core.source import Retry
+from ...._core.stream import closing_cleanly
+from ...._pg.database import Database, database_error
+from ..change import Change
+from . import pgoutput, slots, snapshot
+from .pgoutput import (
+    UNCHANGED,
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Keepalive,
+    LogicalMessage,
+    Relation,
+    Truncate,
+    Update,
+    XLogData,
+)
+from .replication import OPTIONS, Session
+from .setup import WalTarget
+from .values import Convert, Types
+
+__all__ = ["NOTIFY_PREFIX", "Reader", "Settings", "Shared"]
+
+logger = logging.getLogger("pgstreams.changes.wal")
+
+NOTIFY_PREFIX = "pgstreams.notify:"
+HEARTBEAT_PREFIX = "pgstreams.heartbeat"
+_STATUS_EVERY = 1.0
+_STATUS_AT_LEAST = 10.0
+_READ_SLICE = 1.0
+_SLOT_CHECK_EVERY = 60.0
+_RELEASE_WAIT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    consumer: str | None
+    snapshot: bool
+    on_slot_lost: str
+    heartbeat: float
+    warn_retained_bytes: int | None
+    chunk_size: int
+
+
+class Shared:
+    """What a subscription shares with its give-back hook."""
+
+    __slots__ = ("rewound",)
+
+    def __init__(self) -> None:
+        self.rewound = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Rel:
+    key: str
+    names: tuple[str, ...]
+    convert: tuple[Convert, ...]
+    keys: tuple[int, ...]
+    """Indexes of the replica identity's columns."""
+
+
+def _id(lsn: int, seq: int) -> int:
+    """A change's id in WAL capture: its commit LSN, then its place in the transaction."""
+    return (lsn << 32) | seq
+
+
+class Reader:
+    """One subscription's replication session and decoding state (module docstring)."""
+
+    def __init__(
+        self, db: Database, target: WalTarget, stream_key: str, settings: Settings, shared: Shared
+    ) -> None:
+        self.db = db
+        self.target = target
+        self.stream_key = stream_key
+        self.settings = settings
+        self.shared = shared
+        self.live = settings.consumer is None
+        self.slot = ""
+        self.session: Session | None = None
+        self.types = Types()
+        self.relations: dict[int, _Rel] = {}
+        self.names: dict[tuple[str, str], str] = {(t.schema, t.name): t.key for t in target.tables}
+        self.tx: Begin | None = None
+        self.seq = 0
+        self.confirmable = 0
+        self.reported = 0
+        self.last_status = 0.0
+        self.last_message = time.monotonic()
+        self.last_slot_check = 0.0
+        self.retry = Retry(logger, f"WAL changes of {stream_key}")
+        self.progress: snapshot.Progress | None = None
+        self.chunk: snapshot.Chunk | None = None
+        self.notify_prefix = NOTIFY_PREFIX + target.publication
+        self.wm_prefix = ""
+
+    # -- the stream --------------------------------------------------------------------
+
+    async def changes(self) -> AsyncGenerator[Change[Any], None]:
+        try:
+            await self._open()
+            while True:
+                if self.progress is not None and self.chunk is None:
+                    await self._next_chunk()
+                xlog, msg = await self._next()
+                kind = type(msg)
+                if kind is Insert or kind is Update or kind is Delete:
+                    change = self._change(msg)
+                    if change is not None:
+                        yield change
+                elif kind is Begin:
+                    self.tx, self.seq = msg, 0
+                elif kind is Commit:
+                    self.tx = None
+                    self.confirmable = max(self.confirmable, msg.end_lsn)
+                    if not self.live or time.monotonic() - self.last_status >= _STATUS_EVERY:
+                        await self._status()
+                elif kind is Relation:
+                    await self._relation(msg)
+                elif kind is Truncate:
+                    for change in self._truncates(msg):
+                        yield change
+                elif kind is LogicalMessage:
+                    for change in self._message(xlog, msg):
+                        yield change
+                    if self.chunk is not None and self.chunk.delivered:
+                        await self._chunk_done(self.chunk)  # its rows were all handled
+        finally:
+            await self._close(closing_cleanly())
+
+    def _change(self, msg: Insert | Update | Delete) -> Change[Any] | None:
+        rel = self.relations.get(msg.relation)
+        tx = self.tx
+        if rel is None or tx is None:
+            return None
+        self.seq += 1
+        unchanged: list[str] = []
+        old: dict[str, Any] | None
+        if isinstance(msg, Insert):
+            op, new, old = "insert", self._row(rel, msg.new, unchanged), None
+            pk_from: dict[str, Any] = new
+        elif isinstance(msg, Update):
+            op, new = "update", self._row(rel, msg.new, unchanged)
+            if msg.old_kind == "O":
+                old = self._row(rel, msg.old or (), [])
+            elif msg.old_kind == "K":
+                old = self._key(rel, msg.old or ())
+            else:
+                old = {rel.names[i]: new[rel.names[i]] for i in rel.keys if rel.names[i] in new}
+                old = old or None
+            pk_from = new
+        else:
+            op, new = "delete", None
+            old = self._row(rel, msg.old, []) if msg.old_kind == "O" else self._key(rel, msg.old)
+            pk_from = old
+        pk = {rel.names[i]: pk_from.get(rel.names[i]) for i in rel.keys} if rel.keys else None
+        chunk = self.chunk
+        if chunk is not None and chunk.window and chunk.table.key == rel.key and pk is not None:
+            chunk.rows.pop(tuple(pk.get(c) for c in chunk.table.pk), None)
+            if old is not None and msg.__class__ is Update:
+                chunk.rows.pop(tuple(old.get(c) for c in chunk.table.pk), None)
+        return Change(
+            id=_id(tx.final_lsn, self.seq),
+            op=op,
+            table=rel.key,
+            new=new,
+            old=old,
+            at=tx.commit_time,
+            txid=tx.xid,
+            pk=pk,
+            lsn=pgoutput.format_lsn(tx.final_lsn),
+            unchanged=tuple(unchanged),
+        )
+
+    @staticmethod
+    def _row(rel: _Rel, values: tuple[Any, ...], unchanged: list[str]) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        for name, convert, value in zip(rel.names, rel.convert, values, strict=False):
+            if value is None:
+                row[name] = None
+            elif value is UNCHANGED:
+                unchanged.append(name)
+            else:
+                row[name] = convert(value)
+        return row
+
+    @staticmethod
+    def _key(rel: _Rel, values: tuple[Any, ...]) -> dict[str, Any]:
+        return {
+            rel.names[i]: (None if values[i] is None else rel.convert[i](values[i]))
+            for i in rel.keys
+            if i < len(values) and values[i] is not UNCHANGED
+        }
+
+    def _truncates(self, msg: Truncate) -> list[Change[Any]]:
+        tx = self.tx
+        out: list[Change[Any]] = []
+        if tx is None:
+            return out
+        for oid in msg.relations:
+            rel = self.relations.get(oid)
+            if rel is None:
+                continue
+            self.seq += 1
+            if self.chunk is not None and self.chunk.window and self.chunk.table.key == rel.key:
+                self.chunk.rows.clear()
+            out.append(
+                Change(
+                    id=_id(tx.final_lsn, self.seq),
+                    op="truncate",
+                    table=rel.key,
+                    new=None,
+                    old=None,
+                    at=tx.commit_time,
+                    txid=tx.xid,
+                    lsn=pgoutput.format_lsn(tx.final_lsn),
+                )
+            )
+        return out
+
+    def _message(self, xlog: XLogData, msg: LogicalMessage) -> list[Change[Any]]:
+        """A notify, or the rows of a snapshot chunk at its high watermark."""
+        tx = self.tx
+        if not msg.transactional or tx is None:
+            if tx is None:  # a heartbeat or anyone's message between transactions
+                self.confirmable = max(self.confirmable, xlog.start)
+            return []
+        if msg.prefix == self.notify_prefix:
+            self.seq += 1
+            notify: Change[Any] = Change(
+                id=_id(tx.final_lsn, self.seq),
+                op="notify",
+                table=self.stream_key,
+                new=json.loads(msg.content),
+                old=None,
+                at=tx.commit_time,
+                txid=tx.xid,
+                lsn=pgoutput.format_lsn(tx.final_lsn),
+            )
+            return [notify]
+        chunk = self.chunk
+        if msg.prefix == self.wm_prefix and chunk is not None:
+            kind, _, token = msg.content.decode().partition(":")
+            if token == chunk.token and kind == "low":
+                chunk.window = True
+            elif token == chunk.token and kind == "high" and chunk.window:
+                chunk.delivered = True
+                return self._snapshot_rows(tx, chunk)
+        return []
+
+    def _snapshot_rows(self, tx: Begin, chunk: snapshot.Chunk) -> list[Change[Any]]:
+        out = []
+        for key, row in chunk.rows.items():
+            self.seq += 1
+            out.append(
+                Change(
+                    id=_id(tx.final_lsn, self.seq),
+                    op="snapshot",
+                    table=chunk.table.key,
+                    new=row,
+                    old=None,
+                    at=tx.commit_time,
+                    txid=tx.xid,
+                    pk=dict(zip(chunk.table.pk, key, strict=True)),
+                    lsn=pgoutput.format_lsn(tx.final_lsn),
+                )
+            )
+        return out
+
+    # -- snapshot chunks ---------------------------------------------------------------
+
+    async def _next_chunk(self) -> None:
+        """Read the next chunk between two watermarks, or finish the snapshot."""
+        progress = self.progress
+        assert progress is not None
+        by_key = {t.key: t for t in self.target.tables}
+        async with self.db.connection() as conn:
+            while progress.index < len(progress.tables):
+                table = by_key.get(progress.tables[progress.index])
+                if table is not None:
+                    token = snapshot.new_token()
+                    await snapshot.emit(conn, self.slot, f"low:{token}")
+                    chunk = await snapshot.read_chunk(
+                        conn, table, progress.after, self.settings.chunk_size, token
+                    )
+                    await snapshot.emit(conn, self.slot, f"high:{token}")
+                    if chunk.rows:
+                        self.chunk = chunk
+                        return
+                progress.index, progress.after = progress.index + 1, None
+                await snapshot.save(conn, self.db.schema, self.slot, progress)
+            await snapshot.finish(conn, self.db.schema, self.slot)
+        self.progress = None
+        logger.info("snapshot for %s finished", self.slot)
+
+    async def _chunk_done(self, chunk: snapshot.Chunk) -> None:
+        """Every row of ``chunk`` was handled: save where the next chunk starts."""
+        progress = self.progress
+        assert progress is not None
+        if chunk.full:
+            progress.after = chunk.last
+        else:
+            progress.index, progress.after = progress.index + 1, None
+        async with self.db.connection() as conn:
+            await snapshot.save(conn, self.db.schema, self.slot, progress)
+        self.chunk = None
+
+    # -- relations ---------------------------------------------------------------------
+
+    async def _relation(self, rel: Relation) -> None:
+        oids = [c.type_oid for c in rel.columns]
+        key = self.names.get((rel.schema, rel.name))
+        if key is None or not self.types.knows(oids):
+            async with self.db.connection() as conn:
+                await self.types.learn(conn, oids)
+                if key is None:
+                    cur = await conn.execute(
+                        "SELECT format('%%I.%%I', %s, %s)", [rel.schema, rel.name]
+                    )
+                    row = await cur.fetchone()
+                    key = str(row[0]) if row else f"{rel.schema}.{rel.name}"
+                    self.names[(rel.schema, rel.name)] = key
+        self.relations[rel.oid] = _Rel(
+            key,
+            tuple(c.name for c in rel.columns),
+            tuple(self.types.converter(o) for o in oids),
+            tuple(i for i, c in enumerate(rel.columns) if c.key),
+        )
+
+    # -- the session -------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        """Find or create the slot (and start a snapshot if one is due)."""
+        consumer = self.settings.consumer
+        async with self.db.connection() as conn:
+            if consumer is None:
+                await slots.drop_stale_live(conn, self.target)
+                self.slot = slots.live_name(self.target)
+                self.confirmable = await slots.create(conn, self.slot)
+            else:
+                self.slot = self.target.slot(consumer)
+                found = await slots.state(conn, self.slot)
+                if found is None:
+                    self.confirmable = await slots.create(conn, self.slot)
+                    if self.settings.snapshot:
+                        self.progress = await snapshot.begin(
+                            conn, self.db.schema, self.slot, self.target
+                        )
+                else:
+                    self.progress = await snapshot.load(conn, self.db.schema, self.slot)
+        self.wm_prefix = snapshot.WATERMARK_PREFIX + self.slot
+
+    async def _next(self) -> tuple[XLogData, Any]:
+        """The next pgoutput message, answering keepalives, reporting status, writing
+        heartbeats and reconnecting on the way."""
+        while True:
+            session = self.session
+            if session is None:
+                await self._connect()
+                continue
+            try:
+                raw = session.poll()
+                if raw is None:
+                    if self.confirmable > self.reported:
+                        await self._status()
+                    raw = await session.read(_READ_SLICE)
+            except (psycopg.Error, OSError) as exc:
+                await self._lost(exc)
+                continue
+            if raw is None:
+                await self._idle()
+                continue
+            self.last_message = time.monotonic()
+            if type(raw) is XLogData:
+                return raw, pgoutput.decode(raw.payload)
+            assert isinstance(raw, Keepalive)
+            if self.tx is None:
+                self.confirmable = max(self.confirmable, raw.end)
+            if raw.reply:
+                await self._status()
+
+    async def _idle(self) -> None:
+        now = time.monotonic()
+        if self.confirmable > self.reported or now - self.last_status >= _STATUS_AT_LEAST:
+            await self._status()
+        if self.tx is None and now - self.last_message >= self.settings.heartbeat:
+            self.last_message = now
+            try:
+                async with self.db.connection() as conn:
+                    await conn.execute(
+                        "SELECT pg_catalog.pg_logical_emit_message(false, %s, '')",
+                        [HEARTBEAT_PREFIX],
+                    )
+            except DatabaseError as exc:
+                logger.warning("WAL heartbeat for %s failed: %s", self.slot, exc)
+        if now - self.last_slot_check >= _SLOT_CHECK_EVERY:
+            await self._check_retained()
+
+    async def _check_retained(self) -> None:
+        self.last_slot_check = time.monotonic()
+        limit = self.settings.warn_retained_bytes
+        if limit is None:
+            return
+        try:
+            async with self.db.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, wal_status"
+                    " FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+                    [self.slot],
+                )
+                row = await cur.fetchone()
+        except DatabaseError:
+            return
+        if row is not None and row[0] is not None and int(row[0]) > limit:
+            logger.warning(
+                "replication slot %s retains %d MB of WAL (wal_status %s): its consumer is"
+                " behind; the server keeps WAL for it until it catches up or"
+                " max_slot_wal_keep_size invalidates it",
+                self.slot,
+                int(row[0]) // (1024 * 1024),
+                row[1],
+            )
+
+    async def _status(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        position = self.confirmable
+        await session.send_status(position, position)
+        self.reported = position
+        self.last_status = time.monotonic()
+
+    async def _connect(self) -> None:
+        try:
+            async with self.db.connection() as conn:
+                found = await slots.state(conn, self.slot)
+            if found is None:
+                await self._slot_lost("it no longer exists")
+                return
+            if found[0] == "lost":
+                await self._slot_lost("invalidated: the WAL it needed was removed")
+                return
+            self.confirmable = max(self.confirmable, found[1])
+            conn_ = await self.db.dedicated(
+                replication="database",
+                application_name=f"pgstreams wal {self.slot}"[:63],
+                options=OPTIONS,
+            )
+            session = Session(conn_)
+            try:
+                await session.start(self.slot, self.confirmable, self.target.publication)
+            except BaseException:
+                await session.close()
+                raise
+        except (psycopg.Error, OSError, DatabaseError) as exc:
+            await self._lost(exc)
+            return
+        self.session, self.tx = session, None
+        self.reported = self.confirmable
+        self.last_status = self.last_message = time.monotonic()
+        self.retry.reset()
+        if time.monotonic() - self.last_slot_check >= _SLOT_CHECK_EVERY:
+            await self._check_retained()
+
+    async def _lost(self, exc: BaseException) -> None:
+        """A session failed: reconnect after a back-off if it may work next time."""
+        session, self.session = self.session, None
+        self.tx = None
+        if session is not None:
+            await session.close()
+        if isinstance(exc, psycopg.Error) and _invalidated(exc):
+            await self._slot_lost("invalidated: the WAL it needed was removed")
+            return
+        if isinstance(exc, DatabaseError):
+            error = exc
+        elif isinstance(exc, psycopg.Error):
+            error = database_error(exc)
+            if exc.sqlstate in _RETRY_STATES:
+                error.transient = True
+        else:
+            error = DatabaseError(str(exc), transient=True)
+        await self.retry.after(error)
+
+    async def _slot_lost(self, reason: str) -> None:
+        if self.live or self.settings.on_slot_lost != "resnapshot":
+            raise slots.SlotLostError(self.slot, reason)
+        logger.warning(
+            "replication slot %s is lost (%s): recreating it and re-reading current rows",
+            self.slot,
+            reason,
+        )
+        async with self.db.connection() as conn:
+            await slots.drop(conn, self.slot)
+            self.confirmable = await slots.create(conn, self.slot)
+            self.progress = await snapshot.begin(conn, self.db.schema, self.slot, self.target)
+        self.chunk = None
+
+    async def _close(self, clean: bool) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_WAIT):
+            session, self.session = self.session, None
+            if session is not None:
+                try:
+                    if clean and not self.shared.rewound:
+                        self._finish_buffered(session)
+                    if self.confirmable > self.reported:
+                        await session.send_status(self.confirmable, self.confirmable)
+                except (psycopg.Error, OSError):
+                    pass
+                await session.close()
+            if self.live and self.slot:
+                await self._drop_live()
+
+    def _finish_buffered(self, session: Session) -> None:
+        """At a clean close the last change handed out was handled: if its Commit has
+        arrived already, its transaction can be confirmed."""
+        while True:
+            raw = session.poll()
+            if raw is None:
+                return
+            if isinstance(raw, Keepalive):
+                if self.tx is None:
+                    self.confirmable = max(self.confirmable, raw.end)
+                continue
+            msg = pgoutput.decode(raw.payload)
+            if isinstance(msg, Commit):
+                self.tx = None
+                self.confirmable = max(self.confirmable, msg.end_lsn)
+            elif not isinstance(msg, Relation):
+                return
+
+    async def _drop_live(self) -> None:
+        """Drop the live slot, waiting for the server to release it."""
+        while True:
+            try:
+                async with self.db.connection() as conn:
+                    if await slots.drop(conn, self.slot):
+                        return
+            except DatabaseError as exc:
+                logger.warning("dropping replication slot %s: %s", self.slot, exc)
+                return
+            await anyio.sleep(0.05)
+
+
+# object_in_use: the slot is still held by a walsender that is being terminated.
+_RETRY_STATES = frozenset({"55006"})
+
+
+def _invalidated(exc: psycopg.Error) -> bool:
+    diag = exc.diag
+    text = " ".join(filter(None, [str(exc), diag.message_detail or ""]))
+    return exc.sqlstate == "55000" and "invalidated" in text
