@@ -542,6 +542,8 @@ class Reader:
                 await session.close()
             if self.live and self.slot:
                 await self._drop_live()
+            elif session is not None:
+                await self._released(session.pid)
 
     def _finish_buffered(self, session: Session) -> None:
         """At a clean close the last change handed out was handled: if its Commit has
@@ -560,6 +562,23 @@ class Reader:
                 self.confirmable = max(self.confirmable, msg.end_lsn)
             elif not isinstance(msg, Relation):
                 return
+
+    async def _released(self, pid: int) -> None:
+        """Wait until the server has let go of the slot, so that the stream's close means
+        the consumer can be dropped or resumed elsewhere at once."""
+        while True:
+            try:
+                async with self.db.connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT 1 FROM pg_catalog.pg_replication_slots"
+                        " WHERE slot_name = %s AND active_pid = %s",
+                        [self.slot, pid],
+                    )
+                    if await cur.fetchone() is None:
+                        return
+            except DatabaseError:
+                return
+            await anyio.sleep(0.01)
 
     async def _drop_live(self) -> None:
         """Drop the live slot, waiting for the server to release it."""
