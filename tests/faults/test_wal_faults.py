@@ -430,3 +430,95 @@ async def test_interrupted_snapshot_resumes_where_it_was(wal_db: ps.Database) ->
     assert {c.op for c in rest} == {"snapshot"}
     await cs.drop_consumer("resume")
     assert await slot_names(db) == []
+
+
+# -- keepalives and status -----------------------------------------------------------------
+
+
+async def test_keepalive_requests_are_answered_while_idle(
+    wal_db: ps.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a 2 s wal_sender_timeout the server asks for a reply after 1 s of silence and
+    cuts the session off after 2 s without one: an idle subscription must keep answering."""
+    from pgstreams._sources.changes.wal import reader
+
+    monkeypatch.setattr(
+        reader, "OPTIONS", reader.OPTIONS.replace("wal_sender_timeout=0", "wal_sender_timeout=2s")
+    )
+    db = wal_db
+    t = await make_table(db)
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal", heartbeat=3600)
+    async with cs.subscribe() as stream:
+
+        async def write_later() -> None:
+            slot = await wait_active(db)
+            (pid,) = (
+                await fetch(
+                    db, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", slot
+                )
+            )[0]
+            await anyio.sleep(5)  # idle, well past the timeout
+            now = await fetch(
+                db, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", slot
+            )
+            assert now == [(pid,)], "the session was cut off and reconnected"
+            await execute(db, insert_sql(t), 1)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write_later)
+            assert new(await anext(stream))["id"] == 1
+
+
+async def test_status_goes_out_while_idle(
+    wal_db: ps.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgstreams._sources.changes.wal import reader
+
+    monkeypatch.setattr(reader, "_STATUS_AT_LEAST", 0.5)
+    db = wal_db
+    t = await make_table(db)
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal", heartbeat=3600)
+    async with cs.subscribe() as stream, anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await wait_active(db)
+            query = (
+                "SELECT reply_time FROM pg_stat_replication"
+                " WHERE application_name LIKE 'pgstreams wal%%'"
+            )
+            first = (await fetch(db, query))[0][0]
+            await anyio.sleep(2.5)
+            later = (await fetch(db, query))[0][0]
+            assert later is not None and (first is None or later > first)
+            await execute(db, insert_sql(t), 1)
+
+        tg.start_soon(watch)
+        assert new(await anext(stream))["id"] == 1
+
+
+async def test_a_slot_past_the_warning_threshold_is_logged(
+    wal_db: ps.Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = wal_db
+    t = await make_table(db)
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal", retained_warning=1)
+    quiet: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal")
+    with caplog.at_level("WARNING", logger="pgstreams.changes.wal"):
+        for stream in (quiet, cs):
+            async with stream.subscribe(consumer="watched") as s:
+
+                async def write() -> None:
+                    await wait_active(db)
+                    await execute(db, insert_sql(t), len(caplog.records))
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(write)
+                    await anext(s)
+            if stream is quiet:
+                assert not [r for r in caplog.records if "retains" in r.getMessage()]
+    assert [
+        r
+        for r in caplog.records
+        if "retains" in r.getMessage() and "max_slot_wal_keep_size" in r.getMessage()
+    ]
+    await cs.drop_consumer("watched")

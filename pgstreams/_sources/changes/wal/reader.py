@@ -33,7 +33,7 @@ from ...._core.source import Retry
 from ...._core.stream import closing_cleanly
 from ...._pg.database import Database, database_error
 from ..change import Change
-from . import pgoutput, slots, snapshot
+from . import pgoutput, replication, slots, snapshot
 from .pgoutput import (
     UNCHANGED,
     Begin,
@@ -47,7 +47,7 @@ from .pgoutput import (
     Update,
     XLogData,
 )
-from .replication import OPTIONS, Session
+from .replication import Session
 from .setup import WalTarget
 from .values import Convert, Types
 
@@ -592,6 +592,9 @@ class Reader:
                 return
             await anyio.sleep(0.05)
 
+
+OPTIONS = replication.OPTIONS
+"""The replication session's server settings (see replication.py)."""
 
 # object_in_use: the slot is still held by a walsender that is being terminated.
 _RETRY_STATES = frozenset({"55006"})
