@@ -77,7 +77,7 @@ class XLogData:
     """The WAL position of the record this data came from."""
     end: int
     """The server's WAL end when it sent this."""
-    payload: bytes
+    payload: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +96,7 @@ def decode_copy(data: bytes | memoryview) -> XLogData | Keepalive:
     """One CopyData message of a START_REPLICATION stream."""
     try:
         return _decode_copy(data)
-    except struct.error as exc:
+    except (struct.error, IndexError) as exc:
         raise ProtocolError(f"copy message ends early: {exc}") from None
 
 
@@ -104,7 +104,7 @@ def _decode_copy(data: bytes | memoryview) -> XLogData | Keepalive:
     kind = data[:1]
     if kind == b"w":
         start, end, _ = _XLOG.unpack_from(data, 1)
-        return XLogData(start, end, bytes(data[1 + _XLOG.size :]))
+        return XLogData(start, end, data[1 + _XLOG.size :])
     if kind == b"k":
         end, _, reply = _KEEPALIVE.unpack_from(data, 1)
         return Keepalive(end, bool(reply))
@@ -261,27 +261,71 @@ class _Reader:
         self.pos += n
         return chunk
 
-    def tuple(self) -> Tuple:
-        values: list[str | object | None] = []
-        for _ in range(self.u16()):
-            kind = self.byte()
-            if kind == "t":
-                values.append(self.take(self.u32()).decode())
-            elif kind == "n":
-                values.append(None)
-            elif kind == "u":
-                values.append(UNCHANGED)
-            else:
-                raise ProtocolError(f"unexpected tuple value kind {kind!r}")
-        return tuple(values)
+
+def _tuple(buf: bytes | memoryview, pos: int) -> tuple[Tuple, int]:
+    """TupleData at ``pos``: (values, position after it). The hot path: no method calls
+    per column beyond slicing and decoding."""
+    count = (buf[pos] << 8) | buf[pos + 1]
+    pos += 2
+    values: list[str | object | None] = []
+    append = values.append
+    for _ in range(count):
+        kind = buf[pos]
+        if kind == 116:  # 't'
+            length = (
+                (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
+            )
+            pos += 5
+            append(str(buf[pos : pos + length], "utf-8"))
+            pos += length
+        elif kind == 110:  # 'n'
+            append(None)
+            pos += 1
+        elif kind == 117:  # 'u'
+            append(UNCHANGED)
+            pos += 1
+        else:
+            raise ProtocolError(f"unexpected tuple value kind {chr(kind)!r}")
+    if pos > len(buf):
+        raise ProtocolError("message ends early")
+    return tuple(values), pos
 
 
-def decode(payload: bytes) -> Message:
+def decode(payload: bytes | memoryview) -> Message:
     """One pgoutput message."""
     try:
-        return _decode(payload)
-    except struct.error as exc:
+        kind = payload[0]
+        if kind == 73:  # 'I': the most frequent, decoded inline
+            if payload[5] != 78:
+                raise ProtocolError("insert without a new tuple")
+            return Insert(_I32.unpack_from(payload, 1)[0], _tuple(payload, 6)[0])
+        if kind == 85 or kind == 68:  # 'U', 'D'
+            return _update_or_delete(payload, kind)
+        return _decode(bytes(payload))
+    except (struct.error, IndexError) as exc:
         raise ProtocolError(f"message ends early: {exc}") from None
+
+
+def _update_or_delete(payload: bytes | memoryview, kind: int) -> Message:
+    rel = _I32.unpack_from(payload, 1)[0]
+    marker = payload[5]
+    old_kind: str | None = None
+    old: Tuple | None = None
+    pos = 6
+    if marker in (75, 79):  # 'K', 'O'
+        old_kind = chr(marker)
+        old, pos = _tuple(payload, 6)
+        if kind == 68:
+            if pos != len(payload):
+                raise ProtocolError("trailing bytes after a delete")
+            return Delete(rel, old_kind, old)
+        marker = payload[pos]
+        pos += 1
+    elif kind == 68:
+        raise ProtocolError("delete without an old tuple")
+    if marker != 78:
+        raise ProtocolError("update without a new tuple")
+    return Update(rel, old_kind, old, _tuple(payload, pos)[0])
 
 
 def _decode(payload: bytes) -> Message:
@@ -293,28 +337,6 @@ def _decode(payload: bytes) -> Message:
     if kind == "C":
         _flags, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(payload, 1)
         return Commit(commit_lsn, end_lsn, pg_time(ts))
-    if kind == "I":
-        rel = r.u32()
-        if r.byte() != "N":
-            raise ProtocolError("insert without a new tuple")
-        return Insert(rel, r.tuple())
-    if kind == "U":
-        rel = r.u32()
-        marker = r.byte()
-        old_kind: str | None = None
-        old: Tuple | None = None
-        if marker in ("K", "O"):
-            old_kind, old = marker, r.tuple()
-            marker = r.byte()
-        if marker != "N":
-            raise ProtocolError("update without a new tuple")
-        return Update(rel, old_kind, old, r.tuple())
-    if kind == "D":
-        rel = r.u32()
-        marker = r.byte()
-        if marker not in ("K", "O"):
-            raise ProtocolError("delete without an old tuple")
-        return Delete(rel, marker, r.tuple())
     if kind == "R":
         oid = r.u32()
         schema, name = r.string(), r.string()

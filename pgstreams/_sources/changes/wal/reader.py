@@ -12,8 +12,9 @@ resends from the last confirmed position: at-least-once, never a gap.
 
 Idle slots: when no transaction is in flight, the position of the server's keepalive (all
 it has sent) is confirmed too, so traffic on other tables does not pile up behind the slot;
-after ``heartbeat`` seconds without any message a tiny non-transactional logical message
-is written to make the server move on.
+after ``heartbeat`` seconds without any message, if the server's WAL has moved more than
+64 kB past the confirmed position, a tiny non-transactional logical message is written to
+make the server move on (a quiet server is left quiet).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ _STATUS_AT_LEAST = 10.0
 _READ_SLICE = 1.0
 _SLOT_CHECK_EVERY = 60.0
 _RELEASE_WAIT = 10.0
+_BEHIND = 64 * 1024  # WAL bytes past the confirmed position that call for a heartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,22 @@ class _Rel:
     """Indexes of the replica identity's columns."""
 
 
+def _row(rel: _Rel, values: tuple[Any, ...], unchanged: list[str]) -> dict[str, Any]:
+    """A tuple as a dict; unchanged TOASTed values are left out and named in ``unchanged``."""
+    if UNCHANGED not in values:
+        return {
+            name: None if value is None else convert(value)
+            for name, convert, value in zip(rel.names, rel.convert, values, strict=False)
+        }
+    row: dict[str, Any] = {}
+    for name, convert, value in zip(rel.names, rel.convert, values, strict=False):
+        if value is UNCHANGED:
+            unchanged.append(name)
+        else:
+            row[name] = None if value is None else convert(value)
+    return row
+
+
 def _id(lsn: int, seq: int) -> int:
     """A change's id in WAL capture: its commit LSN, then its place in the transaction."""
     return (lsn << 32) | seq
@@ -116,6 +134,8 @@ class Reader:
         self.names: dict[tuple[str, str], str] = {(t.schema, t.name): t.key for t in target.tables}
         self.tx: Begin | None = None
         self.seq = 0
+        self.id_base = 0
+        self.lsn_text = ""
         self.confirmable = 0
         self.reported = 0
         self.last_status = 0.0
@@ -143,6 +163,8 @@ class Reader:
                         yield change
                 elif kind is Begin:
                     self.tx, self.seq = msg, 0
+                    self.id_base = msg.final_lsn << 32
+                    self.lsn_text = pgoutput.format_lsn(msg.final_lsn)
                 elif kind is Commit:
                     self.tx = None
                     self.confirmable = max(self.confirmable, msg.end_lsn)
@@ -170,12 +192,12 @@ class Reader:
         unchanged: list[str] = []
         old: dict[str, Any] | None
         if isinstance(msg, Insert):
-            op, new, old = "insert", self._row(rel, msg.new, unchanged), None
+            op, new, old = "insert", _row(rel, msg.new, unchanged), None
             pk_from: dict[str, Any] = new
         elif isinstance(msg, Update):
-            op, new = "update", self._row(rel, msg.new, unchanged)
+            op, new = "update", _row(rel, msg.new, unchanged)
             if msg.old_kind == "O":
-                old = self._row(rel, msg.old or (), [])
+                old = _row(rel, msg.old or (), [])
             elif msg.old_kind == "K":
                 old = self._key(rel, msg.old or ())
             else:
@@ -184,38 +206,27 @@ class Reader:
             pk_from = new
         else:
             op, new = "delete", None
-            old = self._row(rel, msg.old, []) if msg.old_kind == "O" else self._key(rel, msg.old)
+            old = _row(rel, msg.old, []) if msg.old_kind == "O" else self._key(rel, msg.old)
             pk_from = old
-        pk = {rel.names[i]: pk_from.get(rel.names[i]) for i in rel.keys} if rel.keys else None
+        names = rel.names
+        pk = {names[i]: pk_from.get(names[i]) for i in rel.keys} if rel.keys else None
         chunk = self.chunk
         if chunk is not None and chunk.window and chunk.table.key == rel.key and pk is not None:
             chunk.rows.pop(tuple(pk.get(c) for c in chunk.table.pk), None)
             if old is not None and msg.__class__ is Update:
                 chunk.rows.pop(tuple(old.get(c) for c in chunk.table.pk), None)
         return Change(
-            id=_id(tx.final_lsn, self.seq),
-            op=op,
-            table=rel.key,
-            new=new,
-            old=old,
-            at=tx.commit_time,
-            txid=tx.xid,
-            pk=pk,
-            lsn=pgoutput.format_lsn(tx.final_lsn),
-            unchanged=tuple(unchanged),
+            self.id_base | self.seq,
+            op,
+            rel.key,
+            new,
+            old,
+            tx.commit_time,
+            tx.xid,
+            pk,
+            self.lsn_text,
+            tuple(unchanged) if unchanged else (),
         )
-
-    @staticmethod
-    def _row(rel: _Rel, values: tuple[Any, ...], unchanged: list[str]) -> dict[str, Any]:
-        row: dict[str, Any] = {}
-        for name, convert, value in zip(rel.names, rel.convert, values, strict=False):
-            if value is None:
-                row[name] = None
-            elif value is UNCHANGED:
-                unchanged.append(name)
-            else:
-                row[name] = convert(value)
-        return row
 
     @staticmethod
     def _key(rel: _Rel, values: tuple[Any, ...]) -> dict[str, Any]:
@@ -420,9 +431,10 @@ class Reader:
             self.last_message = now
             try:
                 async with self.db.connection() as conn:
-                    await conn.execute(
-                        "SELECT pg_catalog.pg_logical_emit_message(false, %s, '')",
-                        [HEARTBEAT_PREFIX],
+                    await conn.execute(  # only if the slot is behind: a quiet server stays so
+                        "SELECT pg_catalog.pg_logical_emit_message(false, %s, '')"
+                        " WHERE pg_catalog.pg_current_wal_lsn() - %s::pg_lsn > %s",
+                        [HEARTBEAT_PREFIX, pgoutput.format_lsn(self.confirmable), _BEHIND],
                     )
             except DatabaseError as exc:
                 logger.warning("WAL heartbeat for %s failed: %s", self.slot, exc)
