@@ -365,10 +365,13 @@ WAL_WRITES, WAL_DRAIN, WAL_LATENCY, WAL_RSS, TRIGGER_DRAIN = (
 )
 BULK = 100_000
 DRAIN = 200_000
+TRIGGER_DRAIN_ROWS = 20_000
+"""A trigger-capture durable consumer stores its position after every change: fewer rows."""
 DRAIN_TRANSACTIONS = 4
 RSS_ROWS = 1_000_000
 LATENCY_RATE = 200.0
 WRITERS, DRAINER, RSS = "writers", "drain", "rss"
+BUSY = "busy loop"
 CHILD = "--child"
 """First argument of this script run as a child process (see ``child_main``)."""
 
@@ -440,6 +443,7 @@ async def create_consumer(cs: ps.PgChangeStream[Any], name: str) -> None:
 
         tg.start_soon(hold)
         await consumer_active(cs, name, True)
+        await anyio.sleep(0.2)  # past the queries a session runs as it starts
         tg.cancel_scope.cancel()
     await consumer_active(cs, name, False)
 
@@ -528,11 +532,13 @@ async def writer_rates(
     db: ps.Database, dsn: str, seconds: int, rounds: int
 ) -> tuple[dict[int, dict[str, list[float]]], dict[str, list[float]]]:
     """pgbench TPS per clients and table, and bulk-insert rows/s per table, rounds
-    interleaved: no capture, WAL capture with a consumer draining, trigger capture."""
+    interleaved: no capture, WAL capture with a consumer draining, trigger capture; and
+    for TPS a control, no capture with a busy-looping process beside it (``BUSY``)."""
     cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, WAL_WRITES, capture="wal")
     tables = (PLAIN, WAL_WRITES, CAPTURED)
-    tps = {clients: {t: list[float]() for t in tables} for clients in (1, 4)}
+    tps = {clients: {t: list[float]() for t in (*tables, BUSY)} for clients in (1, 4)}
     bulk = {t: list[float]() for t in tables}
+    run = anyio.to_thread.run_sync
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
 
         async def bulk_insert(table: str) -> float:
@@ -540,20 +546,32 @@ async def writer_rates(
             await insert_rows(conn, table, BULK)
             return BULK / (time.perf_counter() - start)
 
+        for table in tables:  # untimed: first use of the table, pgbench, the cache
+            await run(pgbench, dsn, insert_script(table), 1, 1)
+            await insert_rows(conn, table, BULK // 10)
         for clients in (1, 4):
             for _ in range(rounds):
-                for table in tables:
-                    run = anyio.to_thread.run_sync
-                    script = insert_script(table)
+                for table in (*tables, BUSY):
                     if table == WAL_WRITES:
                         async with consuming(cs, conn, dsn) as child:
                             tps[clients][table].append(
-                                await run(pgbench, dsn, script, clients, seconds)
+                                await run(pgbench, dsn, insert_script(table), clients, seconds)
                             )
                             await child.caught_up()
+                    elif table == BUSY:
+                        loop = await anyio.open_process(
+                            [sys.executable, "-c", "while True: pass"], stdin=None, stdout=None
+                        )
+                        try:
+                            tps[clients][table].append(
+                                await run(pgbench, dsn, insert_script(PLAIN), clients, seconds)
+                            )
+                        finally:
+                            loop.kill()
+                            await loop.aclose()
                     else:
                         tps[clients][table].append(
-                            await run(pgbench, dsn, script, clients, seconds)
+                            await run(pgbench, dsn, insert_script(table), clients, seconds)
                         )
         for _ in range(rounds):
             for table in tables:
@@ -643,9 +661,9 @@ async def page_log(dsn: str, key: str, after: int, n: int, page: int = 500) -> f
     return n / (time.perf_counter() - start)
 
 
-async def write_drain_rows(conn: psycopg.AsyncConnection[Any], table: str) -> None:
+async def write_drain_rows(conn: psycopg.AsyncConnection[Any], table: str, rows: int) -> None:
     for _ in range(DRAIN_TRANSACTIONS):
-        await insert_rows(conn, table, DRAIN // DRAIN_TRANSACTIONS)
+        await insert_rows(conn, table, rows // DRAIN_TRANSACTIONS)
 
 
 async def wal_drain(db: ps.Database, dsn: str, rounds: int) -> tuple[list[float], list[float]]:
@@ -665,7 +683,7 @@ async def wal_drain(db: ps.Database, dsn: str, rounds: int) -> tuple[list[float]
                     "SELECT pubname::text FROM pg_publication_tables WHERE tablename = %s",
                     [WAL_DRAIN],
                 )
-                await write_drain_rows(conn, WAL_DRAIN)
+                await write_drain_rows(conn, WAL_DRAIN, DRAIN)
                 for which in ("raw", "ours") if r % 2 == 0 else ("ours", "raw"):
                     if which == "raw":
                         raw.append(await read_raw(dsn, slot, publication, DRAIN))
@@ -680,7 +698,7 @@ async def wal_drain(db: ps.Database, dsn: str, rounds: int) -> tuple[list[float]
 
 async def trigger_drain(db: ps.Database, dsn: str, rounds: int) -> tuple[list[float], list[float]]:
     """Per round: changes/s to a durable consumer of a trigger-captured table, and the
-    replay floor's rate on the same ``DRAIN`` rows of the log."""
+    replay floor's rate on the same ``TRIGGER_DRAIN_ROWS`` rows of the log."""
     cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, TRIGGER_DRAIN)
     key = await cs.key()
     ours: list[float] = []
@@ -691,19 +709,19 @@ async def trigger_drain(db: ps.Database, dsn: str, rounds: int) -> tuple[list[fl
                 await scalar(conn, "SELECT coalesce(max(id), 0) FROM pgstreams.changes", [])
             )
             await cs.add_consumer(DRAINER)
-            await write_drain_rows(conn, TRIGGER_DRAIN)
+            await write_drain_rows(conn, TRIGGER_DRAIN, TRIGGER_DRAIN_ROWS)
             for which in ("floor", "ours") if r % 2 == 0 else ("ours", "floor"):
                 if which == "floor":
-                    floor.append(await page_log(dsn, key, after, DRAIN))
+                    floor.append(await page_log(dsn, key, after, TRIGGER_DRAIN_ROWS))
                 else:
-                    ours.append(await drain_consumer(cs, DRAINER, DRAIN))
+                    ours.append(await drain_consumer(cs, DRAINER, TRIGGER_DRAIN_ROWS))
             await cs.remove_consumer(DRAINER)
     return ours, floor
 
 
-async def rss_growth(db: ps.Database, dsn: str) -> tuple[float, float]:
-    """MB of peak RSS growth of a child process draining one ``RSS_ROWS``-row transaction
-    through a durable consumer, and its changes/s."""
+async def rss_growth(db: ps.Database, dsn: str) -> tuple[float, float, float]:
+    """Peak RSS of a child process before and after draining one ``RSS_ROWS``-row
+    transaction through a durable consumer (MiB), and its changes/s."""
     cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, WAL_RSS, capture="wal")
     async with await anyio.open_process(
         child_command("rss", dsn, WAL_RSS, RSS, str(RSS_ROWS)), stderr=None
@@ -719,7 +737,7 @@ async def rss_growth(db: ps.Database, dsn: str) -> tuple[float, float]:
         raise RuntimeError(f"the draining process exited with {proc.returncode}")
     await drop_consumer(cs, RSS)
     result = json.loads(line)
-    return (result["after"] - result["before"]) / 1024, RSS_ROWS / result["seconds"]
+    return result["before"] / 1024, result["after"] / 1024, RSS_ROWS / result["seconds"]
 
 
 async def wal_figures(
@@ -734,7 +752,7 @@ async def wal_figures(
         db, dsn, samples, table=WAL_LATENCY, wal=True, rate=LATENCY_RATE
     )
     trig_p50, trig_p99 = await latency(db, dsn, samples, rate=LATENCY_RATE)
-    rss_mb, rss_rate = await rss_growth(db, dsn)
+    rss_before, rss_after, rss_rate = await rss_growth(db, dsn)
 
     def median(values: list[float]) -> str:
         return f"{statistics.median(values):,.0f}"
@@ -765,7 +783,7 @@ async def wal_figures(
     )
     rows.append(
         [
-            f"changes/s to a durable consumer ({DRAIN:,} queued)",
+            f"changes/s to a durable consumer ({DRAIN:,} queued; trigger: {TRIGGER_DRAIN_ROWS:,})",
             f"{median(wal_raw)}/s raw pgoutput",
             f"{median(wal_ours)}/s",
             median_ratio(wal_ours, wal_raw),
@@ -801,18 +819,29 @@ async def wal_figures(
         [
             f"peak RSS growth draining one {RSS_ROWS:,}-row transaction ²",
             "",
-            f"{rss_mb:.1f} MB",
+            f"{rss_after - rss_before:.1f} MB",
             "",
             "n/a",
             "",
             "≤ 64 MB",
         ]
     )
+    busy = ", ".join(
+        f"{median(by_table[BUSY])} TPS ({median_ratio(by_table[BUSY], by_table[PLAIN])})"
+        f" with {clients}"
+        for clients, by_table in tps.items()
+    )
     notes = [
+        "Control: no capture, with a busy-looping process running beside pgbench:"
+        f" {busy} writers. Where a consumer's CPU use alone moves TPS (small VMs wake an"
+        " idle CPU slowly), compare the WAL row with this too.",
         f"¹ against paging the same rows of the log with psycopg and decoding their JSON"
         f" ({median(trig_floor)}/s), as the replay floor does.",
-        f"² ru_maxrss of a child process, from before subscribing to after the last change;"
-        f" it drained {rss_rate:,.0f} changes/s.",
+        f"² ru_maxrss of a child process, from before subscribing ({rss_before:.1f} MB) to"
+        f" after the last change ({rss_after:.1f} MB); it drained {rss_rate:,.0f} changes/s.",
+        "Latency is handler time - the time the writer's COMMIT returned, in one process; WAL"
+        " capture's can be below 0: the server sends a transaction once its commit record is"
+        " flushed, which may be before the writer hears back.",
     ]
     return rows, notes
 

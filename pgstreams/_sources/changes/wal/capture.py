@@ -7,8 +7,7 @@ library's schema, the publication, the slot).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Literal
 
 from psycopg import AsyncConnection, sql
@@ -108,12 +107,8 @@ class WalCapture:
             ),
         )
 
-    async def _run(self, settings: Settings, shared: Shared) -> AsyncIterator[Change[Any]]:
-        target = await self._prepare(settings)
-        reader = Reader(self._db, target, ", ".join(t.key for t in target.tables), settings, shared)
-        async with aclosing(reader.changes()) as changes:
-            async for change in changes:
-                yield change
+    def _run(self, settings: Settings, shared: Shared) -> AsyncGenerator[Change[Any], None]:
+        return Reader(self._db, lambda: self._prepare(settings), settings, shared).changes()
 
     async def _prepare(self, settings: Settings) -> WalTarget:
         """Check everything, then create the schema and the publication."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 __all__ = [
     "Begin",
@@ -71,8 +72,7 @@ def standby_status(written: int, flushed: int, now: datetime, *, reply: bool = F
 # -- the copy stream ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class XLogData:
+class XLogData(NamedTuple):
     start: int
     """The WAL position of the record this data came from."""
     end: int
@@ -80,8 +80,7 @@ class XLogData:
     payload: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
-class Keepalive:
+class Keepalive(NamedTuple):
     end: int
     """Everything before this WAL position has been sent."""
     reply: bool
@@ -114,16 +113,14 @@ def _decode_copy(data: bytes | memoryview) -> XLogData | Keepalive:
 # -- pgoutput ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Begin:
+class Begin(NamedTuple):
     final_lsn: int
     """The LSN of the transaction's commit record."""
     commit_time: datetime
     xid: int
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(NamedTuple):
     commit_lsn: int
     end_lsn: int
     """Just past the commit record: the position to confirm once it is handled."""
@@ -166,14 +163,12 @@ Tuple = tuple[str | object | None, ...]
 """Column values in the relation's order: text, None (NULL) or UNCHANGED."""
 
 
-@dataclass(frozen=True, slots=True)
-class Insert:
+class Insert(NamedTuple):
     relation: int
     new: Tuple
 
 
-@dataclass(frozen=True, slots=True)
-class Update:
+class Update(NamedTuple):
     relation: int
     old_kind: str | None
     """"K" key columns, "O" the whole old row, None: no old tuple was sent."""
@@ -181,8 +176,7 @@ class Update:
     new: Tuple
 
 
-@dataclass(frozen=True, slots=True)
-class Delete:
+class Delete(NamedTuple):
     relation: int
     old_kind: str
     old: Tuple
@@ -262,21 +256,20 @@ class _Reader:
         return chunk
 
 
-def _tuple(buf: bytes | memoryview, pos: int) -> tuple[Tuple, int]:
-    """TupleData at ``pos``: (values, position after it). The hot path: no method calls
-    per column beyond slicing and decoding."""
+def _tuple(buf: bytes, pos: int) -> tuple[Tuple, int]:
+    """TupleData at ``pos``: (values, position after it). The hot path: as few calls per
+    column as can be."""
     count = (buf[pos] << 8) | buf[pos + 1]
     pos += 2
     values: list[str | object | None] = []
     append = values.append
+    length_at = _I32.unpack_from
     for _ in range(count):
         kind = buf[pos]
         if kind == 116:  # 't'
-            length = (
-                (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
-            )
+            (length,) = length_at(buf, pos + 1)
             pos += 5
-            append(str(buf[pos : pos + length], "utf-8"))
+            append(buf[pos : pos + length].decode())
             pos += length
         elif kind == 110:  # 'n'
             append(None)
@@ -291,8 +284,9 @@ def _tuple(buf: bytes | memoryview, pos: int) -> tuple[Tuple, int]:
     return tuple(values), pos
 
 
-def decode(payload: bytes | memoryview) -> Message:
+def decode(data: bytes | memoryview) -> Message:
     """One pgoutput message."""
+    payload = bytes(data)
     try:
         kind = payload[0]
         if kind == 73:  # 'I': the most frequent, decoded inline
@@ -301,12 +295,12 @@ def decode(payload: bytes | memoryview) -> Message:
             return Insert(_I32.unpack_from(payload, 1)[0], _tuple(payload, 6)[0])
         if kind == 85 or kind == 68:  # 'U', 'D'
             return _update_or_delete(payload, kind)
-        return _decode(bytes(payload))
+        return _decode(payload)
     except (struct.error, IndexError) as exc:
         raise ProtocolError(f"message ends early: {exc}") from None
 
 
-def _update_or_delete(payload: bytes | memoryview, kind: int) -> Message:
+def _update_or_delete(payload: bytes, kind: int) -> Message:
     rel = _I32.unpack_from(payload, 1)[0]
     marker = payload[5]
     old_kind: str | None = None

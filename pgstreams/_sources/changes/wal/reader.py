@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,11 +119,16 @@ class Reader:
     """One subscription's replication session and decoding state (module docstring)."""
 
     def __init__(
-        self, db: Database, target: WalTarget, stream_key: str, settings: Settings, shared: Shared
+        self,
+        db: Database,
+        prepare: Callable[[], Awaitable[WalTarget]],
+        settings: Settings,
+        shared: Shared,
     ) -> None:
         self.db = db
-        self.target = target
-        self.stream_key = stream_key
+        self.prepare = prepare
+        self.target = WalTarget((), (), "", "")
+        self.stream_key = ""
         self.settings = settings
         self.shared = shared
         self.live = settings.consumer is None
@@ -131,7 +136,7 @@ class Reader:
         self.session: Session | None = None
         self.types = Types()
         self.relations: dict[int, _Rel] = {}
-        self.names: dict[tuple[str, str], str] = {(t.schema, t.name): t.key for t in target.tables}
+        self.names: dict[tuple[str, str], str] = {}
         self.tx: Begin | None = None
         self.seq = 0
         self.id_base = 0
@@ -141,20 +146,18 @@ class Reader:
         self.last_status = 0.0
         self.last_message = time.monotonic()
         self.last_slot_check = 0.0
-        self.retry = Retry(logger, f"WAL changes of {stream_key}")
+        self.retry = Retry(logger, "WAL changes")
         self.progress: snapshot.Progress | None = None
         self.chunk: snapshot.Chunk | None = None
-        self.notify_prefix = NOTIFY_PREFIX + target.publication
+        self.notify_prefix = ""
         self.wm_prefix = ""
 
     # -- the stream --------------------------------------------------------------------
 
     async def changes(self) -> AsyncGenerator[Change[Any], None]:
         try:
-            await self._open()
+            await self._start(await self.prepare())
             while True:
-                if self.progress is not None and self.chunk is None:
-                    await self._next_chunk()
                 xlog, msg = await self._next()
                 kind = type(msg)
                 if kind is Insert or kind is Update or kind is Delete:
@@ -373,6 +376,14 @@ class Reader:
 
     # -- the session -------------------------------------------------------------------
 
+    async def _start(self, target: WalTarget) -> None:
+        self.target = target
+        self.stream_key = ", ".join(t.key for t in target.tables)
+        self.names = {(t.schema, t.name): t.key for t in target.tables}
+        self.retry = Retry(logger, f"WAL changes of {self.stream_key}")
+        self.notify_prefix = NOTIFY_PREFIX + target.publication
+        await self._open()
+
     async def _open(self) -> None:
         """Find or create the slot (and start a snapshot if one is due)."""
         consumer = self.settings.consumer
@@ -398,6 +409,8 @@ class Reader:
         """The next pgoutput message, answering keepalives, reporting status, writing
         heartbeats and reconnecting on the way."""
         while True:
+            if self.progress is not None and self.chunk is None:
+                await self._next_chunk()  # a snapshot is due: start its next chunk
             session = self.session
             if session is None:
                 await self._connect()
