@@ -451,3 +451,58 @@ async def test_role_without_replication_is_refused(db: ps.Database, wal_dsn: str
     finally:
         await execute(db, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
         await execute(db, sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+async def test_partitions_are_published_as_their_root_table(db: ps.Database) -> None:
+    t = tname()
+    ident = sql.Identifier(t)
+    await execute(
+        db, sql.SQL("CREATE TABLE {} (id int PRIMARY KEY) PARTITION BY RANGE (id)").format(ident)
+    )
+    for low, high in ((0, 100), (100, 200)):
+        part = sql.Identifier(f"{t}_{low}")
+        await execute(
+            db,
+            sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+                part, ident, sql.Literal(low), sql.Literal(high)
+            ),
+        )
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal")
+
+    async def write() -> None:
+        await execute(db, sql.SQL("INSERT INTO {} VALUES (5), (150)").format(ident))
+        await execute(db, sql.SQL("INSERT INTO {} VALUES (7)").format(sql.Identifier(f"{t}_0")))
+
+    got = await live(cs, 3, write)
+    assert [(c.table, new(c)["id"]) for c in got] == [
+        (f"public.{t}", 5),
+        (f"public.{t}", 150),
+        (f"public.{t}", 7),
+    ]
+
+
+async def test_a_quiet_server_gets_no_heartbeats(db: ps.Database) -> None:
+    """Heartbeats are written only when the slot is behind: an idle stream on an idle
+    database writes nothing (seen by a second slot peeking at the WAL)."""
+    t = await make_table(db)
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal", heartbeat=0.2)
+    await execute(db, "SELECT pg_create_logical_replication_slot('probe', 'test_decoding')")
+    try:
+        async with cs.subscribe() as stream:
+
+            async def idle_then_write() -> None:
+                await wait_for_slot_activity()
+                await anyio.sleep(2)  # ten heartbeat periods
+                await execute(db, sql.SQL("INSERT INTO {} VALUES (1)").format(sql.Identifier(t)))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(idle_then_write)
+                assert new(await anext(stream))["id"] == 1
+        rows = await fetch(
+            db,
+            "SELECT data FROM pg_logical_slot_peek_changes('probe', NULL, NULL)"
+            " WHERE data LIKE 'message:%%'",
+        )
+        assert [r for r in rows if "pgstreams.heartbeat" in r[0]] == []
+    finally:
+        await execute(db, "SELECT pg_drop_replication_slot('probe')")

@@ -362,7 +362,7 @@ class Reader:
                 await self.types.learn(conn, oids)
                 if key is None:
                     cur = await conn.execute(
-                        "SELECT format('%%I.%%I', %s, %s)", [rel.schema, rel.name]
+                        "SELECT format('%%I.%%I', %s::text, %s::text)", [rel.schema, rel.name]
                     )
                     row = await cur.fetchone()
                     key = str(row[0]) if row else f"{rel.schema}.{rel.name}"
