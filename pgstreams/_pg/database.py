@@ -14,7 +14,7 @@ from typing import Any, Self
 import anyio
 import psycopg
 from psycopg import AsyncConnection, pq
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from .._core.errors import DatabaseError, InvalidArgumentError
@@ -120,6 +120,10 @@ class Database:
         replication session (``extra``: more connection parameters). The caller closes it."""
         if self._closed:
             raise DatabaseError("the Database is closed")
+        if "options" in extra:  # added to the caller's own options, not instead of them
+            mine = self._kwargs.get("options") or conninfo_to_dict(self.dsn).get("options")
+            if mine:
+                extra["options"] = f"{mine} {extra['options']}"
         with translate_errors():
             return await own_connection(self.dsn, self._kwargs, **extra)
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgstreams as ps
 from pgstreams._pg.embedded import EmbeddedPostgres
@@ -443,7 +445,9 @@ async def test_keepalive_requests_are_answered_while_idle(
     from pgstreams._sources.changes.wal import reader
 
     monkeypatch.setattr(
-        reader, "OPTIONS", reader.OPTIONS.replace("wal_sender_timeout=0", "wal_sender_timeout=2s")
+        reader,
+        "OPTIONS",
+        reader.OPTIONS.replace("wal_sender_timeout=5min", "wal_sender_timeout=2s"),
     )
     db = wal_db
     t = await make_table(db)
@@ -522,3 +526,176 @@ async def test_a_slot_past_the_warning_threshold_is_logged(
         if "retains" in r.getMessage() and "max_slot_wal_keep_size" in r.getMessage()
     ]
     await cs.drop_consumer("watched")
+
+
+# -- found in review -------------------------------------------------------------------------
+
+
+async def test_walsender_killed_with_transactions_buffered(
+    wal_db: ps.Database, wal_dsn: str
+) -> None:
+    """The status a durable consumer sends at a Commit may be the first thing to find the
+    session gone: it reconnects rather than failing."""
+    db = wal_db
+    t = await make_table(db)
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal")
+    assert await anext_within(cs.subscribe(consumer="buffered"), 0.3) is None
+    for i in range(3000):
+        await execute(db, insert_sql(t), i)
+    seen: list[int] = []
+    async with cs.subscribe(consumer="buffered") as stream:
+        async for change in stream:
+            seen.append(new(change)["id"])
+            if len(seen) == 50:
+                slot = await wait_active(db)
+                terminate_backends(wal_dsn, application_name=f"pgstreams wal {slot}")
+                await anyio.sleep(0.3)
+            if seen[-1] == 2999:
+                break
+    assert set(seen) == set(range(3000))
+    await cs.drop_consumer("buffered")
+
+
+async def test_snapshot_interrupted_as_its_slot_was_made_is_not_lost(
+    wal_db: ps.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash right after the slot was created: the retry finds the slot, and must still
+    find the snapshot to do."""
+    from pgstreams._sources.changes.wal import slots
+
+    db = wal_db
+    t = await make_table(db)
+    await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (1), (2)").format(sql.Identifier(t)))
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal")
+    real_create = slots.create
+
+    async def create_then_crash(conn: Any, slot: str) -> int:
+        await real_create(conn, slot)
+        raise RuntimeError("crashed once the slot was made")
+
+    monkeypatch.setattr(slots, "create", create_then_crash)
+    with pytest.raises(RuntimeError, match="crashed"):
+        await cs.subscribe(consumer="gap", snapshot=True).first()
+    monkeypatch.setattr(slots, "create", real_create)
+    got = await cs.subscribe(consumer="gap", snapshot=True).take(2).collect()
+    assert [(c.op, new(c)["id"]) for c in got] == [("snapshot", 1), ("snapshot", 2)]
+    await cs.drop_consumer("gap")
+
+
+async def test_snapshot_rows_have_the_shape_of_live_rows(wal_db: ps.Database) -> None:
+    db = wal_db
+    t = f"g_{random.randrange(10**8)}"
+    await execute(db, sql.SQL("CREATE TYPE {} AS (x int, y int)").format(sql.Identifier(t + "_pt")))
+    await execute(
+        db,
+        sql.SQL(
+            "CREATE TABLE {} (id int PRIMARY KEY, p {}, at timestamptz,"
+            " g int GENERATED ALWAYS AS (id * 10) STORED)"
+        ).format(sql.Identifier(t), sql.Identifier(t + "_pt")),
+    )
+    await execute(
+        db,
+        sql.SQL("INSERT INTO {} (id, p, at) VALUES (1, '(1,2)', '2024-01-01 12:00+02')").format(
+            sql.Identifier(t)
+        ),
+    )
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal")
+    async with cs.subscribe(consumer="shape", snapshot=True) as stream:
+        first = await anext(stream)
+        await execute(
+            db,
+            sql.SQL("INSERT INTO {} (id, p, at) VALUES (2, '(3,4)', '2024-01-01 12:00+02')").format(
+                sql.Identifier(t)
+            ),
+        )
+        second = await anext(stream)
+    assert (first.op, second.op) == ("snapshot", "insert")
+    assert set(new(first)) == set(new(second)) == {"id", "p", "at"}  # no generated column
+    assert new(first)["p"] == "(1,2)" and new(second)["p"] == "(3,4)"
+    assert new(first)["at"] == new(second)["at"]
+    await cs.drop_consumer("shape")
+
+
+async def test_snapshot_refuses_an_identity_that_does_not_log_the_key(
+    wal_db: ps.Database,
+) -> None:
+    db = wal_db
+    t = await make_table(db)
+    ident = sql.Identifier(t)
+    await execute(
+        db, sql.SQL("CREATE UNIQUE INDEX {} ON {} (v)").format(sql.Identifier(t + "_v"), ident)
+    )
+    await execute(db, sql.SQL("ALTER TABLE {} ALTER v SET NOT NULL").format(ident))
+    await execute(
+        db,
+        sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
+            ident, sql.Identifier(t + "_v")
+        ),
+    )
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal")
+    with pytest.raises(ps.InvalidArgumentError, match="REPLICA IDENTITY DEFAULT or FULL"):
+        await cs.subscribe(consumer="ri", snapshot=True).first()
+    assert await cs.consumers() == []
+
+
+async def test_a_latin1_database_streams_utf8_text(wal_server: str) -> None:
+    name = f"pgs_latin1_{random.randrange(10**8)}"
+    with psycopg.connect(wal_server, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL(
+                "CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+                " TEMPLATE template0"
+            ).format(sql.Identifier(name))
+        )
+    params = conninfo_to_dict(wal_server)
+    params["dbname"] = name
+    try:
+        async with ps.connect(make_conninfo("", **params)) as db:
+            await execute(db, "CREATE TABLE t (id int PRIMARY KEY, s text)")
+            cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, "t", capture="wal")
+            async with cs.subscribe() as stream:
+
+                async def write() -> None:
+                    await wait_active(db)
+                    await execute(db, "INSERT INTO t VALUES (1, 'café')")
+                    await cs.notify({"word": "naïve"})
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(write)
+                    assert new(await anext(stream)) == {"id": 1, "s": "café"}
+                    assert new(await anext(stream)) == {"word": "naïve"}
+    finally:
+        with psycopg.connect(wal_server, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+async def test_busy_wal_senders_and_foreign_tables_are_refused_before_anything(
+    wal_db: ps.Database, wal_dsn: str
+) -> None:
+    # Not the owner: refused before the publication (or a slot) exists.
+    role = f"r_{random.randrange(10**8)}"
+    db = wal_db
+    t = await make_table(db)
+    await execute(db, sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(sql.Identifier(role)))
+    try:
+        params = conninfo_to_dict(wal_dsn)
+        params["user"] = role
+        async with ps.connect(make_conninfo("", **params)) as other:
+            cs: ps.PgChangeStream[Any] = ps.PgChangeStream(other, t, capture="wal")
+            with pytest.raises(ps.InvalidArgumentError, match="owner"):
+                await cs.subscribe().first()
+        pubs = await fetch(db, "SELECT count(*) FROM pg_publication_tables WHERE tablename = %s", t)
+        assert pubs == [(0,)] and await slot_names(db) == []
+    finally:
+        await execute(db, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        await execute(db, sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    # No WAL sender free.
+    async with embedded(settings={"max_wal_senders": "0"}) as pg, ps.connect(pg.dsn) as db0:
+        await execute(db0, "CREATE TABLE t (id int PRIMARY KEY)")
+        busy: ps.PgChangeStream[Any] = ps.PgChangeStream(db0, "t", capture="wal")
+        with pytest.raises(ps.InvalidArgumentError, match="max_wal_senders"):
+            await busy.subscribe().first()
+        assert await fetch(db0, "SELECT count(*) FROM pg_publication") == [(0,)]
+        assert await fetch(db0, "SELECT count(*) FROM pg_replication_slots") == [(0,)]

@@ -506,3 +506,32 @@ async def test_a_quiet_server_gets_no_heartbeats(db: ps.Database) -> None:
         assert [r for r in rows if "pgstreams.heartbeat" in r[0]] == []
     finally:
         await execute(db, "SELECT pg_drop_replication_slot('probe')")
+
+
+async def test_the_callers_connection_options_reach_the_replication_session(
+    wal_dsn: str,
+) -> None:
+    """A time zone set in the DSN's options shapes WAL values as it shapes the pool's."""
+    params = psycopg.conninfo.conninfo_to_dict(wal_dsn)
+    params["options"] = "-c TimeZone=Asia/Kolkata"
+    async with ps.connect(psycopg.conninfo.make_conninfo("", **params)) as db:
+        _ACTIVE.append(db)
+        t = tname()
+        await execute(
+            db,
+            sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, at timestamptz)").format(
+                sql.Identifier(t)
+            ),
+        )
+        cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal")
+
+        async def write() -> None:
+            await execute(
+                db,
+                sql.SQL("INSERT INTO {} VALUES (1, '2024-01-01 00:00+00')").format(
+                    sql.Identifier(t)
+                ),
+            )
+
+        (got,) = await live(cs, 1, write)
+        assert new(got)["at"] == "2024-01-01T05:30:00+05:30"

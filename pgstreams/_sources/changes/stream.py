@@ -105,10 +105,10 @@ class PgChangeStream(Generic[T]):
             raise InvalidArgumentError(f"notify must be 'statement' or 'off', got {notify!r}")
         self.notify_mode: NotifyMode = notify
         if capture == "wal":
-            if columns is not None or retention is not None:
+            if columns is not None or retention is not None or notify != "statement":
                 raise InvalidArgumentError(
-                    "columns and retention are trigger-capture options; WAL capture sends"
-                    " whole rows and keeps no log"
+                    "columns, retention and notify are trigger-capture options; WAL capture"
+                    " sends whole rows, keeps no log and needs no NOTIFY"
                 )
             self._wal = WalCapture(
                 db,
@@ -152,8 +152,9 @@ class PgChangeStream(Generic[T]):
     async def notify(self, payload: T, *, conn: AsyncConnection[Any] | None = None) -> int:
         """Append a producer event (``op="notify"``, ``new=payload``) to this stream.
 
-        With ``conn`` it joins that connection's transaction. Returns the change id (WAL
-        capture: the message's LSN, as an int): the event is delivered in commit order.
+        With ``conn`` it joins that connection's transaction. Returns the change id; with WAL
+        capture, the LSN of the logical message as an int (not the delivered ``Change.id``,
+        which depends on the commit). Either way it is delivered in commit order.
         """
         if self._wal is not None:
             return await self._wal.notify(payload, conn)

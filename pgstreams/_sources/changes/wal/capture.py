@@ -119,6 +119,8 @@ class WalCapture:
             slot = None if settings.consumer is None else target.slot(settings.consumer)
             if slot is None or await slots.state(conn, slot) is None:
                 await setup.check_slot_room(conn)
+            await setup.check_sender_room(conn)
+            await setup.check_may_publish(conn, self._db, target)
         await self._db.ensure_migrated()
         async with self._db.connection() as conn:
             await setup.ensure_publication(conn, target)
@@ -127,7 +129,10 @@ class WalCapture:
     async def notify(self, payload: Any, conn: AsyncConnection[Any] | None) -> int:
         text = to_json("payload", payload)
         target = await self.target()
-        query = "SELECT (pg_catalog.pg_logical_emit_message(true, %s, %s) - '0/0'::pg_lsn)::int8"
+        query = (
+            "SELECT (pg_catalog.pg_logical_emit_message(true, %s, convert_to(%s, 'UTF8'))"
+            " - '0/0'::pg_lsn)::int8"
+        )
         params = [NOTIFY_PREFIX + target.publication, text]
         if conn is not None:
             cur = await conn.execute(query, params)

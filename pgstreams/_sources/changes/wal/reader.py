@@ -49,7 +49,7 @@ from .pgoutput import (
     XLogData,
 )
 from .replication import Session
-from .setup import WalTarget
+from .setup import WalTable, WalTarget
 from .values import Convert, Types
 
 __all__ = ["NOTIFY_PREFIX", "Reader", "Settings", "Shared"]
@@ -92,6 +92,8 @@ class _Rel:
     convert: tuple[Convert, ...]
     keys: tuple[int, ...]
     """Indexes of the replica identity's columns."""
+    pk: tuple[int, ...]
+    """Indexes of the primary key's columns (the identity's if it has none)."""
 
 
 def _row(rel: _Rel, values: tuple[Any, ...], unchanged: list[str]) -> dict[str, Any]:
@@ -108,6 +110,29 @@ def _row(rel: _Rel, values: tuple[Any, ...], unchanged: list[str]) -> dict[str, 
         else:
             row[name] = None if value is None else convert(value)
     return row
+
+
+def _discard(chunk: snapshot.Chunk, msg: Insert | Update | Delete, rel: _Rel) -> None:
+    """Drop the chunk's copy of the row a change is about (by the key's text, as the WAL
+    carries it; an update that changed the key drops both)."""
+    positions = chunk.positions.get(msg.relation)
+    if positions is None:
+        try:
+            positions = tuple(rel.names.index(c) for c in chunk.table.pk)
+        except ValueError:  # a key column is gone: nothing of the chunk can match
+            positions = ()
+        chunk.positions[msg.relation] = positions
+    if not positions:
+        return
+    if isinstance(msg, Delete):
+        tuples: tuple[Any, ...] = (msg.old,)
+    elif isinstance(msg, Update):
+        tuples = (msg.new, msg.old)
+    else:
+        tuples = (msg.new,)
+    for values in tuples:
+        if values is not None:
+            chunk.rows.pop(tuple(values[i] for i in positions), None)
 
 
 def _id(lsn: int, seq: int) -> int:
@@ -151,6 +176,9 @@ class Reader:
         self.chunk: snapshot.Chunk | None = None
         self.notify_prefix = ""
         self.wm_prefix = ""
+        self.by_oid: dict[int, WalTable] = {}
+        self.output: dict[str, str] | None = None
+        """The replication session's output settings, which snapshot reads copy."""
 
     # -- the stream --------------------------------------------------------------------
 
@@ -212,12 +240,16 @@ class Reader:
             old = _row(rel, msg.old, []) if msg.old_kind == "O" else self._key(rel, msg.old)
             pk_from = old
         names = rel.names
-        pk = {names[i]: pk_from.get(names[i]) for i in rel.keys} if rel.keys else None
+        pk = {names[i]: pk_from.get(names[i]) for i in rel.pk} if rel.pk else None
         chunk = self.chunk
-        if chunk is not None and chunk.window and chunk.table.key == rel.key and pk is not None:
-            chunk.rows.pop(tuple(pk.get(c) for c in chunk.table.pk), None)
-            if old is not None and msg.__class__ is Update:
-                chunk.rows.pop(tuple(old.get(c) for c in chunk.table.pk), None)
+        # A change in the chunk's window, or by a transaction its select saw running, is
+        # newer than the chunk's copy of the row.
+        if (
+            chunk is not None
+            and chunk.table.key == rel.key
+            and (chunk.window or tx.xid in chunk.unseen)
+        ):
+            _discard(chunk, msg, rel)
         return Change(
             self.id_base | self.seq,
             op,
@@ -249,8 +281,13 @@ class Reader:
             if rel is None:
                 continue
             self.seq += 1
-            if self.chunk is not None and self.chunk.window and self.chunk.table.key == rel.key:
-                self.chunk.rows.clear()
+            chunk = self.chunk
+            if (
+                chunk is not None
+                and chunk.table.key == rel.key
+                and (chunk.window or tx.xid in chunk.unseen)
+            ):
+                chunk.rows.clear()
             out.append(
                 Change(
                     id=_id(tx.final_lsn, self.seq),
@@ -297,7 +334,7 @@ class Reader:
 
     def _snapshot_rows(self, tx: Begin, chunk: snapshot.Chunk) -> list[Change[Any]]:
         out = []
-        for key, row in chunk.rows.items():
+        for row in chunk.rows.values():
             self.seq += 1
             out.append(
                 Change(
@@ -308,7 +345,7 @@ class Reader:
                     old=None,
                     at=tx.commit_time,
                     txid=tx.xid,
-                    pk=dict(zip(chunk.table.pk, key, strict=True)),
+                    pk={c: row.get(c) for c in chunk.table.pk},
                     lsn=pgoutput.format_lsn(tx.final_lsn),
                 )
             )
@@ -318,8 +355,8 @@ class Reader:
 
     async def _next_chunk(self) -> None:
         """Read the next chunk between two watermarks, or finish the snapshot."""
-        progress = self.progress
-        assert progress is not None
+        progress, output = self.progress, self.output
+        assert progress is not None and output is not None
         by_key = {t.key: t for t in self.target.tables}
         async with self.db.connection() as conn:
             while progress.index < len(progress.tables):
@@ -328,7 +365,13 @@ class Reader:
                     token = snapshot.new_token()
                     await snapshot.emit(conn, self.slot, f"low:{token}")
                     chunk = await snapshot.read_chunk(
-                        conn, table, progress.after, self.settings.chunk_size, token
+                        conn,
+                        table,
+                        progress.after,
+                        self.settings.chunk_size,
+                        token,
+                        output,
+                        self.types,
                     )
                     await snapshot.emit(conn, self.slot, f"high:{token}")
                     if chunk.rows:
@@ -348,31 +391,57 @@ class Reader:
             progress.after = chunk.last
         else:
             progress.index, progress.after = progress.index + 1, None
+        await self._retrying(lambda: self._save(progress))
+        self.chunk = None
+
+    async def _save(self, progress: snapshot.Progress) -> None:
         async with self.db.connection() as conn:
             await snapshot.save(conn, self.db.schema, self.slot, progress)
-        self.chunk = None
+
+    async def _retrying(self, work: Callable[[], Awaitable[None]]) -> None:
+        """``work()`` until it gets through, backing off from connection failures."""
+        while True:
+            try:
+                await work()
+            except DatabaseError as exc:
+                await self.retry.after(exc)
+            else:
+                self.retry.reset()
+                return
 
     # -- relations ---------------------------------------------------------------------
 
     async def _relation(self, rel: Relation) -> None:
         oids = [c.type_oid for c in rel.columns]
-        key = self.names.get((rel.schema, rel.name))
-        if key is None or not self.types.knows(oids):
-            async with self.db.connection() as conn:
-                await self.types.learn(conn, oids)
-                if key is None:
-                    cur = await conn.execute(
-                        "SELECT format('%%I.%%I', %s::text, %s::text)", [rel.schema, rel.name]
-                    )
-                    row = await cur.fetchone()
-                    key = str(row[0]) if row else f"{rel.schema}.{rel.name}"
-                    self.names[(rel.schema, rel.name)] = key
+        if self.names.get((rel.schema, rel.name)) is None or not self.types.knows(oids):
+            await self._retrying(lambda: self._learn(rel, oids))
+        names = tuple(c.name for c in rel.columns)
+        identity = tuple(i for i, c in enumerate(rel.columns) if c.key)
+        table = self.by_oid.get(rel.oid)
+        pk = identity
+        if table is not None and table.pk and all(c in names for c in table.pk):
+            pk = tuple(names.index(c) for c in table.pk)
         self.relations[rel.oid] = _Rel(
-            key,
-            tuple(c.name for c in rel.columns),
+            self.names[(rel.schema, rel.name)],
+            names,
             tuple(self.types.converter(o) for o in oids),
-            tuple(i for i, c in enumerate(rel.columns) if c.key),
+            identity,
+            pk,
         )
+        if self.chunk is not None:
+            self.chunk.positions.pop(rel.oid, None)  # the table's shape may have changed
+
+    async def _learn(self, rel: Relation, oids: list[int]) -> None:
+        """Look up the relation's types and its quoted name."""
+        async with self.db.connection() as conn:
+            await self.types.learn(conn, oids)
+            if (rel.schema, rel.name) not in self.names:
+                cur = await conn.execute(
+                    "SELECT format('%%I.%%I', %s::text, %s::text)", [rel.schema, rel.name]
+                )
+                row = await cur.fetchone()
+                key = str(row[0]) if row else f"{rel.schema}.{rel.name}"
+                self.names[(rel.schema, rel.name)] = key
 
     # -- the session -------------------------------------------------------------------
 
@@ -380,6 +449,7 @@ class Reader:
         self.target = target
         self.stream_key = ", ".join(t.key for t in target.tables)
         self.names = {(t.schema, t.name): t.key for t in target.tables}
+        self.by_oid = {t.oid: t for t in target.tables}
         self.retry = Retry(logger, f"WAL changes of {self.stream_key}")
         self.notify_prefix = NOTIFY_PREFIX + target.publication
         await self._open()
@@ -396,11 +466,15 @@ class Reader:
                 self.slot = self.target.slot(consumer)
                 found = await slots.state(conn, self.slot)
                 if found is None:
-                    self.confirmable = await slots.create(conn, self.slot)
+                    # Progress first: a crash between the two leaves a snapshot to do
+                    # (or, without one, no stale progress behind).
                     if self.settings.snapshot:
                         self.progress = await snapshot.begin(
                             conn, self.db.schema, self.slot, self.target
                         )
+                    else:
+                        await snapshot.finish(conn, self.db.schema, self.slot)
+                    self.confirmable = await slots.create(conn, self.slot)
                 else:
                     self.progress = await snapshot.load(conn, self.db.schema, self.slot)
         self.wm_prefix = snapshot.WATERMARK_PREFIX + self.slot
@@ -409,11 +483,13 @@ class Reader:
         """The next pgoutput message, answering keepalives, reporting status, writing
         heartbeats and reconnecting on the way."""
         while True:
-            if self.progress is not None and self.chunk is None:
-                await self._next_chunk()  # a snapshot is due: start its next chunk
             session = self.session
             if session is None:
                 await self._connect()
+                continue
+            if self.progress is not None and self.chunk is None:
+                # A snapshot is due: start its next chunk.
+                await self._retrying(self._next_chunk)
                 continue
             try:
                 raw = session.poll()
@@ -427,7 +503,9 @@ class Reader:
             if raw is None:
                 await self._idle()
                 continue
-            self.last_message = time.monotonic()
+            self.last_message = now = time.monotonic()
+            if now - self.last_slot_check >= _SLOT_CHECK_EVERY:
+                await self._check_retained()
             if type(raw) is XLogData:
                 return raw, pgoutput.decode(raw.payload)
             assert isinstance(raw, Keepalive)
@@ -480,11 +558,17 @@ class Reader:
             )
 
     async def _status(self) -> None:
+        """Report the confirmable position; a failure to send is a lost session (the next
+        read reconnects from the last position the server has)."""
         session = self.session
         if session is None:
             return
         position = self.confirmable
-        await session.send_status(position, position)
+        try:
+            await session.send_status(position, position)
+        except (psycopg.Error, OSError) as exc:
+            await self._lost(exc)
+            return
         self.reported = position
         self.last_status = time.monotonic()
 
@@ -506,6 +590,8 @@ class Reader:
             )
             session = Session(conn_)
             try:
+                if self.output is None:
+                    self.output = await session.output_settings()
                 await session.start(self.slot, self.confirmable, self.target.publication)
             except BaseException:
                 await session.close()
@@ -547,11 +633,21 @@ class Reader:
             self.slot,
             reason,
         )
-        async with self.db.connection() as conn:
-            await slots.drop(conn, self.slot)
-            self.confirmable = await slots.create(conn, self.slot)
-            self.progress = await snapshot.begin(conn, self.db.schema, self.slot, self.target)
+        await self._retrying(self._recreate)
         self.chunk = None
+
+    async def _recreate(self) -> None:
+        """Drop the lost slot (once its last session let go), then make it anew with a
+        snapshot to do."""
+        with anyio.fail_after(_RELEASE_WAIT):
+            while True:
+                async with self.db.connection() as conn:
+                    if await slots.drop(conn, self.slot):
+                        break
+                await anyio.sleep(0.05)
+        async with self.db.connection() as conn:
+            self.progress = await snapshot.begin(conn, self.db.schema, self.slot, self.target)
+            self.confirmable = await slots.create(conn, self.slot)
 
     async def _close(self, clean: bool) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_WAIT):
@@ -562,8 +658,8 @@ class Reader:
                         self._finish_buffered(session)
                     if self.confirmable > self.reported:
                         await session.send_status(self.confirmable, self.confirmable)
-                except (psycopg.Error, OSError):
-                    pass
+                except Exception as exc:  # the session is going anyway: close it regardless
+                    logger.debug("closing WAL session of %s: %s", self.slot, exc)
                 await session.close()
             if self.live and self.slot:
                 await self._drop_live()

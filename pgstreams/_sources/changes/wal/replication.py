@@ -2,16 +2,19 @@
 its replication commands, and the CopyBoth stream of ``START_REPLICATION``, read with
 ``anyio.wait_readable`` on the connection's socket (no thread, no task).
 
-The session turns off ``wal_sender_timeout`` for itself: while a handler runs the stream is
-not read, and a slow handler must not get the session cut off. Dead peers are still found
-by TCP keepalives, set on both ends.
+While a handler runs the stream is not read, so the session raises ``wal_sender_timeout``
+for itself to 5 minutes: a handler may take that long over one change before the server
+ends the session (the reader then reconnects and the transaction comes again), and a
+server shutting down waits at most that long for a busy consumer. Dead peers are found
+sooner by TCP keepalives, set on both ends. Text comes in UTF-8 whatever the database's
+encoding.
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import psycopg
@@ -26,9 +29,9 @@ __all__ = ["OPTIONS", "Session"]
 logger = logging.getLogger("pgstreams.changes.wal")
 
 OPTIONS = (
-    "-c wal_sender_timeout=0 -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5"
-    " -c tcp_keepalives_count=3 -c datestyle=ISO -c intervalstyle=postgres"
-    " -c extra_float_digits=1"
+    "-c wal_sender_timeout=5min -c client_encoding=UTF8 -c tcp_keepalives_idle=10"
+    " -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 -c datestyle=ISO"
+    " -c intervalstyle=postgres -c extra_float_digits=1"
 )
 
 
@@ -41,10 +44,17 @@ class Session:
         self.streaming = False
         self.pid = self.pgconn.backend_pid
 
+    async def output_settings(self) -> dict[str, str]:
+        """The settings that shape this session's text output of values, as ``set_config``
+        names them (a snapshot reads rows under the same ones)."""
+        names = ("TimeZone", "DateStyle", "IntervalStyle", "extra_float_digits")
+        return {name: (await self.command(f"SHOW {name}"))[0][0] for name in names}
+
     async def command(self, query: sql.Composable | str) -> list[tuple[Any, ...]]:
-        """A replication command (simple query protocol); its rows as text."""
+        """A replication command or SQL (simple query protocol); its rows as text."""
         text = query if isinstance(query, str) else query.as_string(self.conn)
         self.pgconn.send_query(text.encode())
+        await self._flush()
         rows: list[tuple[Any, ...]] = []
         while True:
             result = await self._result()
@@ -76,6 +86,7 @@ class Session:
             sql.Literal(sql.Identifier(publication).as_string(self.conn)),
         )
         self.pgconn.send_query(query.as_string(self.conn).encode())
+        await self._flush()
         result = await self._result()
         if result is None:
             raise psycopg.OperationalError("START_REPLICATION returned nothing")
@@ -95,14 +106,16 @@ class Session:
         return self.pgconn.socket
 
     def poll(self) -> XLogData | Keepalive | None:
-        """The next message already received, or None."""
+        """The next message already received, or None (also when the stream ended: the
+        next ``read`` raises why)."""
+        if not self.streaming:
+            return None
         nbytes, data = self.pgconn.get_copy_data(1)
         if nbytes > 0:
             return pgoutput.decode_copy(data)
-        if nbytes == 0:
-            return None
-        self._end_of_copy()
-        return None  # pragma: no cover - _end_of_copy raises
+        if nbytes < 0:
+            self.streaming = False
+        return None
 
     async def read(self, seconds: float) -> XLogData | Keepalive | None:
         """The next message, waiting up to ``seconds`` (None if none came)."""
@@ -110,30 +123,36 @@ class Session:
         if message is not None:
             return message
         with anyio.move_on_after(seconds):
-            while True:
+            while self.streaming:
                 await anyio.wait_readable(self._socket())
                 self.pgconn.consume_input()
                 message = self.poll()
                 if message is not None:
                     return message
+        if not self.streaming:
+            await self._end_of_copy()
         return None
 
-    def _end_of_copy(self) -> None:
-        self.streaming = False
-        result = self.pgconn.get_result()
-        while self.pgconn.get_result() is not None:
+    async def _end_of_copy(self) -> NoReturn:
+        """The server ended the stream: raise its error (reading the results without
+        blocking)."""
+        result = await self._result()
+        while await self._result() is not None:
             pass
         if result is not None and result.status == pq.ExecStatus.FATAL_ERROR:
             raise pg_errors.error_from_result(result, encoding="utf-8")
         raise psycopg.OperationalError("the server ended the replication stream")
+
+    async def _flush(self) -> None:
+        while self.pgconn.flush() == 1:
+            await anyio.wait_writable(self._socket())
 
     async def send_status(self, written: int, flushed: int) -> None:
         """Report ``flushed`` as the position the slot may confirm."""
         data = pgoutput.standby_status(written, flushed, datetime.now(UTC))
         while self.pgconn.put_copy_data(data) == 0:
             await anyio.wait_writable(self._socket())
-        while self.pgconn.flush() == 1:
-            await anyio.wait_writable(self._socket())
+        await self._flush()
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):

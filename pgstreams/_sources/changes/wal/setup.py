@@ -31,6 +31,8 @@ __all__ = [
     "WalTable",
     "WalTarget",
     "check_consumer_name",
+    "check_may_publish",
+    "check_sender_room",
     "check_server",
     "check_slot_room",
     "ensure_publication",
@@ -49,7 +51,7 @@ class SetupError(InvalidArgumentError):
 
 def check_consumer_name(name: object) -> str:
     """A WAL consumer names a replication slot: 1-50 of a-z, 0-9 and _, not starting with _."""
-    if not isinstance(name, str) or not _CONSUMER.match(name) or len(name) > MAX_CONSUMER:
+    if not isinstance(name, str) or not _CONSUMER.fullmatch(name) or len(name) > MAX_CONSUMER:
         raise InvalidArgumentError(
             f"a WAL consumer name becomes part of a replication slot's name: use 1-{MAX_CONSUMER}"
             f" lower-case letters, digits and underscores, not starting with one; got {name!r}"
@@ -118,6 +120,54 @@ async def check_server(conn: AsyncConnection[Any]) -> None:
             f"WAL capture needs a role with the REPLICATION attribute; {user!r} lacks it."
             f" Run ALTER ROLE {sql.Identifier(user).as_string(conn)} REPLICATION (as a"
             " superuser), or use trigger capture."
+        )
+
+
+async def check_sender_room(conn: AsyncConnection[Any]) -> None:
+    """A WAL sender is free for the subscription's session."""
+    cur = await conn.execute(
+        "SELECT count(*), current_setting('max_wal_senders')::int FROM pg_catalog.pg_stat_activity"
+        " WHERE backend_type = 'walsender'"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    used, limit = int(row[0]), int(row[1])
+    if used >= limit:
+        raise SetupError(
+            f"all {limit} WAL senders are busy (max_wal_senders = {limit}): each running WAL"
+            " subscription needs one. Stop a replication client or raise max_wal_senders and"
+            " restart PostgreSQL."
+        )
+
+
+async def check_may_publish(conn: AsyncConnection[Any], db: Database, target: WalTarget) -> None:
+    """Unless its publication exists, the role must own the tables (to create it) and,
+    unless the library's schema exists, may create one."""
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = %s),"
+        " (SELECT coalesce(array_agg(format('%%I.%%I', n.nspname, c.relname)), '{}')"
+        "    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+        "      ON n.oid = c.relnamespace"
+        "   WHERE c.oid = ANY(%s) AND NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')),"
+        " EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s)"
+        "   OR pg_catalog.has_database_privilege(current_database(), 'CREATE'),"
+        " current_user",
+        [target.publication, [t.oid for t in target.tables], db.schema],
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    published, not_owned, may_create, user = row
+    if not published and not_owned:
+        raise SetupError(
+            f"WAL capture creates a publication for {', '.join(not_owned)}, and only a"
+            f" table's owner may: {user!r} does not own it. Run the first subscription as the"
+            f" owner (or a superuser), or have one run CREATE PUBLICATION {target.publication}"
+            f" FOR TABLE {', '.join(t.key for t in target.tables)}"
+        )
+    if not may_create:
+        raise SetupError(
+            f"the library's schema {db.schema!r} does not exist and {user!r} may not create it:"
+            " GRANT CREATE ON DATABASE to the role, or run db.migrate() once as one that may"
         )
 
 

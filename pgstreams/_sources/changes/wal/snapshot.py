@@ -17,14 +17,14 @@ the chunk it was in (re-sending that chunk's rows).
 
 from __future__ import annotations
 
-import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg import AsyncConnection, sql
 
 from .setup import SetupError, WalTable, WalTarget
+from .values import Types
 
 __all__ = [
     "WATERMARK_PREFIX",
@@ -56,11 +56,17 @@ class Chunk:
     token: str
     """Names this chunk's watermarks (older ones, replayed after a restart, are ignored)."""
     rows: dict[tuple[Any, ...], Any]
-    """Primary key values -> row, in key order."""
+    """The primary key's values as text (as the WAL carries them) -> row, in key order."""
     last: list[str] | None
     """The key of the chunk's last row as text (where the next chunk starts)."""
     full: bool
     """The select returned as many rows as it asked for: the table may have more."""
+    unseen: frozenset[int] = frozenset()
+    """Transactions (32-bit xids) the select's snapshot saw running: their changes are newer
+    than the chunk wherever they are in the WAL, even before the low watermark (a commit can
+    reach the WAL before its transaction stops showing as running)."""
+    positions: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Per relation OID, where the key's columns are in its tuples."""
     window: bool = False
     """The stream is between the chunk's watermarks."""
     delivered: bool = False
@@ -68,11 +74,19 @@ class Chunk:
 
 
 def check_keys(target: WalTarget) -> None:
+    """A snapshot matches rows to changes by primary key: each table needs one, and a
+    replica identity that logs it for deletes (the default, or FULL)."""
     for table in target.tables:
         if not table.pk:
             raise SetupError(
                 f"a snapshot reads {table.key} in primary-key order, and it has no primary"
                 " key: add one, or subscribe without snapshot=True"
+            )
+        if table.identity not in ("d", "f"):
+            raise SetupError(
+                f"a snapshot matches deleted rows of {table.key} by primary key, and its"
+                " replica identity does not log it: use REPLICA IDENTITY DEFAULT or FULL,"
+                " or subscribe without snapshot=True"
             )
 
 
@@ -131,36 +145,72 @@ def new_token() -> str:
 
 
 async def read_chunk(
-    conn: AsyncConnection[Any], table: WalTable, after: list[str] | None, size: int, token: str
+    conn: AsyncConnection[Any],
+    table: WalTable,
+    after: list[str] | None,
+    size: int,
+    token: str,
+    settings: dict[str, str],
+    types: Types,
 ) -> Chunk:
-    """Up to ``size`` rows of ``table`` after the key ``after``, in key order."""
-    # Qualified: an output column named like a key column would otherwise be what ORDER
-    # BY sorts (as text), and a column named like the alias would be what to_jsonb reads.
-    keys = [sql.Identifier("pgs_row", c) for c in table.pk]
-    where: sql.Composable = sql.SQL("")
-    params: list[Any] = []
-    if after is not None:
-        bound = sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(t)) for t in table.pk_types)
-        where = sql.SQL("WHERE ({}) > ({})").format(sql.SQL(", ").join(keys), bound)
-        params.extend(after)
-    query = sql.SQL(
-        "SELECT to_jsonb(pgs_row.*)::text, {texts} FROM {table} AS pgs_row {where}"
-        " ORDER BY {keys} LIMIT {n}"
-    ).format(
-        texts=sql.SQL(", ").join(
-            sql.SQL("{}::text AS {}").format(k, sql.Identifier(f"pgs_key_{i}"))
-            for i, k in enumerate(keys)
-        ),
-        table=sql.Identifier(table.schema, table.name),
-        where=where,
-        keys=sql.SQL(", ").join(keys),
-        n=sql.Literal(size),
-    )
-    cur = await conn.execute(query, params)
+    """Up to ``size`` rows of ``table`` after the key ``after``, in key order.
+
+    The rows are read as text under the replication session's ``settings`` (time zone,
+    date style, ...) and converted as live changes are: a snapshot row has the shape and
+    values a live insert of it would have, and its key text is what the WAL carries. The
+    select runs in a repeatable-read transaction that also records which transactions
+    its snapshot saw still running (``Chunk.unseen``)."""
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        for name, value in settings.items():
+            await conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", [name, value])
+        cur = await conn.execute(
+            "SELECT attname::text, atttypid::int8 FROM pg_catalog.pg_attribute"
+            " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped AND attgenerated = ''"
+            " ORDER BY attnum",
+            [table.oid],
+        )
+        columns = [(str(name), int(oid)) for name, oid in await cur.fetchall()]
+        if not types.knows(oid for _, oid in columns):
+            await types.learn(conn, [oid for _, oid in columns])
+        cur = await conn.execute(
+            "SELECT mod(x::text::numeric, 4294967296)::int8"
+            " FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot()) AS x"
+        )
+        unseen = frozenset(int(r[0]) for r in await cur.fetchall())
+        # Qualified: an output column named like a key column would otherwise be what
+        # ORDER BY sorts.
+        keys = [sql.Identifier("pgs_row", c) for c in table.pk]
+        where: sql.Composable = sql.SQL("")
+        params: list[Any] = []
+        if after is not None:
+            # format_type() gives each type's name quoted as SQL needs it.
+            bound = sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(t)) for t in table.pk_types)
+            where = sql.SQL("WHERE ({}) > ({})").format(sql.SQL(", ").join(keys), bound)
+            params.extend(after)
+        query = sql.SQL(
+            "SELECT {values}, {texts} FROM {table} AS pgs_row {where} ORDER BY {keys} LIMIT {n}"
+        ).format(
+            values=sql.SQL(", ").join(
+                sql.SQL("{}::text").format(sql.Identifier("pgs_row", name)) for name, _ in columns
+            ),
+            texts=sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys),
+            table=sql.Identifier(table.schema, table.name),
+            where=where,
+            keys=sql.SQL(", ").join(keys),
+            n=sql.Literal(size),
+        )
+        cur = await conn.execute(query, params)
+        fetched = await cur.fetchall()
+    names = [name for name, _ in columns]
+    converters = [types.converter(oid) for _, oid in columns]
+    width = len(columns)
     rows: dict[tuple[Any, ...], Any] = {}
-    last: list[str] | None = None
-    for row in await cur.fetchall():
-        value = json.loads(row[0])
-        rows[tuple(value.get(c) for c in table.pk)] = value
-        last = [str(v) for v in row[1:]]
-    return Chunk(table, token, rows, last, full=len(rows) >= size)
+    for row in fetched:
+        values = {
+            name: None if value is None else convert(value)
+            for name, convert, value in zip(names, converters, row[:width], strict=True)
+        }
+        rows[tuple(row[width:])] = values
+    last = None if not fetched else [str(v) for v in fetched[-1][width:]]
+    return Chunk(table, token, rows, last, full=len(fetched) >= size, unseen=unseen)
