@@ -331,21 +331,7 @@ async def replay(db: ps.Database, dsn: str, rounds: int) -> tuple[float, float]:
         return REPLAY / (time.perf_counter() - start)
 
     async def floor() -> float:
-        start = time.perf_counter()
-        seen, after = 0, 0
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            while seen < REPLAY:
-                cur = await conn.execute(
-                    "SELECT id, txid::text, op, pk::text, new::text, old::text, at"
-                    " FROM pgstreams.changes WHERE stream = %s AND id > %s ORDER BY id LIMIT %s",
-                    [key, after, page],
-                )
-                for row in await cur.fetchall():
-                    after = row[0]
-                    json.loads(row[4])
-                    json.loads(row[3])
-                    seen += 1
-        return REPLAY / (time.perf_counter() - start)
+        return await page_log(dsn, key, 0, REPLAY, page)
 
     mine, base = [], []
     for _ in range(rounds):

@@ -123,15 +123,21 @@ async def check_server(conn: AsyncConnection[Any]) -> None:
         )
 
 
-async def check_sender_room(conn: AsyncConnection[Any]) -> None:
-    """A WAL sender is free for the subscription's session."""
-    cur = await conn.execute(
-        "SELECT count(*), current_setting('max_wal_senders')::int FROM pg_catalog.pg_stat_activity"
-        " WHERE backend_type = 'walsender'"
-    )
+async def _room(conn: AsyncConnection[Any], query: str) -> tuple[int, int]:
+    """(used, limit) as ``query`` counts them."""
+    cur = await conn.execute(query)
     row = await cur.fetchone()
     assert row is not None
-    used, limit = int(row[0]), int(row[1])
+    return int(row[0]), int(row[1])
+
+
+async def check_sender_room(conn: AsyncConnection[Any]) -> None:
+    """A WAL sender is free for the subscription's session."""
+    used, limit = await _room(
+        conn,
+        "SELECT count(*), current_setting('max_wal_senders')::int FROM pg_catalog.pg_stat_activity"
+        " WHERE backend_type = 'walsender'",
+    )
     if used >= limit:
         raise SetupError(
             f"all {limit} WAL senders are busy (max_wal_senders = {limit}): each running WAL"
@@ -173,13 +179,11 @@ async def check_may_publish(conn: AsyncConnection[Any], db: Database, target: Wa
 
 async def check_slot_room(conn: AsyncConnection[Any]) -> None:
     """A free replication slot exists (checked before creating one)."""
-    cur = await conn.execute(
+    used, limit = await _room(
+        conn,
         "SELECT count(*), current_setting('max_replication_slots')::int"
-        " FROM pg_catalog.pg_replication_slots"
+        " FROM pg_catalog.pg_replication_slots",
     )
-    row = await cur.fetchone()
-    assert row is not None
-    used, limit = int(row[0]), int(row[1])
     if used >= limit:
         raise SetupError(
             f"all {limit} replication slots are in use (max_replication_slots = {limit})."
