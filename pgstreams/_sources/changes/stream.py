@@ -264,8 +264,11 @@ class PgChangeStream(Generic[T]):
     async def add_consumer(self, consumer: str) -> None:
         """Register a durable consumer positioned "now" (idempotent: an existing one keeps
         its position). ``subscribe(consumer=...)`` does this on its first read; doing it
-        ahead makes sure nothing from this moment on is missed. Trigger capture."""
-        self._trigger_only("add_consumer()")
+        ahead makes sure nothing from this moment on is missed. With WAL capture it
+        creates the consumer's replication slot."""
+        if self._wal is not None:
+            await self._wal.add_consumer(consumer)
+            return
         durable.check_consumer(consumer)
         await self._db.ensure_migrated()
         await durable.open_position(self._log, await self.key(), consumer)

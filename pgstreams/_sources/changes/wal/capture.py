@@ -144,6 +144,20 @@ class WalCapture:
         assert row is not None
         return int(row[0])
 
+    async def add_consumer(self, consumer: str) -> None:
+        """Create the consumer's slot now, unless it exists: its first subscription then
+        starts from this moment rather than its own."""
+        setup.check_consumer_name(consumer)
+        settings = Settings(
+            consumer, False, "raise", self._heartbeat, self._retained_warning, DEFAULT_CHUNK
+        )
+        target = await self._prepare(settings)
+        slot = target.slot(consumer)
+        async with self._db.connection() as conn:
+            if await slots.state(conn, slot) is None:
+                await snapshot.finish(conn, self._db.schema, slot)
+                await slots.create(conn, slot)
+
     async def consumers(self) -> list[slots.ConsumerInfo]:
         target = await self.target()
         async with self._db.connection() as conn:
