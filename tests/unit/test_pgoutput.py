@@ -285,3 +285,41 @@ def test_converter(oid: int, text: str, expected: Any) -> None:
 def test_types_knows_builtins_only() -> None:
     assert Types().knows([16, 20, 21, 23, 25, 114, 700, 701, 1114, 1184, 1266, 1700, 3802])
     assert not Types().knows([23, 999_999])
+
+
+# -- the reader's insert fast path --------------------------------------------------------
+
+
+def _rel(*names: str) -> Any:
+    from pgstreams._sources.changes.wal.reader import _Rel
+
+    return _Rel("public.t", names, tuple(convert(23) for _ in names), (0,), (0,))
+
+
+def test_insert_fast_path_matches_the_general_decoder() -> None:
+    from pgstreams._sources.changes.wal.reader import _insert_row, _row
+
+    raw = INS1 + tup(b"t" + struct.pack("!I", 2) + b"42", b"n", b"u")
+    rel = _rel("a", "b", "c")
+    unchanged: list[str] = []
+    insert = po.decode(raw)
+    assert isinstance(insert, po.Insert)
+    assert _insert_row(raw, rel) == (_row(rel, insert.new, unchanged), ("c",))
+    assert unchanged == ["c"]
+    assert _insert_row(raw, rel)[0] == {"a": 42, "b": None}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(INS1 + tup(b"t" + struct.pack("!I", 9) + b"42"), id="short-text"),
+        pytest.param(INS1 + struct.pack("!H", 2) + b"n", id="too-few"),
+        pytest.param(INS1 + tup(b"n", b"n", b"n", b"n"), id="too-many"),
+        pytest.param(INS1 + tup(b"b"), id="binary"),
+    ],
+)
+def test_insert_fast_path_rejects_bad_tuples(raw: bytes) -> None:
+    from pgstreams._sources.changes.wal.reader import _insert_row
+
+    with pytest.raises(po.ProtocolError):
+        _insert_row(raw, _rel("a", "b", "c"))

@@ -77,7 +77,7 @@ class XLogData(NamedTuple):
     """The WAL position of the record this data came from."""
     end: int
     """The server's WAL end when it sent this."""
-    payload: bytes | memoryview
+    payload: bytes
 
 
 class Keepalive(NamedTuple):
@@ -103,7 +103,7 @@ def _decode_copy(data: bytes | memoryview) -> XLogData | Keepalive:
     kind = data[:1]
     if kind == b"w":
         start, end, _ = _XLOG.unpack_from(data, 1)
-        return XLogData(start, end, data[1 + _XLOG.size :])
+        return XLogData(start, end, bytes(data[1 + _XLOG.size :]))
     if kind == b"k":
         end, _, reply = _KEEPALIVE.unpack_from(data, 1)
         return Keepalive(end, bool(reply))

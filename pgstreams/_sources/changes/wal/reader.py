@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from .pgoutput import (
     Insert,
     Keepalive,
     LogicalMessage,
+    ProtocolError,
     Relation,
     Truncate,
     Update,
@@ -94,6 +96,42 @@ class _Rel:
     """Indexes of the replica identity's columns."""
     pk: tuple[int, ...]
     """Indexes of the primary key's columns (the identity's if it has none)."""
+
+
+_OID = struct.Struct("!I")
+
+
+def _insert_row(payload: bytes, rel: _Rel) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The new tuple of an Insert message as a row (and its unchanged TOASTed columns)."""
+    names, convert = rel.names, rel.convert
+    count = (payload[6] << 8) | payload[7]
+    if count > len(names):
+        raise ProtocolError("an insert with more columns than its relation")
+    pos = 8
+    row: dict[str, Any] = {}
+    unchanged: list[str] = []
+    length_at = _OID.unpack_from
+    try:
+        for i in range(count):
+            kind = payload[pos]
+            if kind == 116:  # 't'
+                (length,) = length_at(payload, pos + 1)
+                pos += 5
+                row[names[i]] = convert[i](payload[pos : pos + length].decode())
+                pos += length
+            elif kind == 110:  # 'n'
+                row[names[i]] = None
+                pos += 1
+            elif kind == 117:  # 'u'
+                unchanged.append(names[i])
+                pos += 1
+            else:
+                raise ProtocolError(f"unexpected tuple value kind {chr(kind)!r}")
+    except (IndexError, struct.error) as exc:
+        raise ProtocolError(f"message ends early: {exc}") from None
+    if pos > len(payload):
+        raise ProtocolError("message ends early")
+    return row, tuple(unchanged) if unchanged else ()
 
 
 def _row(rel: _Rel, values: tuple[Any, ...], unchanged: list[str]) -> dict[str, Any]:
@@ -186,33 +224,63 @@ class Reader:
         try:
             await self._start(await self.prepare())
             while True:
-                xlog, msg = await self._next()
-                kind = type(msg)
-                if kind is Insert or kind is Update or kind is Delete:
+                xlog = await self._next()
+                payload = xlog.payload
+                if payload[0] == 73 and self.chunk is None:  # 'I', the hot path
+                    change = self._insert(payload)
+                    if change is not None:
+                        yield change
+                    continue
+                msg = pgoutput.decode(payload)
+                if isinstance(msg, Insert | Update | Delete):
                     change = self._change(msg)
                     if change is not None:
                         yield change
-                elif kind is Begin:
+                elif isinstance(msg, Begin):
                     self.tx, self.seq = msg, 0
                     self.id_base = msg.final_lsn << 32
                     self.lsn_text = pgoutput.format_lsn(msg.final_lsn)
-                elif kind is Commit:
+                elif isinstance(msg, Commit):
                     self.tx = None
                     self.confirmable = max(self.confirmable, msg.end_lsn)
                     if not self.live or time.monotonic() - self.last_status >= _STATUS_EVERY:
                         await self._status()
-                elif kind is Relation:
+                elif isinstance(msg, Relation):
                     await self._relation(msg)
-                elif kind is Truncate:
+                elif isinstance(msg, Truncate):
                     for change in self._truncates(msg):
                         yield change
-                elif kind is LogicalMessage:
+                elif isinstance(msg, LogicalMessage):
                     for change in self._message(xlog, msg):
                         yield change
                     if self.chunk is not None and self.chunk.delivered:
                         await self._chunk_done(self.chunk)  # its rows were all handled
         finally:
             await self._close(closing_cleanly())
+
+    def _insert(self, payload: bytes) -> Change[Any] | None:
+        """An insert decoded straight into its row (no intermediate tuple)."""
+        rel = self.relations.get(_OID.unpack_from(payload, 1)[0])
+        tx = self.tx
+        if rel is None or tx is None:
+            return None
+        if payload[5] != 78:  # 'N'
+            raise ProtocolError("insert without a new tuple")
+        row, unchanged = _insert_row(payload, rel)
+        self.seq += 1
+        names = rel.names
+        return Change(
+            self.id_base | self.seq,
+            "insert",
+            rel.key,
+            row,
+            None,
+            tx.commit_time,
+            tx.xid,
+            {names[i]: row.get(names[i]) for i in rel.pk} if rel.pk else None,
+            self.lsn_text,
+            unchanged,
+        )
 
     def _change(self, msg: Insert | Update | Delete) -> Change[Any] | None:
         rel = self.relations.get(msg.relation)
@@ -479,7 +547,7 @@ class Reader:
                     self.progress = await snapshot.load(conn, self.db.schema, self.slot)
         self.wm_prefix = snapshot.WATERMARK_PREFIX + self.slot
 
-    async def _next(self) -> tuple[XLogData, Any]:
+    async def _next(self) -> XLogData:
         """The next pgoutput message, answering keepalives, reporting status, writing
         heartbeats and reconnecting on the way."""
         while True:
@@ -507,7 +575,7 @@ class Reader:
             if now - self.last_slot_check >= _SLOT_CHECK_EVERY:
                 await self._check_retained()
             if type(raw) is XLogData:
-                return raw, pgoutput.decode(raw.payload)
+                return raw
             assert isinstance(raw, Keepalive)
             if self.tx is None:
                 self.confirmable = max(self.confirmable, raw.end)
