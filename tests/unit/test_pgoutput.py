@@ -323,3 +323,18 @@ def test_insert_fast_path_rejects_bad_tuples(raw: bytes) -> None:
 
     with pytest.raises(po.ProtocolError):
         _insert_row(raw, _rel("a", "b", "c"))
+
+
+def test_new_change_is_the_same_frozen_change() -> None:
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from pgstreams._sources.changes.change import Change, new_change
+
+    at = datetime(2024, 1, 2, tzinfo=UTC)
+    args = (7, "insert", "public.t", {"id": 1}, None, at, 9, {"id": 1}, "0/1", ("b",))
+    made = new_change(*args)
+    assert type(made) is Change and made == Change(*args) and hash(made.at) == hash(at)
+    assert [getattr(made, f.name) for f in dataclasses.fields(Change)] == list(args)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.op = "delete"  # type: ignore[misc]

@@ -34,7 +34,7 @@ from ...._core.errors import DatabaseError
 from ...._core.source import Retry
 from ...._core.stream import closing_cleanly
 from ...._pg.database import Database, database_error
-from ..change import Change
+from ..change import Change, new_change
 from . import pgoutput, replication, slots, snapshot
 from .pgoutput import (
     UNCHANGED,
@@ -269,7 +269,7 @@ class Reader:
         row, unchanged = _insert_row(payload, rel)
         self.seq += 1
         names = rel.names
-        return Change(
+        return new_change(
             self.id_base | self.seq,
             "insert",
             rel.key,
@@ -318,7 +318,7 @@ class Reader:
             and (chunk.window or tx.xid in chunk.unseen)
         ):
             _discard(chunk, msg, rel)
-        return Change(
+        return new_change(
             self.id_base | self.seq,
             op,
             rel.key,
