@@ -338,3 +338,12 @@ def test_new_change_is_the_same_frozen_change() -> None:
     assert [getattr(made, f.name) for f in dataclasses.fields(Change)] == list(args)
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.op = "delete"  # type: ignore[misc]
+
+
+def test_commit_end_reads_the_end_lsn_alone() -> None:
+    raw = b"C" + struct.pack("!BQQq", 0, 0x10, 0x1_0000_0020, JAN_2024)
+    commit = po.decode(raw)
+    assert isinstance(commit, po.Commit)
+    assert po.commit_end(raw) == commit.end_lsn == 0x1_0000_0020
+    with pytest.raises(po.ProtocolError):
+        po.commit_end(raw[:12])

@@ -30,6 +30,7 @@ __all__ = [
     "TypeInfo",
     "Update",
     "XLogData",
+    "commit_end",
     "decode",
     "decode_copy",
     "format_lsn",
@@ -320,6 +321,14 @@ def _update_or_delete(payload: bytes, kind: int) -> Message:
     if marker != 78:
         raise ProtocolError("update without a new tuple")
     return Update(rel, old_kind, old, _tuple(payload, pos)[0])
+
+
+def commit_end(payload: bytes) -> int:
+    """The end LSN of a Commit message (without decoding the rest of it)."""
+    try:
+        return int(_COMMIT.unpack_from(payload, 1)[2])
+    except struct.error as exc:
+        raise ProtocolError(f"message ends early: {exc}") from None
 
 
 def _decode(payload: bytes) -> Message:

@@ -226,10 +226,17 @@ class Reader:
             while True:
                 xlog = await self._next()
                 payload = xlog.payload
-                if payload[0] == 73 and self.chunk is None:  # 'I', the hot path
+                kind = payload[0]
+                if kind == 73 and self.chunk is None:  # 'I', the hot path
                     change = self._insert(payload)
                     if change is not None:
                         yield change
+                    continue
+                if kind == 67:  # 'C': every change of the transaction was handled
+                    self.tx = None
+                    self.confirmable = max(self.confirmable, pgoutput.commit_end(payload))
+                    if not self.live or time.monotonic() - self.last_status >= _STATUS_EVERY:
+                        await self._status()
                     continue
                 msg = pgoutput.decode(payload)
                 if isinstance(msg, Insert | Update | Delete):
@@ -240,11 +247,6 @@ class Reader:
                     self.tx, self.seq = msg, 0
                     self.id_base = msg.final_lsn << 32
                     self.lsn_text = pgoutput.format_lsn(msg.final_lsn)
-                elif isinstance(msg, Commit):
-                    self.tx = None
-                    self.confirmable = max(self.confirmable, msg.end_lsn)
-                    if not self.live or time.monotonic() - self.last_status >= _STATUS_EVERY:
-                        await self._status()
                 elif isinstance(msg, Relation):
                     await self._relation(msg)
                 elif isinstance(msg, Truncate):
