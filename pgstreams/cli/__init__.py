@@ -1,0 +1,5 @@
+"""The ``pgstreams`` command line (see ``main``)."""
+
+from .main import main
+
+__all__ = ["main"]

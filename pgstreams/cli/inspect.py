@@ -1,0 +1,168 @@
+"""``pgstreams migrate`` and ``pgstreams status`` (which only reads)."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+
+from .._pg import queries
+from .._pg.database import Database
+from .._pg.migrate import DEFAULT_WORKFLOW_PREFIX, MIGRATIONS
+from .._sources.changes import consumers as trigger_consumers
+from .._sources.changes.log import Log
+from .._sources.pgmq.queue import PgmqQueue
+from .._sources.queue.queue import PgQueue
+from .output import age, emit, table
+
+__all__ = ["installed", "migrate", "statements", "status"]
+
+
+def statements(db: Database) -> dict[str, bytes]:
+    return queries.render(
+        queries.load(__package__),
+        {
+            "schema": sql.Identifier(db.schema),
+            "runs": sql.Identifier(db.schema, f"{DEFAULT_WORKFLOW_PREFIX}runs"),
+        },
+    )
+
+
+async def _exists(conn: AsyncConnection[Any], db: Database, table: str) -> bool:
+    cur = await conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(db.schema, table).as_string(conn)]
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def installed(db: Database) -> list[int]:
+    """The main set's applied versions (empty: the library is not installed)."""
+    async with db.connection() as conn:
+        if not await _exists(conn, db, "schema_version"):
+            return []
+        cur = await conn.execute(statements(db)["applied_versions"])
+        return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def migrate(db: Database, args: argparse.Namespace) -> int:
+    before = set(await installed(db))
+    await db.migrate()
+    after = await installed(db)
+    applied = [v for v in after if v not in before]
+    names = {m.version: m.name for m in MIGRATIONS}
+    emit(
+        args,
+        {"schema": db.schema, "version": max(after, default=0), "applied": applied},
+        f"schema {db.schema}: version {max(after, default=0)}"
+        + (
+            "; applied " + ", ".join(f"{v:04d}_{names.get(v, '?')}" for v in applied)
+            if applied
+            else "; nothing to apply"
+        ),
+    )
+    return 0
+
+
+async def status(db: Database, args: argparse.Namespace) -> int:
+    applied = await installed(db)
+    pending = [m for m in MIGRATIONS if m.version not in set(applied)]
+    data: dict[str, Any] = {
+        "schema": db.schema,
+        "version": max(applied, default=0),
+        "pending_migrations": [f"{m.version:04d}_{m.name}" for m in pending],
+    }
+    lines = [f"schema {db.schema}: " + _version_line(applied, pending)]
+    if applied:
+        sections = (
+            ("queues", _queues),
+            ("change consumers", _consumers),
+            ("schedules", _schedules),
+            ("workflows", _workflows),
+        )
+        for title, read in sections:
+            headers, rows = await read(db)
+            data[title.replace(" ", "_")] = [dict(zip(headers, r, strict=True)) for r in rows]
+            lines += ["", f"{title}:", table(headers, rows) if rows else "  (none)"]
+    emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _version_line(applied: list[int], pending: list[Any]) -> str:
+    if not applied:
+        return "not installed (run `pgstreams migrate`)"
+    line = f"version {max(applied)}"
+    if pending:
+        line += f", {len(pending)} migration(s) pending (run `pgstreams migrate`)"
+    return line
+
+
+Rows = tuple[list[str], list[list[Any]]]
+
+
+async def _queues(db: Database) -> Rows:
+    now = datetime.now(UTC)
+    rows: list[list[Any]] = []
+    async with db.connection() as conn:
+        cur = await conn.execute(statements(db)["queues"])
+        names = [str(r[0]) for r in await cur.fetchall()]
+        oldest = {}
+        for name in names:
+            cur = await conn.execute(
+                sql.SQL("SELECT min(enqueued_at) FROM {} WHERE dead_at IS NULL").format(
+                    sql.Identifier(db.schema, f"q_{name}")
+                )
+            )
+            row = await cur.fetchone()
+            oldest[name] = row[0] if row else None
+    for name in names:
+        m = await PgQueue(db, name).metrics()
+        rows.append(["pgqueue", name, m.pending, m.processing, m.dead, age(oldest[name], now)])
+    for name in await PgmqQueue.list(db):
+        pm = await PgmqQueue(db, name).metrics()
+        in_flight = pm.queue_length - pm.visible
+        oldest_age = None if pm.oldest_age is None else f"{pm.oldest_age}s"
+        rows.append(["pgmq", name, pm.visible, in_flight, pm.dead, oldest_age])
+    return ["kind", "name", "pending", "in_flight", "dead", "oldest"], rows
+
+
+async def _consumers(db: Database) -> Rows:
+    rows: list[list[Any]] = []
+    log = Log.of(db)
+    async with db.connection() as conn:
+        cur = await conn.execute(statements(db)["trigger_consumers"])
+        trigger = [(str(r[0]), str(r[1])) for r in await cur.fetchall()]
+        cur = await conn.execute(statements(db)["wal_slots"])
+        slots = await cur.fetchall()
+    for stream, name in trigger:
+        lag = await trigger_consumers.lag(log, stream, name)
+        rows.append(["trigger", stream, name, f"{lag.changes} changes, {lag.seconds:.0f}s", None])
+    for slot, _db, active, wal_status, retained, lag_bytes, _confirmed in slots:
+        state = f"{wal_status}, {'active' if active else 'inactive'}, retains {retained} B"
+        rows.append(["wal", None, slot, f"{lag_bytes} bytes", state])
+    return ["capture", "stream", "consumer", "lag", "slot"], rows
+
+
+async def _schedules(db: Database) -> Rows:
+    async with db.connection() as conn:
+        cur = await conn.execute(statements(db)["schedules"])
+        found = await cur.fetchall()
+        cur = await conn.execute(
+            sql.SQL("SELECT alive_at FROM {}").format(sql.Identifier(db.schema, "scheduler_state"))
+        )
+        alive = await cur.fetchone()
+    leader = None if alive is None or alive[0] is None else f"leader seen {alive[0]:%H:%M:%S}"
+    rows = [[r[0], r[1], "paused" if r[2] else "active", r[3], leader] for r in found]
+    return ["id", "every", "state", "next_fire", "leader"], rows
+
+
+async def _workflows(db: Database) -> Rows:
+    async with db.connection() as conn:
+        if not await _exists(conn, db, f"{DEFAULT_WORKFLOW_PREFIX}runs"):
+            return ["status", "runs", "oldest_running"], []
+        cur = await conn.execute(statements(db)["workflow_counts"])
+        found = await cur.fetchall()
+    now = datetime.now(UTC)
+    return ["status", "runs", "oldest_running"], [[r[0], r[1], age(r[2], now)] for r in found]

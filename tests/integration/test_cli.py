@@ -1,0 +1,175 @@
+"""The ``pgstreams`` command line, run as a subprocess against a real server: read commands
+write nothing, errors are one line with the right exit code, tail follows and stops
+cleanly on a signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import anyio
+import pytest
+from psycopg import sql
+
+import pgstreams as ps
+
+from .test_changes import execute, make_table
+
+pytestmark = pytest.mark.anyio
+
+
+async def cli(dsn: str, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    """Run ``pgstreams ARGS`` with ``$PGSTREAMS_DSN``; (exit code, stdout, stderr)."""
+    env = {**os.environ, "PGSTREAMS_DSN": dsn}
+    result = await anyio.run_process(
+        [sys.executable, "-m", "pgstreams.cli", *args], input=stdin, env=env, check=False
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def schemas(dsn: str) -> list[str]:
+    async with ps.connect(dsn) as db, db.connection() as conn:
+        cur = await conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = 'pgstreams'")
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def test_status_on_an_empty_database_writes_nothing(pg_server: str) -> None:
+    from pgstreams.testing import fresh_database
+
+    with fresh_database(pg_server, "cli_empty") as dsn:
+        code, out, err = await cli(dsn, "status")
+        assert (code, err) == (0, "")
+        assert "not installed (run `pgstreams migrate`)" in out
+        assert await schemas(dsn) == []
+        code, out, _ = await cli(dsn, "--json", "status")
+        assert json.loads(out)["version"] == 0 and json.loads(out)["pending_migrations"]
+        code, out, _ = await cli(dsn, "migrate")
+        assert code == 0 and "applied 0001_queues" in out
+        code, out, _ = await cli(dsn, "migrate")
+        assert code == 0 and "nothing to apply" in out
+
+
+async def test_queue_commands(db: ps.Database, dsn: str) -> None:
+    name = f"jobs_{uuid.uuid4().hex[:6]}"
+    queue: ps.PgQueue[dict[str, Any]] = await ps.PgQueue.create(db, name, max_attempts=1)
+    await queue.publish_batch([{"n": i} for i in range(3)])
+    code, out, _ = await cli(dsn, "queue", "list")
+    assert code == 0 and name in out
+    code, out, _ = await cli(dsn, "--json", "queue", "stats", name)
+    stats = json.loads(out)
+    assert (code, stats["kind"], stats["pending"], stats["dead"]) == (0, "pgqueue", 3, 0)
+    code, out, _ = await cli(dsn, "--json", "queue", "peek", name, "-n", "2")
+    assert code == 0 and [json.loads(r["payload"]) for r in json.loads(out)] == [{"n": 0}, {"n": 1}]
+    assert (await queue.metrics()).pending == 3  # peek took nothing
+    env = await queue.subscribe_ack().first()
+    await env.nack(error="boom")  # max_attempts=1: dead
+    code, out, _ = await cli(dsn, "queue", "requeue-dead", name)
+    assert code == 0 and "requeued 1" in out
+    # purge asks; with no terminal to ask on it refuses and deletes nothing
+    code, _, err = await cli(dsn, "queue", "purge", name)
+    assert code == 2 and "--yes" in err and (await queue.metrics()).pending == 3
+    code, out, _ = await cli(dsn, "queue", "purge", name, "--yes")
+    assert code == 0 and "deleted 3" in out
+    await queue.drop()
+
+
+async def test_errors_are_one_line_with_their_exit_code(dsn: str) -> None:
+    code, out, err = await cli(dsn, "queue", "stats", "no_such_queue")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "no queue named" in err
+    code, _, err = await cli("postgresql://nobody@127.0.0.1:1/none", "status")
+    assert code == 1 and err.count("\n") == 1 and "cannot connect" in err
+    assert "Traceback" not in err
+    code, _, err = await cli(dsn, "tail", "t", "--since", "yesterday-ish")
+    assert code == 2 and "not a time" in err
+    code, _, err = await cli(dsn, "tail", "no_table_here")
+    assert code == 2 and "no trigger capture" in err
+    code, _, err = await cli(dsn, "-v", "queue", "stats", "no_such_queue")
+    assert code == 2 and "Traceback" in err
+    code, _, err = await cli(dsn, "frobnicate")
+    assert code == 2 and "invalid choice" in err
+
+
+async def _tail(dsn: str, *args: str, lines: int) -> list[str]:
+    """Run ``pgstreams ARGS`` (a tail) until it printed ``lines`` lines, then SIGINT it; it must
+    exit 0. (A plain Popen: asyncio's child watcher can lose the exit code of a child that
+    exits on a signal while another thread reaps processes.)"""
+    env = {**os.environ, "PGSTREAMS_DSN": dsn}
+    proc = subprocess.Popen(  # noqa: ASYNC220 - see the docstring
+        [sys.executable, "-m", "pgstreams.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    got: list[str] = []
+    try:
+        assert proc.stdout is not None
+        with anyio.fail_after(20):
+            while len(got) < lines:
+                line = await anyio.to_thread.run_sync(proc.stdout.readline)
+                assert line, f"tail ended: {proc.stderr.read() if proc.stderr else ''}"
+                got.append(line.rstrip("\n"))
+        proc.send_signal(signal.SIGINT)
+        assert await anyio.to_thread.run_sync(lambda: proc.wait(10)) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    return got
+
+
+async def test_tail_replays_filters_and_stops_on_ctrl_c(db: ps.Database, dsn: str) -> None:
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    ident = sql.Identifier(table)
+    await execute(db, sql.SQL("INSERT INTO {} (id) VALUES (1), (2)").format(ident))
+    await execute(db, sql.SQL("UPDATE {} SET v = 5 WHERE id = 1").format(ident))
+    lines = await _tail(dsn, "--json", "tail", table, "--since", "1h", "--op", "update", lines=1)
+    assert [json.loads(line)["new"] for line in lines] == [{"id": 1, "v": 5, "body": None}]
+    await cs.remove_trigger()
+
+
+async def test_tail_wal_and_wal_consumers(wal_dsn: str) -> None:
+    async with ps.connect(wal_dsn) as db:
+        table = await make_table(db)
+        cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, table, capture="wal")
+        await cs.add_consumer("cli_seen")
+        code, out, _ = await cli(wal_dsn, "--json", "consumers", "list")
+        assert code == 0 and [c["consumer"] for c in json.loads(out)] == [
+            (await cs.consumers())[0].slot
+        ]
+        async with anyio.create_task_group() as tg:
+
+            async def write() -> None:
+                with anyio.fail_after(20):
+                    while not await _live_slot(db):  # noqa: ASYNC110 - server state
+                        await anyio.sleep(0.05)
+                await execute(
+                    db, sql.SQL("INSERT INTO {} (id) VALUES (7)").format(sql.Identifier(table))
+                )
+
+            tg.start_soon(write)
+            lines = await _tail(wal_dsn, "tail", table, "--capture", "wal", lines=1)
+        assert "insert" in lines[0] and '"id": 7' in lines[0]
+        code, out, _ = await cli(
+            wal_dsn, "consumers", "drop", "cli_seen", "--table", table, "--capture", "wal"
+        )
+        assert code == 0 and await cs.consumers() == []
+
+
+async def _live_slot(db: ps.Database) -> bool:
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name LIKE 'pgslive%%'"
+        )
+        row = await cur.fetchone()
+        return bool(row and row[0])
