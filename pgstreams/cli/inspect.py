@@ -8,6 +8,7 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
+from .._core.errors import DatabaseError
 from .._pg import queries
 from .._pg.database import Database
 from .._pg.migrate import DEFAULT_WORKFLOW_PREFIX, MIGRATIONS
@@ -17,7 +18,7 @@ from .._sources.pgmq.queue import PgmqQueue
 from .._sources.queue.queue import PgQueue
 from .output import age, emit, table
 
-__all__ = ["installed", "migrate", "statements", "status"]
+__all__ = ["installed", "migrate", "require_current", "statements", "status"]
 
 
 def statements(db: Database) -> dict[str, bytes]:
@@ -45,6 +46,20 @@ async def installed(db: Database) -> list[int]:
             return []
         cur = await conn.execute(statements(db)["applied_versions"])
         return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def require_current(db: Database) -> None:
+    """Refuse a command that would otherwise install or upgrade the library's tables."""
+    applied = set(await installed(db))
+    pending = [m for m in MIGRATIONS if m.version not in applied]
+    if not applied:
+        raise DatabaseError(
+            f"pgstreams is not installed in schema {db.schema!r}: run `pgstreams migrate`"
+        )
+    if pending:
+        raise DatabaseError(
+            f"schema {db.schema!r} has {len(pending)} migration(s) pending: run `pgstreams migrate`"
+        )
 
 
 async def migrate(db: Database, args: argparse.Namespace) -> int:

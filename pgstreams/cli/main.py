@@ -21,7 +21,7 @@ import psycopg
 
 from .._core.errors import DatabaseError, InvalidArgumentError, PgStreamsError
 from .._pg.database import Database, connect
-from . import changes, inspect, queues
+from . import changes, inspect, operate, queues
 from .output import UsageError
 
 __all__ = ["main"]
@@ -75,6 +75,30 @@ def parser() -> argparse.ArgumentParser:
     drop.add_argument("name")
     drop.add_argument("--table", required=True, help="the stream's table(s), comma-separated")
     drop.add_argument("--capture", choices=("trigger", "wal"), default="trigger")
+    schedules = commands.add_parser("schedules", help="cron and interval schedules")
+    sched = schedules.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sched.add_parser("list", help="every schedule")
+    for name, text in (
+        ("pause", "stop firing"),
+        ("resume", "fire again"),
+        ("trigger", "fire once now"),
+        ("next", "the next fire times"),
+    ):
+        action = sched.add_parser(name, help=text)
+        action.add_argument("id")
+        if name == "next":
+            action.add_argument("-n", type=int, default=5, help="how many (5)")
+
+    flows = commands.add_parser("workflows", help="durable workflow runs")
+    flows.add_argument("--prefix", default="wf_", help="the storage's table prefix (wf_)")
+    runs = flows.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = runs.add_parser("list", help="recent runs")
+    listing.add_argument(
+        "--status", choices=("queued", "running", "completed", "failed", "cancelled")
+    )
+    listing.add_argument("--limit", type=int, default=20, help="how many (20)")
+    for name, text in (("show", "a run and its step history"), ("cancel", "ask a run to stop")):
+        runs.add_parser(name, help=text).add_argument("id")
     return top
 
 
@@ -84,6 +108,8 @@ COMMANDS: dict[str, Command] = {
     "tail": changes.tail,
     "queue": queues.run,
     "consumers": changes.consumers,
+    "schedules": operate.schedules,
+    "workflows": operate.workflows,
 }
 
 

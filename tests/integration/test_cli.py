@@ -173,3 +173,39 @@ async def _live_slot(db: ps.Database) -> bool:
         )
         row = await cur.fetchone()
         return bool(row and row[0])
+
+
+async def test_schedule_and_workflow_commands(db: ps.Database, dsn: str) -> None:
+    sched = ps.Scheduler(db)
+    sid = f"s_{uuid.uuid4().hex[:6]}"
+    await sched.register(sid, cron="0 2 * * *", timezone="UTC")
+    code, out, _ = await cli(dsn, "--json", "schedules", "list")
+    assert code == 0 and sid in [s["id"] for s in json.loads(out)]
+    code, out, _ = await cli(dsn, "--json", "schedules", "next", sid, "-n", "2")
+    assert code == 0 and [t[11:16] for t in json.loads(out)] == ["02:00", "02:00"]
+    code, _, _ = await cli(dsn, "schedules", "pause", sid)
+    assert code == 0 and (await sched.get(sid)).paused  # type: ignore[union-attr]
+    code, _, _ = await cli(dsn, "schedules", "resume", sid)
+    assert code == 0 and not (await sched.get(sid)).paused  # type: ignore[union-attr]
+    code, out, _ = await cli(dsn, "schedules", "trigger", sid)
+    assert code == 0 and f"triggered {sid}" in out
+    code, _, err = await cli(dsn, "schedules", "pause", "no_such_schedule")
+    assert code == 2 and err.count("\n") == 1
+
+    wf: ps.Workflow[dict[str, Any], dict[str, Any]] = ps.Workflow(f"w_{uuid.uuid4().hex[:6]}")
+
+    @wf.run
+    async def body(ctx: ps.WorkflowContext, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    engine = ps.WorkflowEngine(db)
+    run = await engine.start(wf, {"x": 1}, workflow_id=f"{wf.name}-1")
+    code, out, _ = await cli(dsn, "--json", "workflows", "list", "--status", "queued")
+    assert code == 0 and run.workflow_id in [r["workflow_id"] for r in json.loads(out)]
+    code, out, _ = await cli(dsn, "--json", "workflows", "show", run.workflow_id)
+    assert code == 0 and json.loads(out)["input"] == {"x": 1}
+    code, out, _ = await cli(dsn, "workflows", "cancel", run.workflow_id)
+    assert code == 0 and "cancel requested" in out
+    assert await run.status() == "cancelled"
+    code, _, err = await cli(dsn, "workflows", "show", "nope")
+    assert code == 2 and "no workflow run" in err
