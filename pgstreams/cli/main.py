@@ -21,7 +21,7 @@ import psycopg
 
 from .._core.errors import DatabaseError, InvalidArgumentError, PgStreamsError
 from .._pg.database import Database, connect
-from . import changes, inspect, operate, queues
+from . import changes, inspect, operate, queues, worker
 from .output import UsageError
 
 __all__ = ["main"]
@@ -99,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=20, help="how many (20)")
     for name, text in (("show", "a run and its step history"), ("cancel", "ask a run to stop")):
         runs.add_parser(name, help=text).add_argument("id")
+
+    work = commands.add_parser("worker", help="run a workflow worker until SIGTERM/SIGINT")
+    work.add_argument("target", help="MODULE:OBJECT, a WorkflowEngine or a callable making one")
+    work.add_argument("--concurrency", type=int, default=1, help="runs at a time (1)")
     return top
 
 
@@ -110,6 +114,7 @@ COMMANDS: dict[str, Command] = {
     "consumers": changes.consumers,
     "schedules": operate.schedules,
     "workflows": operate.workflows,
+    "worker": worker.worker,
 }
 
 

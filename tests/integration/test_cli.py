@@ -209,3 +209,82 @@ async def test_schedule_and_workflow_commands(db: ps.Database, dsn: str) -> None
     assert await run.status() == "cancelled"
     code, _, err = await cli(dsn, "workflows", "show", "nope")
     assert code == 2 and "no workflow run" in err
+
+
+WORKER_MODULE = """
+import os
+
+import anyio
+import psycopg
+
+import pgstreams as ps
+
+flow = ps.Workflow("cli_flow")
+
+
+async def effect(dsn, step):
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("INSERT INTO cli_effects VALUES (%s)", [step])
+    if step == "two" and os.environ.get("CLI_HANG"):
+        await anyio.sleep_forever()
+    return step
+
+
+@flow.run
+async def body(ctx, data):
+    return [await ctx.step(s, effect, data["dsn"], s) for s in ("one", "two", "three")]
+
+
+def make(db):
+    storage = ps.PgWorkflowStorage(db, table_prefix="cli_")
+    return ps.WorkflowEngine(storage=storage, workflows=[flow], lease=1.0)
+"""
+
+
+async def test_worker_hands_back_its_run_on_sigterm(
+    db: ps.Database, dsn: str, tmp_path: Any
+) -> None:
+    (tmp_path / "cli_jobs.py").write_text(WORKER_MODULE)
+    await execute(db, "CREATE TABLE cli_effects (step text)")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import cli_jobs  # type: ignore[import-not-found]
+
+        engine = cli_jobs.make(db)
+        run = await engine.start(cli_jobs.flow, {"dsn": dsn}, workflow_id="cli-1")
+        env = {**os.environ, "PGSTREAMS_DSN": dsn, "CLI_HANG": "1"}
+        proc = subprocess.Popen(  # noqa: ASYNC220 - waited on in a thread
+            [sys.executable, "-m", "pgstreams.cli", "worker", "cli_jobs:make"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            with anyio.fail_after(20):
+                while ("two",) not in await _effects(db):  # noqa: ASYNC110 - server state
+                    await anyio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert await anyio.to_thread.run_sync(lambda: proc.wait(10)) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+            err = proc.stderr.read() if proc.stderr else ""
+            if proc.stderr:
+                proc.stderr.close()
+        assert "handed back" in err
+        async with engine.worker():
+            assert await run.result() == ["one", "two", "three"]
+        # The finished step is not run again; the interrupted one is; the run ends once.
+        assert sorted(await _effects(db)) == [("one",), ("three",), ("two",), ("two",)]
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("cli_jobs", None)
+
+
+async def _effects(db: ps.Database) -> list[tuple[str]]:
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT step FROM cli_effects")
+        return [(str(r[0]),) for r in await cur.fetchall()]
