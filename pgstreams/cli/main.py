@@ -51,10 +51,7 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("--since", help="replay from a time first: ISO 8601, or 30s/5m/2h/1d ago")
     tail.add_argument("--op", help="only these operations, comma-separated")
 
-    queue = commands.add_parser("queue", help="PgQueue and pgmq queues").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    queue.add_parser("list", help="every queue")
+    queue = _actions(commands, "queue", "PgQueue and pgmq queues", "every queue")
     for name, text in (
         ("stats", "a queue's counts"),
         ("requeue-dead", "make dead messages deliverable again"),
@@ -68,16 +65,15 @@ def parser() -> argparse.ArgumentParser:
         if name == "purge":
             action.add_argument("--yes", action="store_true", help="do not ask")
 
-    consumers = commands.add_parser("consumers", help="durable change consumers")
-    actions = consumers.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="every durable consumer and WAL slot")
-    drop = actions.add_parser("drop", help="forget a consumer (WAL: drop its slot)")
+    consumers = _actions(
+        commands, "consumers", "durable change consumers", "every durable consumer and WAL slot"
+    )
+    drop = consumers.add_parser("drop", help="forget a consumer (WAL: drop its slot)")
     drop.add_argument("name")
     drop.add_argument("--table", required=True, help="the stream's table(s), comma-separated")
     drop.add_argument("--capture", choices=("trigger", "wal"), default="trigger")
-    schedules = commands.add_parser("schedules", help="cron and interval schedules")
-    sched = schedules.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sched.add_parser("list", help="every schedule")
+
+    sched = _actions(commands, "schedules", "cron and interval schedules", "every schedule")
     for name, text in (
         ("pause", "stop firing"),
         ("resume", "fire again"),
@@ -104,6 +100,18 @@ def parser() -> argparse.ArgumentParser:
     work.add_argument("target", help="MODULE:OBJECT, a WorkflowEngine or a callable making one")
     work.add_argument("--concurrency", type=int, default=1, help="runs at a time (1)")
     return top
+
+
+Actions = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _actions(commands: Actions, name: str, text: str, listing: str) -> Actions:
+    """A command made of actions, ``list`` first."""
+    actions = commands.add_parser(name, help=text).add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    actions.add_parser("list", help=listing)
+    return actions
 
 
 COMMANDS: dict[str, Command] = {

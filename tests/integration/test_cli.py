@@ -114,16 +114,28 @@ async def _tail(dsn: str, *args: str, lines: int) -> list[str]:
                 line = await anyio.to_thread.run_sync(proc.stdout.readline)
                 assert line, f"tail ended: {proc.stderr.read() if proc.stderr else ''}"
                 got.append(line.rstrip("\n"))
-        proc.send_signal(signal.SIGINT)
-        assert await anyio.to_thread.run_sync(lambda: proc.wait(10)) == 0
+        assert await _stopped(proc, signal.SIGINT) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        _reap(proc)
     return got
+
+
+async def _stopped(proc: subprocess.Popen[str], sig: int) -> int:
+    """Send ``sig`` and wait (in a thread) for the exit code."""
+    proc.send_signal(sig)
+    return await anyio.to_thread.run_sync(lambda: proc.wait(10))
+
+
+def _reap(proc: subprocess.Popen[str]) -> str:
+    """Kill ``proc`` if it still runs; its stderr, and close its pipes."""
+    if proc.returncode is None:
+        proc.kill()
+        proc.wait()
+    err = proc.stderr.read() if proc.stderr else ""
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return err
 
 
 async def test_tail_replays_filters_and_stops_on_ctrl_c(db: ps.Database, dsn: str) -> None:
@@ -265,15 +277,9 @@ async def test_worker_hands_back_its_run_on_sigterm(
             with anyio.fail_after(20):
                 while ("two",) not in await _effects(db):  # noqa: ASYNC110 - server state
                     await anyio.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            assert await anyio.to_thread.run_sync(lambda: proc.wait(10)) == 0
+            assert await _stopped(proc, signal.SIGTERM) == 0
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
-            err = proc.stderr.read() if proc.stderr else ""
-            if proc.stderr:
-                proc.stderr.close()
+            err = _reap(proc)
         assert "handed back" in err
         async with engine.worker():
             assert await run.result() == ["one", "two", "three"]
