@@ -102,10 +102,12 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-Actions = argparse._SubParsersAction[argparse.ArgumentParser]
-
-
-def _actions(commands: Actions, name: str, text: str, listing: str) -> Actions:
+def _actions(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    text: str,
+    listing: str,
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """A command made of actions, ``list`` first."""
     actions = commands.add_parser(name, help=text).add_subparsers(
         dest="action", required=True, metavar="ACTION"
