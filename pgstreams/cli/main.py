@@ -21,7 +21,7 @@ import psycopg
 
 from .._core.errors import DatabaseError, InvalidArgumentError, PgStreamsError
 from .._pg.database import Database, connect
-from . import changes, inspect, operate, queues, worker
+from . import changes, demo, inspect, operate, queues, worker
 from .output import UsageError
 
 __all__ = ["main"]
@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    demo = commands.add_parser("demo", help="every part, on an embedded PostgreSQL (~20 s)")
+    demo.add_argument("--keep", action="store_true", help="leave the server running after")
     commands.add_parser("migrate", help="install or upgrade the library's tables")
     commands.add_parser("status", help="schema version and one table per source")
 
@@ -145,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        return await _until_signal(lambda: demo.demo(args))
     dsn = args.dsn or os.environ.get("PGSTREAMS_DSN") or ""
     try:
         db = await connect(dsn, schema=args.schema, min_size=1, max_size=4, timeout=10.0)
@@ -154,31 +158,35 @@ async def _run(args: argparse.Namespace) -> int:
             " variables, and that the server is running"
         ) from exc
     async with db:
-        result = OK
-        failure: Exception | None = None
-        async with anyio.create_task_group() as tg:
+        return await _until_signal(lambda: COMMANDS[args.command](db, args))
 
-            async def command() -> None:
-                nonlocal result, failure
-                try:
-                    result = await COMMANDS[args.command](db, args)
-                except Exception as exc:  # raised as itself below, not in an ExceptionGroup
-                    failure = exc
-                tg.cancel_scope.cancel()
 
-            async def stop_on_signal() -> None:
-                # Ctrl-C or a SIGTERM ends a command (tail) cleanly, even where the shell
-                # started it with SIGINT ignored.
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        tg.cancel_scope.cancel()
-                        return
+async def _until_signal(command: Callable[[], Awaitable[int]]) -> int:
+    """``command()``'s exit code; Ctrl-C or a SIGTERM ends it cleanly (exit 0), even where
+    the shell started it with SIGINT ignored."""
+    result = OK
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
 
-            tg.start_soon(command)
-            tg.start_soon(stop_on_signal)
-        if failure is not None:
-            raise failure
-        return result
+        async def run() -> None:
+            nonlocal result, failure
+            try:
+                result = await command()
+            except Exception as exc:  # raised as itself below, not in an ExceptionGroup
+                failure = exc
+            tg.cancel_scope.cancel()
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(run)
+        tg.start_soon(stop_on_signal)
+    if failure is not None:
+        raise failure
+    return result
 
 
 def _first_line(exc: BaseException) -> str:

@@ -294,3 +294,39 @@ async def _effects(db: ps.Database) -> list[tuple[str]]:
     async with db.connection() as conn:
         cur = await conn.execute("SELECT step FROM cli_effects")
         return [(str(r[0]),) for r in await cur.fetchall()]
+
+
+async def test_demo_runs_every_part_and_keeps_its_server_on_request() -> None:
+    code, out, err = await cli("", "demo")
+    assert code == 0, err
+    for part in (
+        "PgQueue",
+        "dead letters: ['user1@example.com']",
+        "pgmq",
+        "trigger    update",
+        "wal        delete",
+        "tick of demo_heartbeat",
+        "worker 2 finished it",
+        "== done",
+    ):
+        assert part in out
+    proc = subprocess.Popen(  # noqa: ASYNC220 - waited on in a thread
+        [sys.executable, "-m", "pgstreams.cli", "demo", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        dsn = ""
+        assert proc.stdout is not None
+        with anyio.fail_after(40):
+            while not dsn:
+                line = await anyio.to_thread.run_sync(proc.stdout.readline)
+                assert line, "demo --keep ended early"
+                if "export PGSTREAMS_DSN=" in line:
+                    dsn = line.split("'")[1]
+        code, out, _ = await cli(dsn, "status")
+        assert code == 0 and "demo_emails" in out
+        assert await _stopped(proc, signal.SIGINT) == 0
+    finally:
+        _reap(proc)
