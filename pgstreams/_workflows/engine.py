@@ -307,6 +307,12 @@ class WorkflowEngine:
             await self.storage.update_run(run.workflow_id, "cancelled", owner=owner)
             return
         outcome: tuple[RunStatus, Any, dict[str, Any] | None] | None = None
+        logger.info(
+            "workflow %s (%s): started, execution %d",
+            run.workflow_id,
+            run.workflow,
+            run.executions,
+        )
         async with anyio.create_task_group() as tg:
             cancelled = anyio.Event()
             tg.start_soon(self._keep, run.workflow_id, owner, tg.cancel_scope, cancelled)
@@ -327,6 +333,10 @@ class WorkflowEngine:
         if outcome is None:
             return  # the lease was lost, or the storage failed: another worker resumes it
         status, output, error = outcome
+        if status == "failed":
+            logger.warning("workflow %s (%s): failed: %s", run.workflow_id, run.workflow, error)
+        else:
+            logger.info("workflow %s (%s): %s", run.workflow_id, run.workflow, status)
         with anyio.CancelScope(shield=True):
             try:
                 await self.storage.update_run(

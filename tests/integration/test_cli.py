@@ -280,7 +280,7 @@ async def test_worker_hands_back_its_run_on_sigterm(
             assert await _stopped(proc, signal.SIGTERM) == 0
         finally:
             err = _reap(proc)
-        assert "handed back" in err
+        assert "workflow cli-1 (cli_flow): started" in err and "handed back" in err
         async with engine.worker():
             assert await run.result() == ["one", "two", "three"]
         # The finished step is not run again; the interrupted one is; the run ends once.
