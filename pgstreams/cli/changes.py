@@ -13,7 +13,7 @@ from psycopg import sql
 from .._pg.database import Database
 from .._sources.changes.capture import OPERATIONS
 from .._sources.changes.stream import Change, PgChangeStream
-from .inspect import installed, statements
+from .inspect import consumer_rows, installed
 from .output import UsageError, emit, table
 
 __all__ = ["consumers", "parse_since", "tail"]
@@ -128,15 +128,6 @@ async def consumers(db: Database, args: argparse.Namespace) -> int:
         await stream.drop_consumer(args.name)
         emit(args, {"dropped": args.name}, f"dropped consumer {args.name} of {args.table}")
         return 0
-    rows: list[list[Any]] = []
-    if await installed(db):
-        async with db.connection() as conn:
-            cur = await conn.execute(statements(db)["trigger_consumers"])
-            rows += [["trigger", r[0], r[1], None, None, None] for r in await cur.fetchall()]
-    async with db.connection() as conn:
-        cur = await conn.execute(statements(db)["wal_slots"])
-        for slot, _db, active, status, retained, _lag, confirmed in await cur.fetchall():
-            rows.append(["wal", None, slot, confirmed, retained, f"{status}, active={active}"])
-    headers = ["capture", "stream", "consumer", "confirmed_lsn", "retained_bytes", "slot"]
+    headers, rows = await consumer_rows(db)
     emit(args, [dict(zip(headers, r, strict=True)) for r in rows], table(headers, rows))
     return 0

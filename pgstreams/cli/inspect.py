@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,15 +19,29 @@ from .._sources.pgmq.queue import PgmqQueue
 from .._sources.queue.queue import PgQueue
 from .output import age, emit, table
 
-__all__ = ["installed", "migrate", "require_current", "statements", "status"]
+__all__ = [
+    "consumer_rows",
+    "installed",
+    "migrate",
+    "pgqueue_names",
+    "require_current",
+    "statements",
+    "status",
+]
 
 
 def statements(db: Database) -> dict[str, bytes]:
+    return _statements(db.schema)
+
+
+@functools.lru_cache(maxsize=8)
+def _statements(schema: str) -> dict[str, bytes]:
+    """queries.sql rendered for ``schema`` (once per schema)."""
     return queries.render(
         queries.load(__package__),
         {
-            "schema": sql.Identifier(db.schema),
-            "runs": sql.Identifier(db.schema, f"{DEFAULT_WORKFLOW_PREFIX}runs"),
+            "schema": sql.Identifier(schema),
+            "runs": sql.Identifier(schema, f"{DEFAULT_WORKFLOW_PREFIX}runs"),
         },
     )
 
@@ -93,7 +108,7 @@ async def status(db: Database, args: argparse.Namespace) -> int:
     if applied:
         sections = (
             ("queues", _queues),
-            ("change consumers", _consumers),
+            ("change consumers", consumer_rows),
             ("schedules", _schedules),
             ("workflows", _workflows),
         )
@@ -117,12 +132,20 @@ def _version_line(applied: list[int], pending: list[Any]) -> str:
 Rows = tuple[list[str], list[list[Any]]]
 
 
+async def pgqueue_names(db: Database) -> list[str]:
+    """The PgQueue queues (none if the library is not installed)."""
+    async with db.connection() as conn:
+        if not await _exists(conn, db, "queues"):
+            return []
+        cur = await conn.execute(statements(db)["queues"])
+        return [str(r[0]) for r in await cur.fetchall()]
+
+
 async def _queues(db: Database) -> Rows:
     now = datetime.now(UTC)
     rows: list[list[Any]] = []
+    names = await pgqueue_names(db)
     async with db.connection() as conn:
-        cur = await conn.execute(statements(db)["queues"])
-        names = [str(r[0]) for r in await cur.fetchall()]
         oldest = {}
         for name in names:
             cur = await conn.execute(
@@ -143,21 +166,35 @@ async def _queues(db: Database) -> Rows:
     return ["kind", "name", "pending", "in_flight", "dead", "oldest"], rows
 
 
-async def _consumers(db: Database) -> Rows:
+async def consumer_rows(db: Database) -> Rows:
+    """Every durable change consumer: trigger capture's (with their lag in changes and
+    seconds) and WAL capture's slots (lag in bytes, retained WAL, ``wal_status``)."""
+    headers = ["capture", "stream", "consumer", "lag", "retained_bytes", "wal_status", "active"]
     rows: list[list[Any]] = []
     log = Log.of(db)
+    trigger: list[tuple[str, str]] = []
     async with db.connection() as conn:
-        cur = await conn.execute(statements(db)["trigger_consumers"])
-        trigger = [(str(r[0]), str(r[1])) for r in await cur.fetchall()]
+        if await _exists(conn, db, "change_consumers"):
+            cur = await conn.execute(statements(db)["trigger_consumers"])
+            trigger = [(str(r[0]), str(r[1])) for r in await cur.fetchall()]
         cur = await conn.execute(statements(db)["wal_slots"])
         slots = await cur.fetchall()
     for stream, name in trigger:
         lag = await trigger_consumers.lag(log, stream, name)
-        rows.append(["trigger", stream, name, f"{lag.changes} changes, {lag.seconds:.0f}s", None])
+        rows.append(
+            [
+                "trigger",
+                stream,
+                name,
+                f"{lag.changes} changes, {lag.seconds:.0f}s",
+                None,
+                None,
+                None,
+            ]
+        )
     for slot, _db, active, wal_status, retained, lag_bytes, _confirmed in slots:
-        state = f"{wal_status}, {'active' if active else 'inactive'}, retains {retained} B"
-        rows.append(["wal", None, slot, f"{lag_bytes} bytes", state])
-    return ["capture", "stream", "consumer", "lag", "slot"], rows
+        rows.append(["wal", None, slot, f"{lag_bytes} bytes", retained, wal_status, active])
+    return headers, rows
 
 
 async def _schedules(db: Database) -> Rows:

@@ -1,11 +1,6 @@
 -- The command line's read-only statements. {schema} is the library's schema; a command
 -- checks that a table exists (to_regclass) before reading it, so nothing here writes.
 
--- name: schema_version
-SELECT to_regclass(%(versions)s) IS NOT NULL,
-       CASE WHEN to_regclass(%(versions)s) IS NULL THEN NULL
-            ELSE (SELECT coalesce(max(version), 0) FROM {schema}.schema_version) END
-
 -- name: applied_versions
 SELECT version FROM {schema}.schema_version ORDER BY version
 

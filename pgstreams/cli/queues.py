@@ -12,14 +12,14 @@ from psycopg import sql
 from .._pg.database import Database
 from .._sources.pgmq.queue import PgmqQueue
 from .._sources.queue.queue import PgQueue
-from .inspect import installed, statements
+from .inspect import pgqueue_names
 from .output import UsageError, emit, table
 
 __all__ = ["run"]
 
 
 async def run(db: Database, args: argparse.Namespace) -> int:
-    pgqueues = await _pgqueues(db)
+    pgqueues = await pgqueue_names(db)
     pgmq = await PgmqQueue.list(db)
     if args.action == "list":
         names = [["pgqueue", n] for n in pgqueues] + [["pgmq", n] for n in pgmq]
@@ -59,14 +59,6 @@ async def run(db: Database, args: argparse.Namespace) -> int:
             count = await PgmqQueue(db, name).purge()
         emit(args, {"deleted": count}, f"deleted {count} message(s) of {name}")
     return 0
-
-
-async def _pgqueues(db: Database) -> list[str]:
-    if not await installed(db):
-        return []
-    async with db.connection() as conn:
-        cur = await conn.execute(statements(db)["queues"])
-        return [str(r[0]) for r in await cur.fetchall()]
 
 
 async def _peek(db: Database, kind: str, name: str, n: int) -> list[list[object]]:

@@ -437,13 +437,11 @@ async def test_keepalive_requests_are_answered_while_idle(
 ) -> None:
     """With a 2 s wal_sender_timeout the server asks for a reply after 1 s of silence and
     cuts the session off after 2 s without one: an idle subscription must keep answering."""
-    from pgstreams._sources.changes.wal import reader
+    from pgstreams._sources.changes.wal import replication
 
-    monkeypatch.setattr(
-        reader,
-        "OPTIONS",
-        reader.OPTIONS.replace("wal_sender_timeout=5min", "wal_sender_timeout=2s"),
-    )
+    shorter = replication.OPTIONS.replace("wal_sender_timeout=5min", "wal_sender_timeout=2s")
+    assert shorter != replication.OPTIONS
+    monkeypatch.setattr(replication, "OPTIONS", shorter)
     db = wal_db
     t = await make_table(db)
     cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, t, capture="wal", heartbeat=3600)

@@ -173,11 +173,6 @@ def _discard(chunk: snapshot.Chunk, msg: Insert | Update | Delete, rel: _Rel) ->
             chunk.rows.pop(tuple(values[i] for i in positions), None)
 
 
-def _id(lsn: int, seq: int) -> int:
-    """A change's id in WAL capture: its commit LSN, then its place in the transaction."""
-    return (lsn << 32) | seq
-
-
 class Reader:
     """One subscription's replication session and decoding state (module docstring)."""
 
@@ -203,6 +198,7 @@ class Reader:
         self.tx: Begin | None = None
         self.seq = 0
         self.id_base = 0
+        """The transaction's commit LSN shifted left 32 bits: a change's id adds its place."""
         self.lsn_text = ""
         self.confirmable = 0
         self.reported = 0
@@ -360,14 +356,14 @@ class Reader:
                 chunk.rows.clear()
             out.append(
                 Change(
-                    id=_id(tx.final_lsn, self.seq),
+                    id=self.id_base | self.seq,
                     op="truncate",
                     table=rel.key,
                     new=None,
                     old=None,
                     at=tx.commit_time,
                     txid=tx.xid,
-                    lsn=pgoutput.format_lsn(tx.final_lsn),
+                    lsn=self.lsn_text,
                 )
             )
         return out
@@ -382,14 +378,14 @@ class Reader:
         if msg.prefix == self.notify_prefix:
             self.seq += 1
             notify: Change[Any] = Change(
-                id=_id(tx.final_lsn, self.seq),
+                id=self.id_base | self.seq,
                 op="notify",
                 table=self.stream_key,
                 new=json.loads(msg.content),
                 old=None,
                 at=tx.commit_time,
                 txid=tx.xid,
-                lsn=pgoutput.format_lsn(tx.final_lsn),
+                lsn=self.lsn_text,
             )
             return [notify]
         chunk = self.chunk
@@ -408,7 +404,7 @@ class Reader:
             self.seq += 1
             out.append(
                 Change(
-                    id=_id(tx.final_lsn, self.seq),
+                    id=self.id_base | self.seq,
                     op="snapshot",
                     table=chunk.table.key,
                     new=row,
@@ -416,7 +412,7 @@ class Reader:
                     at=tx.commit_time,
                     txid=tx.xid,
                     pk={c: row.get(c) for c in chunk.table.pk},
-                    lsn=pgoutput.format_lsn(tx.final_lsn),
+                    lsn=self.lsn_text,
                 )
             )
         return out
@@ -574,8 +570,7 @@ class Reader:
                 await self._idle()
                 continue
             self.last_message = now = time.monotonic()
-            if now - self.last_slot_check >= _SLOT_CHECK_EVERY:
-                await self._check_retained()
+            await self._check_retained(now)
             if type(raw) is XLogData:
                 return raw
             assert isinstance(raw, Keepalive)
@@ -599,14 +594,14 @@ class Reader:
                     )
             except DatabaseError as exc:
                 logger.warning("WAL heartbeat for %s failed: %s", self.slot, exc)
-        if now - self.last_slot_check >= _SLOT_CHECK_EVERY:
-            await self._check_retained()
+        await self._check_retained(now)
 
-    async def _check_retained(self) -> None:
-        self.last_slot_check = time.monotonic()
+    async def _check_retained(self, now: float) -> None:
+        """Once a minute: warn if the slot retains more WAL than allowed."""
         limit = self.settings.warn_retained_bytes
-        if limit is None:
+        if limit is None or now - self.last_slot_check < _SLOT_CHECK_EVERY:
             return
+        self.last_slot_check = now
         try:
             async with self.db.connection() as conn:
                 cur = await conn.execute(
@@ -656,7 +651,7 @@ class Reader:
             conn_ = await self.db.dedicated(
                 replication="database",
                 application_name=f"pgstreams wal {self.slot}"[:63],
-                options=OPTIONS,
+                options=replication.OPTIONS,
             )
             session = Session(conn_)
             try:
@@ -673,8 +668,7 @@ class Reader:
         self.reported = self.confirmable
         self.last_status = self.last_message = time.monotonic()
         self.retry.reset()
-        if time.monotonic() - self.last_slot_check >= _SLOT_CHECK_EVERY:
-            await self._check_retained()
+        await self._check_retained(self.last_status)
 
     async def _lost(self, exc: BaseException) -> None:
         """A session failed: reconnect after a back-off if it may work next time."""
@@ -710,11 +704,7 @@ class Reader:
         """Drop the lost slot (once its last session let go), then make it anew with a
         snapshot to do."""
         with anyio.fail_after(_RELEASE_WAIT):
-            while True:
-                async with self.db.connection() as conn:
-                    if await slots.drop(conn, self.slot):
-                        break
-                await anyio.sleep(0.05)
+            await self._drop_slot()
         async with self.db.connection() as conn:
             self.progress = await snapshot.begin(conn, self.db.schema, self.slot, self.target)
             self.confirmable = await slots.create(conn, self.slot)
@@ -732,7 +722,10 @@ class Reader:
                     logger.debug("closing WAL session of %s: %s", self.slot, exc)
                 await session.close()
             if self.live and self.slot:
-                await self._drop_live()
+                try:
+                    await self._drop_slot()
+                except DatabaseError as exc:
+                    logger.warning("dropping replication slot %s: %s", self.slot, exc)
             elif session is not None:
                 await self._released(session.pid)
 
@@ -771,21 +764,14 @@ class Reader:
                 return
             await anyio.sleep(0.01)
 
-    async def _drop_live(self) -> None:
-        """Drop the live slot, waiting for the server to release it."""
+    async def _drop_slot(self) -> None:
+        """Drop the slot, waiting for the server to release it."""
         while True:
-            try:
-                async with self.db.connection() as conn:
-                    if await slots.drop(conn, self.slot):
-                        return
-            except DatabaseError as exc:
-                logger.warning("dropping replication slot %s: %s", self.slot, exc)
-                return
+            async with self.db.connection() as conn:
+                if await slots.drop(conn, self.slot):
+                    return
             await anyio.sleep(0.05)
 
-
-OPTIONS = replication.OPTIONS
-"""The replication session's server settings (see replication.py)."""
 
 # object_in_use: the slot is still held by a walsender that is being terminated.
 _RETRY_STATES = frozenset({"55006"})

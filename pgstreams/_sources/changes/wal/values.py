@@ -12,7 +12,6 @@ Which conversion a column needs is looked up once per type in ``pg_type``.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
@@ -51,7 +50,10 @@ def _json(value: str) -> Any:
     return json.loads(value)
 
 
-_HOUR_OFFSET = re.compile(r"[+-]\d\d$")
+def _hour_offset(value: str) -> bool:
+    """The value ends in an offset of whole hours (``+00``, ``-08``), which ISO 8601 as
+    ``to_jsonb`` writes it spells ``+00:00``."""
+    return len(value) > 3 and value[-3] in "+-" and value[-2:].isdigit()
 
 
 def _timestamp(value: str) -> Any:
@@ -62,7 +64,7 @@ def _timestamptz(value: str) -> Any:
     if " " not in value:
         return value
     value = value.replace(" ", "T", 1)
-    return value + ":00" if _HOUR_OFFSET.search(value) else value
+    return value + ":00" if _hour_offset(value) else value
 
 
 _SCALARS: dict[int, Convert] = {
