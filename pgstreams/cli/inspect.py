@@ -54,13 +54,19 @@ async def _exists(conn: AsyncConnection[Any], db: Database, table: str) -> bool:
     return bool(row and row[0])
 
 
+async def _first_column(db: Database, table: str, statement: str) -> list[Any]:
+    """The first column of ``statement``'s rows; none if the library's ``table`` is
+    missing (nothing installed yet)."""
+    async with db.connection() as conn:
+        if not await _exists(conn, db, table):
+            return []
+        cur = await conn.execute(statements(db)[statement])
+        return [r[0] for r in await cur.fetchall()]
+
+
 async def installed(db: Database) -> list[int]:
     """The main set's applied versions (empty: the library is not installed)."""
-    async with db.connection() as conn:
-        if not await _exists(conn, db, "schema_version"):
-            return []
-        cur = await conn.execute(statements(db)["applied_versions"])
-        return [int(r[0]) for r in await cur.fetchall()]
+    return [int(v) for v in await _first_column(db, "schema_version", "applied_versions")]
 
 
 async def require_current(db: Database) -> None:
@@ -134,11 +140,7 @@ Rows = tuple[list[str], list[list[Any]]]
 
 async def pgqueue_names(db: Database) -> list[str]:
     """The PgQueue queues (none if the library is not installed)."""
-    async with db.connection() as conn:
-        if not await _exists(conn, db, "queues"):
-            return []
-        cur = await conn.execute(statements(db)["queues"])
-        return [str(r[0]) for r in await cur.fetchall()]
+    return [str(v) for v in await _first_column(db, "queues", "queues")]
 
 
 async def _queues(db: Database) -> Rows:
