@@ -90,6 +90,10 @@ class RunHandle:
             run.status == "cancelled" or (run.status == "running" and run.cancel_requested)
         )
 
+    async def retry(self) -> None:
+        """Queue a failed or cancelled run again; see :meth:`WorkflowEngine.retry`."""
+        await self._engine.retry(self.workflow_id)
+
     async def _record(self) -> RunRecord:
         run = await self._engine.storage.get_run(self.workflow_id)
         if run is None:
@@ -175,6 +179,22 @@ class WorkflowEngine:
             )
         return RunHandle(self, workflow_id, created)
 
+    async def retry(self, workflow_id: str) -> RunHandle:
+        """Queue a failed or cancelled run again. Its finished steps keep their results;
+        each unfinished step starts over with its full ``retries`` budget (the history
+        keeps the earlier attempts). Raises ``InvalidArgumentError`` for an unknown run
+        or one that is queued, running or completed."""
+        if await self.storage.retry_run(workflow_id) is None:
+            run = await self.storage.get_run(workflow_id)
+            if run is None:
+                raise InvalidArgumentError(f"no workflow run {workflow_id!r}")
+            raise InvalidArgumentError(
+                f"workflow run {workflow_id!r} is {run.status}: only a failed or cancelled"
+                " run can be retried"
+            )
+        logger.info("workflow %s: queued again for a retry", workflow_id)
+        return RunHandle(self, workflow_id, False)
+
     def handle(self, workflow_id: str) -> RunHandle:
         """A handle on an existing run."""
         return RunHandle(self, workflow_id, False)
@@ -195,9 +215,15 @@ class WorkflowEngine:
         concurrency: int = 1,
         poll_interval: float | None = None,
         retention: timedelta | float | None = None,
+        grace: float = 0.0,
     ) -> AsyncIterator[WorkflowEngine]:
         """Execute runs of the registered workflows, ``concurrency`` at a time, until the
-        block exits (runs still executing then are handed back, for any worker to resume).
+        block exits.
+
+        When the block ends normally the worker stops claiming runs and gives the runs it
+        is executing up to ``grace`` seconds to finish; those still executing then -- or
+        at once, when the block ends by an exception or a cancellation -- are handed back
+        for any worker to resume from their last finished step.
 
         A worker may start before any workflow is registered: it claims the runs of each
         workflow from the moment it is registered. ``poll_interval`` overrides the
@@ -212,7 +238,9 @@ class WorkflowEngine:
             else check_seconds("poll_interval", poll_interval, allow_zero=False)
         )
         keep = None if retention is None else _duration("retention", retention)
+        grace = check_seconds("grace", grace)
         owner = f"{uuid.uuid4().hex[:12]}"
+        slots = _Slots(concurrency)
         async with (
             self.storage.serving(),
             self.storage.work_wakeups() as wake,
@@ -222,17 +250,41 @@ class WorkflowEngine:
             try:
                 poller = anyio.Lock()
                 for _ in range(concurrency):
-                    tg.start_soon(self._slot, owner, poll, poller, wake)
+                    tg.start_soon(self._slot, owner, poll, poller, wake, slots)
                 if keep is not None:
                     tg.start_soon(self._retain, keep)
                 yield self
+                slots.stopping = True
+                wake.fire()  # the idle slot sees it and ends; busy ones end after their run
+                if slots.busy:
+                    logger.info(
+                        "workflow worker stopping: %d run(s) in flight, up to %g s to finish",
+                        slots.busy,
+                        grace,
+                    )
+                with anyio.move_on_after(grace):
+                    await slots.ended.wait()
+                if slots.busy:
+                    logger.info("workflow worker: handing back %d unfinished run(s)", slots.busy)
             finally:
                 self._working.discard(wake)
                 tg.cancel_scope.cancel()
 
-    async def _slot(self, owner: str, poll: float, poller: anyio.Lock, wake: Wakeup) -> None:
+    async def _slot(
+        self, owner: str, poll: float, poller: anyio.Lock, wake: Wakeup, slots: _Slots
+    ) -> None:
+        try:
+            await self._serve(owner, poll, poller, wake, slots)
+        finally:
+            slots.left -= 1
+            if not slots.left:
+                slots.ended.set()
+
+    async def _serve(
+        self, owner: str, poll: float, poller: anyio.Lock, wake: Wakeup, slots: _Slots
+    ) -> None:
         fresh = False  # True: this slot has just executed a run
-        while True:
+        while not slots.stopping:
             if fresh:
                 # A slot back from a run claims at once, and its claim may share a
                 # statement with its neighbours'.
@@ -244,35 +296,47 @@ class WorkflowEngine:
                 # Idle slots take turns: one sleeps on the wake-up and claims, so a new
                 # run wakes one slot rather than all.
                 async with poller:
+                    if slots.stopping:
+                        return
                     wake.arm()  # before the claim: a run started meanwhile is not missed
                     run = await self._claim(owner)
                     while run is None:
                         await wake.wait(poll)
+                        if slots.stopping:
+                            wake.fire()  # the next idle slot ends too
+                            return
                         wake.arm()
                         run = await self._claim(owner)
             fresh = True
+            slots.busy += 1
             try:
-                locked = await self.storage.lock_run(run.workflow_id, owner, self._lease)
-            except DatabaseError as exc:
-                logger.warning("workflow %s: could not take its lock: %s", run.workflow_id, exc)
-                continue  # the claim lapses with its lease
-            if not locked:
-                # Another process still executes it (its lease lapsed meanwhile): our claim
-                # ends its lease renewal, so it stops, and the run is resumed after ours.
-                continue
-            stopping = False
-            try:
-                await self._execute(run, owner)
-            except anyio.get_cancelled_exc_class():
-                stopping = True
-                raise
+                await self._run_claimed(run, owner)
             finally:
-                try:
-                    await self.storage.unlock_run(run.workflow_id, owner)
-                except DatabaseError as exc:  # it expires (Redis) or ends with its session
-                    logger.warning("workflow %s: could not unlock: %s", run.workflow_id, exc)
-                if stopping:
-                    await self._hand_back(run.workflow_id, owner)
+                slots.busy -= 1
+
+    async def _run_claimed(self, run: RunRecord, owner: str) -> None:
+        try:
+            locked = await self.storage.lock_run(run.workflow_id, owner, self._lease)
+        except DatabaseError as exc:
+            logger.warning("workflow %s: could not take its lock: %s", run.workflow_id, exc)
+            return  # the claim lapses with its lease
+        if not locked:
+            # Another process still executes it (its lease lapsed meanwhile): our claim
+            # ends its lease renewal, so it stops, and the run is resumed after ours.
+            return
+        stopping = False
+        try:
+            await self._execute(run, owner)
+        except anyio.get_cancelled_exc_class():
+            stopping = True
+            raise
+        finally:
+            try:
+                await self.storage.unlock_run(run.workflow_id, owner)
+            except DatabaseError as exc:  # it expires (Redis) or ends with its session
+                logger.warning("workflow %s: could not unlock: %s", run.workflow_id, exc)
+            if stopping:
+                await self._hand_back(run.workflow_id, owner)
 
     async def _retain(self, keep: float) -> None:
         """Automatic retention: prune now, then every so often (jittered, so processes
@@ -390,6 +454,17 @@ class WorkflowEngine:
             return await self.storage.extend_lock(workflow_id, owner, self._lease)
         except DatabaseError:
             return True  # unknown: the lease decides
+
+
+class _Slots:
+    """One worker block's slots: whether it is stopping, how many execute a run, and an
+    event set once every slot has ended."""
+
+    def __init__(self, count: int) -> None:
+        self.stopping = False
+        self.busy = 0
+        self.left = count
+        self.ended = anyio.Event()
 
 
 def _default_storage(db: Database) -> WorkflowStorage:

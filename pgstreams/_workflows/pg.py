@@ -1,7 +1,8 @@
 """PgWorkflowStorage: runs, steps and step history in PostgreSQL tables.
 
 The tables, in ``schema`` with ``table_prefix``, are the ``workflows`` migration set:
-installed or upgraded on first use (the default prefix's by ``Database.migrate()`` too).
+installed or upgraded on first use (the default prefix's by ``Database.migrate()`` too),
+unless ``auto_migrate=False``: then ``migrate()`` is the caller's to run.
 Runs are claimed with ``FOR UPDATE SKIP LOCKED`` and a lease. The run locks are session
 advisory locks (``pgstreams:run:<schema>:<prefix>:<id>``, see ``_pg.locks``) on one
 connection per storage (a RunSession), which also carries the statements of the runs this
@@ -81,7 +82,12 @@ class PgWorkflowStorage:
     """Workflow state in PostgreSQL (see module docstring)."""
 
     def __init__(
-        self, db: Database, *, schema: str | None = None, table_prefix: str = "wf_"
+        self,
+        db: Database,
+        *,
+        schema: str | None = None,
+        table_prefix: str = "wf_",
+        auto_migrate: bool = True,
     ) -> None:
         self._db = db
         self.schema = check_schema(db.schema if schema is None else schema)
@@ -92,7 +98,7 @@ class PgWorkflowStorage:
         # A run lock's key, from the text ns || workflow_id (one scheme: see _pg.locks).
         run_key = sql.SQL(KEY_SQL).format(sql.SQL("%(ns)s || workflow_id"))
         self._sql = statements({**self._names, "run_key": run_key})
-        self._ready = False
+        self._ready = not auto_migrate  # False: install or upgrade on first use
         self._ns = lock_text("run", self.schema, table_prefix, "")  # + id: a run lock's text
         self._session = RunSession(self._open_session, self._sql, BATCHES, lock_timeout=_LOCK_WAIT)
         self._starts = RunSession(self._borrow, self._sql, BATCHES, keep=False)
@@ -271,6 +277,10 @@ class PgWorkflowStorage:
 
     async def request_cancel(self, workflow_id: str) -> RunRecord | None:
         rows = await self._rows("cancel", {"id": workflow_id})
+        return run_record(rows[0]) if rows else None
+
+    async def retry_run(self, workflow_id: str) -> RunRecord | None:
+        rows = await self._rows("retry", {"id": workflow_id})
         return run_record(rows[0]) if rows else None
 
     async def run_history(self, workflow_id: str) -> list[StepAttempt]:

@@ -111,6 +111,23 @@ SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
 WHERE workflow_id = %(id)s
 RETURNING {_run}
 
+-- name: retry
+-- A failed or cancelled run back to the queue (the runs trigger wakes the idle workers);
+-- its unfinished steps get a fresh attempt budget. Nothing when the run is in any other
+-- state.
+WITH r AS (
+    UPDATE {runs}
+    SET status = 'queued', output = NULL, error = NULL, cancel_requested = false,
+        owner = NULL, lease_until = NULL, updated_at = now()
+    WHERE workflow_id = %(id)s AND status IN ('failed', 'cancelled')
+    RETURNING {_run}
+), s AS (
+    UPDATE {steps}
+    SET status = 'scheduled', retried_attempts = attempts, updated_at = now()
+    WHERE workflow_id = %(id)s AND status <> 'succeeded' AND EXISTS (SELECT FROM r)
+)
+SELECT * FROM r
+
 -- name: history
 SELECT workflow_id, step, attempt, status, output, error, started_at, finished_at
 FROM {attempts} WHERE workflow_id = %(id)s ORDER BY id
@@ -119,15 +136,15 @@ FROM {attempts} WHERE workflow_id = %(id)s ORDER BY id
 WITH i AS (
     INSERT INTO {steps} (workflow_id, name, status) VALUES (%(id)s, %(name)s, 'scheduled')
     ON CONFLICT (workflow_id, name) DO NOTHING
-    RETURNING workflow_id, name, status, attempts, output, error
+    RETURNING workflow_id, name, status, attempts, output, error, retried_attempts
 )
 SELECT * FROM i
 UNION ALL
-SELECT workflow_id, name, status, attempts, output, error FROM {steps}
+SELECT workflow_id, name, status, attempts, output, error, retried_attempts FROM {steps}
 WHERE workflow_id = %(id)s AND name = %(name)s AND NOT EXISTS (SELECT FROM i)
 
 -- name: get_step
-SELECT workflow_id, name, status, attempts, output, error FROM {steps}
+SELECT workflow_id, name, status, attempts, output, error, retried_attempts FROM {steps}
 WHERE workflow_id = %(id)s AND name = %(name)s
 
 -- name: attempt

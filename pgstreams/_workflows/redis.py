@@ -106,6 +106,7 @@ class RedisWorkflowStorage:
                 "renew": scripts.RENEW,
                 "update": scripts.UPDATE,
                 "cancel": scripts.CANCEL,
+                "retry": scripts.RETRY,
                 "attempt": scripts.ATTEMPT,
                 "mark": scripts.MARK,
                 "prune": scripts.PRUNE,
@@ -200,6 +201,13 @@ class RedisWorkflowStorage:
         return _record(workflow_id, _pairs(raw))
 
     @_translated
+    async def retry_run(self, workflow_id: str) -> RunRecord | None:
+        raw = await self._scripts["retry"](
+            keys=[self._run_key(workflow_id)], args=[self.key_prefix, workflow_id]
+        )
+        return _record(workflow_id, _pairs(raw)) if raw else None
+
+    @_translated
     async def run_history(self, workflow_id: str) -> list[StepAttempt]:
         _, history, entries, _ = self._step_keys(workflow_id, "")
         order = [_text(e) or "" for e in await self._redis.lrange(history, 0, -1)]
@@ -249,6 +257,7 @@ class RedisWorkflowStorage:
             attempts=int(h.get("attempts") or 0),
             output=_json(h.get("output")),
             error=_json(h.get("error")),
+            retried_attempts=int(h.get("retried") or 0),
         )
 
     @_translated

@@ -23,6 +23,7 @@ __all__ = [
     "PRUNE",
     "RELEASE_LOCK",
     "RENEW",
+    "RETRY",
     "UPDATE",
 ]
 
@@ -145,6 +146,34 @@ if status == 'queued' then
 elseif status == 'running' then
     redis.call('HSET', KEYS[1], 'cancel_requested', 1)
 end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# KEYS[1] run. ARGV: key prefix, id. A failed or cancelled run back to the queue, its
+# unfinished steps with a fresh attempt budget. Returns the run's hash after, or {} when
+# the run is unknown or in any other state.
+RETRY = (
+    _READY
+    + _ENDED
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'failed' and status ~= 'cancelled' then return {} end
+"""
+    + _NOW
+    + """
+redis.call('HSET', KEYS[1], 'status', 'queued', 'output', '', 'error', '',
+           'cancel_requested', 0, 'updated_at', now)
+redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
+for _, key in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'steps:' .. ARGV[2])) do
+    if redis.call('HGET', key, 'status') ~= 'succeeded' then
+        redis.call('HSET', key, 'status', 'scheduled',
+                   'retried', redis.call('HGET', key, 'attempts') or 0)
+    end
+end
+redis.call('ZADD', ready, now, ARGV[2])
+ended('queued', ARGV[2], now)
+redis.call('PUBLISH', ARGV[1] .. 'wake:work', '')
 return redis.call('HGETALL', KEYS[1])
 """
 )

@@ -89,6 +89,9 @@ class StepRecord:
     """Attempts started so far."""
     output: Any = None
     error: dict[str, Any] | None = None
+    retried_attempts: int = 0
+    """Attempts made before the run's last manual retry: they no longer count against
+    the step's ``retries``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,12 @@ class WorkflowStorage(Protocol):
 
     async def request_cancel(self, workflow_id: str) -> RunRecord | None:
         """Cancel a queued run at once; flag a running one for its worker. None if unknown."""
+        ...
+
+    async def retry_run(self, workflow_id: str) -> RunRecord | None:
+        """Queue a failed or cancelled run again, its unfinished steps with a fresh attempt
+        budget (finished steps keep their results). None unless the run had failed or
+        been cancelled."""
         ...
 
     async def run_history(self, workflow_id: str) -> list[StepAttempt]:

@@ -153,11 +153,17 @@ class WorkflowContext:
         if timeout is not None and (not math.isfinite(timeout) or timeout <= 0):
             raise InvalidArgumentError(f"timeout must be > 0 seconds, got {timeout!r}")
         self._seen.add(name)
+        before = 0  # attempts made before the run's last manual retry: not counted
         if self.execution > 1:  # a resume: the step may have finished before
             stored = await self._storage.get_step(self.workflow_id, name)
             if stored is not None and stored.status == "succeeded":
                 return stored.output
-            if stored is not None and stored.status == "failed" and stored.attempts > retries:
+            before = stored.retried_attempts if stored is not None else 0
+            if (
+                stored is not None
+                and stored.status == "failed"
+                and stored.attempts - before > retries
+            ):
                 # It already used every attempt (the run caught the error and went on).
                 raise StepFailedError(name, stored.attempts, stored.error or {})
         while True:
@@ -171,9 +177,9 @@ class WorkflowContext:
                 await self._storage.mark_step(
                     self.workflow_id, name, "failed", attempt=attempt, error=error
                 )
-                if attempt > retries:
+                if attempt - before > retries:
                     raise StepFailedError(name, attempt, error) from exc
-                await anyio.sleep(backoff * 2 ** (attempt - 1))
+                await anyio.sleep(backoff * 2 ** (attempt - before - 1))
                 continue
             value = json.loads(text)
             await self._storage.mark_step(

@@ -12,12 +12,12 @@ from psycopg import AsyncConnection, sql
 from .._core.errors import DatabaseError
 from .._pg import queries
 from .._pg.database import Database
-from .._pg.migrate import DEFAULT_WORKFLOW_PREFIX, MIGRATIONS
+from .._pg.migrate import DEFAULT_WORKFLOW_PREFIX, MIGRATIONS, WORKFLOWS
 from .._sources.changes import consumers as trigger_consumers
 from .._sources.changes.log import Log
 from .._sources.pgmq.queue import PgmqQueue
 from .._sources.queue.queue import PgQueue
-from .output import age, emit, table
+from .output import UsageError, age, emit, table
 
 __all__ = [
     "consumer_rows",
@@ -25,6 +25,7 @@ __all__ = [
     "migrate",
     "pgqueue_names",
     "require_current",
+    "require_workflow_tables",
     "statements",
     "status",
 ]
@@ -81,6 +82,26 @@ async def require_current(db: Database) -> None:
         raise DatabaseError(
             f"schema {db.schema!r} has {len(pending)} migration(s) pending: run `pgstreams migrate`"
         )
+
+
+async def require_workflow_tables(db: Database, prefix: str) -> None:
+    """Refuse unless the workflow tables with ``prefix`` exist and are current (so that a
+    command never installs or upgrades them)."""
+    await require_current(db)
+    async with db.connection() as conn:
+        if not await _exists(conn, db, f"{prefix}runs"):
+            raise UsageError(f"no workflow tables {db.schema}.{prefix}* (see --prefix)")
+        cur = await conn.execute(
+            statements(db)["instance_versions"], {"set": WORKFLOWS.name, "instance": prefix}
+        )
+        applied = {int(r[0]) for r in await cur.fetchall()}
+    if any(m.version not in applied for m in WORKFLOWS.migrations):
+        how = (
+            "run `pgstreams migrate`"
+            if prefix == DEFAULT_WORKFLOW_PREFIX
+            else "start your application's engine once, or call PgWorkflowStorage.migrate()"
+        )
+        raise DatabaseError(f"the workflow tables {db.schema}.{prefix}* are out of date: {how}")
 
 
 async def migrate(db: Database, args: argparse.Namespace) -> int:

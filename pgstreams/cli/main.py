@@ -95,12 +95,23 @@ def parser() -> argparse.ArgumentParser:
         "--status", choices=("queued", "running", "completed", "failed", "cancelled")
     )
     listing.add_argument("--limit", type=int, default=20, help="how many (20)")
-    for name, text in (("show", "a run and its step history"), ("cancel", "ask a run to stop")):
+    for name, text in (
+        ("show", "a run and its step history"),
+        ("cancel", "ask a run to stop"),
+        ("retry", "queue a failed or cancelled run again (finished steps are kept)"),
+    ):
         runs.add_parser(name, help=text).add_argument("id")
 
     work = commands.add_parser("worker", help="run a workflow worker until SIGTERM/SIGINT")
     work.add_argument("target", help="MODULE:OBJECT, a WorkflowEngine or a callable making one")
     work.add_argument("--concurrency", type=int, default=1, help="runs at a time (1)")
+    work.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds runs in flight get to finish on SIGTERM/SIGINT before they are"
+        " handed back (30)",
+    )
     return top
 
 
@@ -158,6 +169,8 @@ async def _run(args: argparse.Namespace) -> int:
             " variables, and that the server is running"
         ) from exc
     async with db:
+        if args.command == "worker":  # its own signal handling: a graceful stop
+            return await worker.worker(db, args)
         return await _until_signal(lambda: COMMANDS[args.command](db, args))
 
 

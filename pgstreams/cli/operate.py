@@ -12,7 +12,8 @@ from .._core.errors import ScheduleNotFoundError
 from .._pg.database import Database
 from .._sources.scheduler.scheduler import Scheduler
 from .._workflows.pg import PgWorkflowStorage
-from .inspect import require_current
+from .._workflows.engine import WorkflowEngine
+from .inspect import require_current, require_workflow_tables
 from .output import UsageError, emit, table
 
 __all__ = ["schedules", "workflows"]
@@ -58,8 +59,8 @@ async def schedules(db: Database, args: argparse.Namespace) -> int:
 
 
 async def workflows(db: Database, args: argparse.Namespace) -> int:
-    await require_current(db)
-    storage = PgWorkflowStorage(db, table_prefix=args.prefix)
+    await require_workflow_tables(db, args.prefix)
+    storage = PgWorkflowStorage(db, table_prefix=args.prefix, auto_migrate=False)
     if args.action == "list":
         rows = await _runs(db, args.prefix, args.status, args.limit)
         headers = ["workflow_id", "workflow", "status", "executions", "updated_at"]
@@ -81,6 +82,9 @@ async def workflows(db: Database, args: argparse.Namespace) -> int:
         after = await storage.request_cancel(args.id)
         status = after.status if after is not None else run.status
         emit(args, {"workflow_id": args.id, "status": status}, f"cancel requested: {status}")
+    elif args.action == "retry":
+        await WorkflowEngine(storage=storage).retry(args.id)
+        emit(args, {"workflow_id": args.id, "status": "queued"}, f"queued {args.id} again")
     return 0
 
 

@@ -24,6 +24,11 @@ ORDER BY slot_name
 SELECT id, coalesce(cron, (interval_us / 1e6)::text || ' s'), paused, next_at
 FROM {schema}.schedules ORDER BY id
 
+-- name: instance_versions
+SELECT version FROM {schema}.instance_version
+WHERE migration_set = %(set)s AND instance = %(instance)s
+ORDER BY version
+
 -- name: workflow_counts
 SELECT status, count(*), min(created_at) FILTER (WHERE status = 'running')
 FROM {runs} GROUP BY status ORDER BY status

@@ -2,8 +2,9 @@
 
 OBJECT is a ``WorkflowEngine``, or a callable returning one (given the ``Database`` if it
 takes an argument; it may be async). On SIGTERM or SIGINT the worker stops claiming runs
-and hands back the ones in flight at once: another worker resumes each from its last
-finished step (no run is lost, none completes twice).
+and gives the ones in flight ``--grace`` seconds to finish; it hands back those still
+running then -- or at once, on a second signal -- and exits 0. Another worker resumes a
+handed-back run from its last finished step (no run is lost, none completes twice).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import inspect
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -52,13 +54,36 @@ async def load_engine(target: str, db: Database) -> WorkflowEngine:
 
 
 async def worker(db: Database, args: argparse.Namespace) -> int:
+    """Runs until a signal; its own signal handling, not the CLI's (the first signal
+    ends the worker block normally, so runs in flight get their grace period)."""
     if args.concurrency < 1:
         raise UsageError(f"--concurrency must be at least 1, got {args.concurrency}")
+    if args.grace < 0:
+        raise UsageError(f"--grace must be 0 or more seconds, got {args.grace}")
     engine = await load_engine(args.target, db)
-    logger.info("worker for %s started, %d at a time", args.target, args.concurrency)
-    try:
-        async with engine.worker(concurrency=args.concurrency):
-            await anyio.sleep_forever()
-    finally:
-        logger.info("worker for %s stopped; runs in flight were handed back", args.target)
-    return 0  # pragma: no cover - the loop ends by cancellation
+    stop = anyio.Event()
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    if stop.is_set():
+                        logger.info("second signal: handing back the runs in flight now")
+                        tg.cancel_scope.cancel()
+                        return
+                    logger.info(
+                        "%s: finishing the runs in flight (up to %g s; again to stop now)",
+                        signal.Signals(signum).name,
+                        args.grace,
+                    )
+                    stop.set()
+
+            tg.start_soon(on_signals)
+            logger.info("worker for %s started, %d at a time", args.target, args.concurrency)
+            try:
+                async with engine.worker(concurrency=args.concurrency, grace=args.grace):
+                    await stop.wait()
+            finally:
+                logger.info("worker for %s stopped", args.target)
+            tg.cancel_scope.cancel()
+    return 0

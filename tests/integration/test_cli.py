@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -219,8 +221,14 @@ async def test_schedule_and_workflow_commands(db: ps.Database, dsn: str) -> None
     code, out, _ = await cli(dsn, "workflows", "cancel", run.workflow_id)
     assert code == 0 and "cancel requested" in out
     assert await run.status() == "cancelled"
+    code, out, _ = await cli(dsn, "workflows", "retry", run.workflow_id)
+    assert code == 0 and "again" in out and await run.status() == "queued"
+    code, _, err = await cli(dsn, "workflows", "retry", run.workflow_id)
+    assert code == 2 and "only a failed or cancelled run can be retried" in err
     code, _, err = await cli(dsn, "workflows", "show", "nope")
     assert code == 2 and "no workflow run" in err
+    code, _, err = await cli(dsn, "workflows", "--prefix", "nope_", "list")
+    assert code == 2 and "no workflow tables" in err
 
 
 WORKER_MODULE = """
@@ -239,6 +247,8 @@ async def effect(dsn, step):
         await conn.execute("INSERT INTO cli_effects VALUES (%s)", [step])
     if step == "two" and os.environ.get("CLI_HANG"):
         await anyio.sleep_forever()
+    if step == "two" and os.environ.get("CLI_SLOW"):
+        await anyio.sleep(float(os.environ["CLI_SLOW"]))
     return step
 
 
@@ -253,41 +263,80 @@ def make(db):
 """
 
 
-async def test_worker_hands_back_its_run_on_sigterm(
-    db: ps.Database, dsn: str, tmp_path: Any
-) -> None:
+@asynccontextmanager
+async def _worker_module(db: ps.Database, tmp_path: Any) -> AsyncIterator[Any]:
+    """``cli_jobs`` (WORKER_MODULE) importable here and by a worker started in tmp_path."""
     (tmp_path / "cli_jobs.py").write_text(WORKER_MODULE)
-    await execute(db, "CREATE TABLE cli_effects (step text)")
+    await execute(db, "CREATE TABLE IF NOT EXISTS cli_effects (step text)")
+    await execute(db, "TRUNCATE cli_effects")
     sys.path.insert(0, str(tmp_path))
     try:
         import cli_jobs  # type: ignore[import-not-found]
 
+        yield cli_jobs
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("cli_jobs", None)
+
+
+def _start_worker(dsn: str, tmp_path: Any, *args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgstreams.cli", "worker", "cli_jobs:make", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PGSTREAMS_DSN": dsn, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def _until_effect(db: ps.Database, step: str) -> None:
+    with anyio.fail_after(20):
+        while (step,) not in await _effects(db):  # noqa: ASYNC110 - server state
+            await anyio.sleep(0.05)
+
+
+async def test_worker_hands_back_its_run_when_the_grace_period_ends(
+    db: ps.Database, dsn: str, tmp_path: Any
+) -> None:
+    async with _worker_module(db, tmp_path) as cli_jobs:
         engine = cli_jobs.make(db)
         run = await engine.start(cli_jobs.flow, {"dsn": dsn}, workflow_id="cli-1")
-        env = {**os.environ, "PGSTREAMS_DSN": dsn, "CLI_HANG": "1"}
-        proc = subprocess.Popen(  # noqa: ASYNC220 - waited on in a thread
-            [sys.executable, "-m", "pgstreams.cli", "worker", "cli_jobs:make"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _start_worker(dsn, tmp_path, "--grace", "0.3", CLI_HANG="1")
         try:
-            with anyio.fail_after(20):
-                while ("two",) not in await _effects(db):  # noqa: ASYNC110 - server state
-                    await anyio.sleep(0.05)
+            await _until_effect(db, "two")
             assert await _stopped(proc, signal.SIGTERM) == 0
         finally:
             err = _reap(proc)
-        assert "workflow cli-1 (cli_flow): started" in err and "handed back" in err
+        assert "workflow cli-1 (cli_flow): started" in err and "handing back 1" in err
+        assert await run.status() == "queued"  # handed back, not left to its lease
         async with engine.worker():
             assert await run.result() == ["one", "two", "three"]
         # The finished step is not run again; the interrupted one is; the run ends once.
         assert sorted(await _effects(db)) == [("one",), ("three",), ("two",), ("two",)]
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("cli_jobs", None)
+
+
+async def test_worker_finishes_its_run_on_sigterm_and_takes_no_new_one(
+    db: ps.Database, dsn: str, tmp_path: Any
+) -> None:
+    async with _worker_module(db, tmp_path) as cli_jobs:
+        engine = cli_jobs.make(db)
+        run = await engine.start(cli_jobs.flow, {"dsn": dsn}, workflow_id="cli-2")
+        proc = _start_worker(dsn, tmp_path, "--concurrency", "2", CLI_SLOW="1.5")
+        try:
+            await _until_effect(db, "two")
+            proc.send_signal(signal.SIGTERM)
+            await anyio.sleep(0.2)
+            # Started after the signal: the stopping worker, with a slot free, leaves it.
+            later = await engine.start(cli_jobs.flow, {"dsn": dsn}, workflow_id="cli-3")
+            assert await anyio.to_thread.run_sync(lambda: proc.wait(20)) == 0
+        finally:
+            err = _reap(proc)
+        assert "finishing the runs in flight" in err
+        assert "workflow cli-2 (cli_flow): completed" in err
+        assert await run.status() == "completed" and await later.status() == "queued"
+        # Each step ran once: the run finished in the stopping worker, not elsewhere.
+        assert sorted(await _effects(db)) == [("one",), ("three",), ("two",)]
 
 
 async def _effects(db: ps.Database) -> list[tuple[str]]:

@@ -184,6 +184,50 @@ async def test_a_run_handed_back_wakes_an_idle_worker(storage: ps.WorkflowStorag
                 assert await run.result() == "handed"
 
 
+async def test_a_stopping_worker_lets_its_run_finish_within_the_grace_period(
+    storage: ps.WorkflowStorage,
+) -> None:
+    gates["grace"] = anyio.Event()
+    engine = ps.WorkflowEngine(storage=storage, workflows=[gated, echo])
+    run = await engine.start(gated, "grace", workflow_id="grace-1")
+
+    async def running() -> bool:
+        return await run.status() == "running"
+
+    async def open_gate_later() -> None:
+        await anyio.sleep(0.3)
+        gates["grace"].set()
+
+    async with anyio.create_task_group() as tg:
+        async with engine.worker(concurrency=2, grace=10):
+            await eventually(running, "the worker to run it")
+            tg.start_soon(open_gate_later)  # the run finishes while the block is exiting
+        # The block ended only once the run had finished; the idle slot claimed nothing.
+        assert gates["grace"].is_set() and await run.status() == "completed"
+    later = await engine.start(echo, "late", workflow_id="grace-2")
+    assert await later.status() == "queued"
+
+
+async def test_a_grace_period_that_runs_out_hands_the_run_back(
+    storage: ps.WorkflowStorage,
+) -> None:
+    gates["short"] = anyio.Event()
+    engine = ps.WorkflowEngine(storage=storage, workflows=[gated])
+    run = await engine.start(gated, "short", workflow_id="short-1")
+
+    async def running() -> bool:
+        return await run.status() == "running"
+
+    with anyio.fail_after(10):
+        async with engine.worker(grace=0.2):
+            await eventually(running, "the worker to run it")
+    assert await run.status() == "queued"  # handed back when the grace period ran out
+    gates["short"].set()
+    async with engine.worker():
+        with anyio.fail_after(10):
+            assert await run.result() == "short"
+
+
 # -- retention (defect 6) ----------------------------------------------------------------
 
 

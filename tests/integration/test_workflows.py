@@ -323,6 +323,53 @@ async def test_retries_back_off_and_every_attempt_is_recorded(storage: ps.Workfl
     assert flaky_calls["retry-bad"] == 3
 
 
+retried = ps.Workflow[dict[str, Any], Any]("retried")
+
+
+@retried.run
+async def _retried(ctx: ps.WorkflowContext, input: dict[str, Any]) -> Any:
+    await ctx.step("first", counted(f"{ctx.workflow_id}:first"))
+    return await ctx.step(
+        "flaky", flaky, ctx.workflow_id, input["failures"], retries=1, backoff=0.01
+    )
+
+
+async def test_a_retried_run_keeps_finished_steps_and_gets_a_fresh_budget(
+    storage: ps.WorkflowStorage,
+) -> None:
+    engine = ps.WorkflowEngine(storage=storage, workflows=[retried])
+    run = await engine.start(retried, {"failures": 3}, workflow_id="again-1")
+    with pytest.raises(ps.InvalidArgumentError, match="is queued"):
+        await run.retry()
+    async with engine.worker():
+        with anyio.fail_after(10), pytest.raises(ps.WorkflowFailedError):
+            await run.result()
+        assert flaky_calls["again-1"] == 2  # its budget: one try and one retry
+        await run.retry()
+        # Attempts 3 and 4: a budget counted from the first attempt would end at 3.
+        with anyio.fail_after(10):
+            assert await run.result() == 4
+    assert calls["again-1:first"] == 1  # the finished step kept its result
+    history = [(h.step, h.attempt, h.status) for h in await storage.run_history("again-1")]
+    assert history == [
+        ("first", 1, "succeeded"),
+        *[("flaky", n, "failed") for n in (1, 2, 3)],
+        ("flaky", 4, "succeeded"),
+    ]
+    record = await storage.get_run("again-1")
+    assert record is not None and record.error is None and record.output == 4
+    with pytest.raises(ps.InvalidArgumentError, match="is completed"):
+        await engine.retry("again-1")
+    with pytest.raises(ps.InvalidArgumentError, match="no workflow run"):
+        await engine.retry("again-nope")
+    cancelled = await engine.start(retried, {"failures": 0}, workflow_id="again-2")
+    assert await cancelled.cancel()
+    await engine.retry("again-2")
+    async with engine.worker():
+        with anyio.fail_after(10):
+            assert await cancelled.result() == 1
+
+
 blocked = ps.Workflow[None, None]("blocked")
 
 
