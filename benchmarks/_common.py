@@ -129,19 +129,29 @@ async def _timed(contender: Contender, n: int) -> float:
 
 
 async def interleaved(
-    contenders: Sequence[Contender], *, n: int, warmup: int, rounds: int
+    contenders: Sequence[Contender],
+    *,
+    n: int,
+    warmup: int,
+    rounds: int,
+    alternate: bool = False,
 ) -> list[list[float]]:
     """Rates (messages/s) of every contender for every round, runs interleaved.
 
     Each contender first runs once on ``warmup`` messages (untimed: connections, prepared
     statements, caches); then each round runs every contender once, in order, so that drift
-    on the machine affects all of them alike.
+    on the machine affects all of them alike. With ``alternate``, every other round runs
+    them in reverse order, so that what running first (or after a given other) does to a
+    run falls on every contender alike.
     """
     for contender in contenders:
         await _timed(contender, warmup)
     rates: list[list[float]] = [[] for _ in contenders]
-    for _ in range(rounds):
-        for i, contender in enumerate(contenders):
+    for round_ in range(rounds):
+        order = list(enumerate(contenders))
+        if alternate and round_ % 2:
+            order.reverse()
+        for i, contender in order:
             rates[i].append(await _timed(contender, n))
     return rates
 

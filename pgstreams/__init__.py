@@ -17,6 +17,7 @@ from ._core.errors import (
     ScheduleNotFoundError,
     SlotLostError,
 )
+from ._core.progress import Progress
 from ._core.stream import Stream, merge
 from ._pg.database import Database, connect, embedded
 from ._sources.changes.stream import Change, ChangeLag, ConsumerInfo, PgChangeStream
@@ -63,6 +64,7 @@ __all__ = [
     "PgWorkflowStorage",
     "PgmqMetrics",
     "PgmqQueue",
+    "Progress",
     "QueueMetrics",
     "ReadMode",
     "RedisWorkflowStorage",

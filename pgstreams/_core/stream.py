@@ -33,6 +33,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import stream_ops as ops
+from .checkpoint import Checkpoint
 from .errors import EmptyStreamError, InvalidArgumentError, PgStreamsError
 from .stream_ops import MaybeAwaitable, PutBack, closing_cleanly
 from .stream_tasks import BatchWithin, Buffer, MapConcurrent, Merge, Stage
@@ -71,6 +72,7 @@ class Stream(Generic[T_co]):
     """
 
     __slots__ = (
+        "_checkpoint",
         "_depth",
         "_group",
         "_iterator",
@@ -88,6 +90,7 @@ class Stream(Generic[T_co]):
         *,
         putback: PutBack | None = None,
         sequential: str | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         tasks = False
         if isinstance(source, Stream):
@@ -96,19 +99,29 @@ class Stream(Generic[T_co]):
             tasks = inner._tasks
             if sequential is None:
                 sequential = inner._sequential  # wrapping a stream keeps its constraint
+            if checkpoint is None:
+                checkpoint = inner._checkpoint
         elif callable(source) and not isinstance(source, AsyncIterable):
             factory = source
             opener = lambda group: _opened(factory(), group)  # noqa: E731
         else:
             iterable = source
             opener = lambda group: aiter(iterable)  # noqa: E731
-        self._setup(opener, putback, sequential, tasks)
+        self._setup(opener, putback, sequential, tasks, checkpoint)
 
     def _setup(
-        self, opener: Opener, putback: PutBack | None, sequential: str | None, tasks: bool
+        self,
+        opener: Opener,
+        putback: PutBack | None,
+        sequential: str | None,
+        tasks: bool,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         self._open = opener
         self._putback = putback
+        self._checkpoint = checkpoint
+        """The source's deferred commits, if it offers them (see ``_core.checkpoint``);
+        passed on by operators that hand on upstream's own items."""
         self._sequential: str | None = sequential
         """Why this chain must stay sequential, if it must: its source takes "the
         downstream asks for the next item" to mean "the last one is finished" (a durable
@@ -130,9 +143,10 @@ class Stream(Generic[T_co]):
         putback: PutBack | None = None,
         sequential: str | None = None,
         tasks: bool,
+        checkpoint: Checkpoint | None = None,
     ) -> Stream[Any]:
         stream: Stream[Any] = cls.__new__(cls)
-        stream._setup(opener, putback, sequential, tasks)
+        stream._setup(opener, putback, sequential, tasks, checkpoint)
         return stream
 
     def _joined(self, group: _Scope | None) -> Self:
@@ -209,7 +223,19 @@ class Stream(Generic[T_co]):
             putback=self._putback if passthrough else None,
             sequential=self._sequential,
             tasks=self._tasks,
+            checkpoint=self._checkpoint if passthrough else None,
         )
+
+    def _deferring(self) -> tuple[Stream[T_co], Checkpoint] | None:
+        """This stream with its source's commits deferred to the checkpoint returned with
+        it -- and so free to read ahead -- or None if the source offers no checkpoint.
+        Call before iterating."""
+        checkpoint = self._checkpoint
+        if checkpoint is None or self._started:
+            return None
+        checkpoint.defer()
+        free = Stream._derived(self._joined, putback=self._putback, tasks=self._tasks)
+        return free, checkpoint
 
     def _staged(
         self,

@@ -73,18 +73,35 @@ class Handoff:
         self._items: deque[tuple[int, Any]] = deque()
         self._capacity = capacity
         self._changed = anyio.Event()
+        self._waiting = 0
         self._closed = False
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._waiting:  # nobody waits: nothing to wake (and no event to make)
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def _wait(self) -> None:
+        self._waiting += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiting -= 1
 
     async def put(self, origin: int, item: Any) -> None:
         try:
             while len(self._items) >= self._capacity and not self._closed:
-                await self._changed.wait()
+                await self._wait()
         finally:  # also when cancelled: then it stays here to be given back
             self.put_nowait(origin, item)
+
+    async def room(self, free: int) -> None:
+        """If the hand-off is full, wait until ``free`` places are (or it is closed): a
+        producer that waits for several places at once wakes less often."""
+        if len(self._items) < self._capacity:
+            return
+        while self._capacity - len(self._items) < free and not self._closed:
+            await self._wait()
 
     def put_nowait(self, origin: int, item: Any) -> None:
         self._items.append((origin, item))
@@ -93,7 +110,7 @@ class Handoff:
     async def get(self) -> tuple[int, Any]:
         """The oldest entry; ``(-1, _CLOSED)`` once closed (what is left stays here)."""
         while not self._items and not self._closed:
-            await self._changed.wait()
+            await self._wait()
         if self._closed:
             return -1, _CLOSED
         entry = self._items.popleft()
@@ -103,6 +120,10 @@ class Handoff:
     def close(self) -> None:
         self._closed = True
         self._notify()
+
+    def pending(self) -> list[Any]:
+        """The items waiting here, oldest first (markers and failures excluded)."""
+        return [item for _, item in self._items if not isinstance(item, _Marker | Failure)]
 
     def leftovers(self) -> dict[int, list[Any]]:
         """Take every item still held (markers and failures excluded), grouped by origin."""

@@ -18,6 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from .._core.errors import DatabaseError, InvalidArgumentError
+from .._core.progress import ProgressCallback, check_progress
 from .._core.validate import check_schema
 from .listen import Listener, Wakeup, keepalive_defaults, own_connection
 
@@ -140,12 +141,17 @@ class Database:
         finally:
             self.listener.unregister(wakeup)
 
-    async def migrate(self) -> None:
-        """Install or upgrade every object the library needs (idempotent, concurrency-safe)."""
+    async def migrate(self, *, progress: ProgressCallback | None = None) -> None:
+        """Install or upgrade every object the library needs (idempotent, concurrency-safe).
+
+        ``progress`` (a function or coroutine function) gets a ``Progress`` before the
+        first migration and after each one is applied; progress is also logged on the
+        ``pgstreams.migrate`` logger."""
         from .migrate import migrate
 
+        check_progress(progress)
         async with self.connection() as conn:
-            await migrate(conn, self.schema)
+            await migrate(conn, self.schema, progress=progress)
         self._migrated = True
 
     async def ensure_migrated(self) -> None:

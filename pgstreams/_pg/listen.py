@@ -319,6 +319,7 @@ class Listener:
         if self._failed:
             self._failed = False
             self.reconnects += 1
+            logger.info("listener reconnected; waking every subscriber to look again")
         return conn
 
     async def _sync(self, conn: psycopg.AsyncConnection[Any]) -> None:

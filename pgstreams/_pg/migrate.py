@@ -32,6 +32,7 @@ Guarantees:
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from typing import Any, NamedTuple
 from psycopg import AsyncConnection, sql
 
 from .._core.errors import DatabaseError
+from .._core.progress import ProgressCallback, Reporter
 from . import queries
 from .locks import advisory_key
 
@@ -57,7 +59,10 @@ __all__ = [
     "migrate_instance",
     "migrate_main",
     "migrate_queue",
+    "pending",
 ]
+
+logger = logging.getLogger("pgstreams.migrate")
 
 MAIN = "main"
 DEFAULT_WORKFLOW_PREFIX = "wf_"
@@ -138,6 +143,8 @@ WORKFLOWS = MigrationSet(
 )
 SNAPSHOTS = MigrationSet("snapshots", _load("snapshots"), _snapshot_names, lambda table: table)
 SETS: Mapping[str, MigrationSet] = {s.name: s for s in (QUEUES, WORKFLOWS, SNAPSHOTS)}
+_DEFAULT_INSTANCES = ((WORKFLOWS, DEFAULT_WORKFLOW_PREFIX), (SNAPSHOTS, DEFAULT_SNAPSHOT_TABLE))
+"""The instances ``migrate()`` installs besides the registered queues."""
 
 _KNOWN: Mapping[str, frozenset[int]] = {
     MAIN: frozenset(m.version for m in MIGRATIONS),
@@ -153,13 +160,21 @@ def _sql(schema: str) -> dict[str, bytes]:
 
 
 async def migrate(
-    conn: AsyncConnection[Any], schema: str, *, upto: Mapping[str, int] | None = None
+    conn: AsyncConnection[Any],
+    schema: str,
+    *,
+    upto: Mapping[str, int] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> list[Applied]:
     """Install or upgrade everything ``Database.migrate()`` covers (see module docstring);
     returns what this call applied. ``upto`` (set name or ``"main"`` -> last version to
-    apply) stops sets short, as an older release would."""
+    apply) stops sets short, as an older release would. ``progress`` is called once
+    before the first migration and after each one is applied (``Progress.total``: what
+    was pending when the call began); each set's migrations commit after their reports."""
     limit = dict(upto or {})
-    applied = await migrate_main(conn, schema, upto=limit.get(MAIN))
+    report = Reporter("migrate", progress, logger, f"migrate {schema}", "migrations")
+    await report.start(await pending(conn, schema, upto=limit))
+    applied = await migrate_main(conn, schema, upto=limit.get(MAIN), report=report)
     q = _sql(schema)
     queues = sql.Identifier(schema, "queues").as_string(conn)
     cur = await conn.execute(q["has_queues"], {"table": queues})
@@ -167,13 +182,59 @@ async def migrate(
     if row is not None and row[0]:
         cur = await conn.execute(q["queues"])
         for (name,) in await cur.fetchall():
-            applied += await migrate_queue(conn, schema, name, upto=limit.get(QUEUES.name))
-    for mset, instance in (
-        (WORKFLOWS, DEFAULT_WORKFLOW_PREFIX),
-        (SNAPSHOTS, DEFAULT_SNAPSHOT_TABLE),
-    ):
-        applied += await migrate_instance(conn, mset, schema, instance, upto=limit.get(mset.name))
+            applied += await migrate_queue(
+                conn, schema, name, upto=limit.get(QUEUES.name), report=report
+            )
+    for mset, instance in _DEFAULT_INSTANCES:
+        applied += await migrate_instance(
+            conn, mset, schema, instance, upto=limit.get(mset.name), report=report
+        )
+    await report.finish()
     return applied
+
+
+async def pending(
+    conn: AsyncConnection[Any], schema: str, *, upto: Mapping[str, int] | None = None
+) -> int:
+    """How many migrations ``migrate()`` would apply now (it only reads; another process
+    may apply some of them first)."""
+    limit = dict(upto or {})
+    q = _sql(schema)
+
+    async def exist(tables: list[str]) -> list[bool]:
+        names = [sql.Identifier(schema, t).as_string(conn) for t in tables]
+        cur = await conn.execute(q["tables_exist"], {"tables": names})
+        return [bool(r[0]) for r in await cur.fetchall()]
+
+    def wanted(set_name: str, migrations: tuple[Migration, ...]) -> set[int]:
+        last = limit.get(set_name)
+        return {m.version for m in migrations if last is None or m.version <= last}
+
+    has_main, has_instances, has_queues = await exist(
+        ["schema_version", "instance_version", "queues"]
+    )
+    main_done: set[int] = set()
+    if has_main:
+        cur = await conn.execute(q["main_versions"])
+        main_done = {int(r[0]) for r in await cur.fetchall()}
+    count = len(wanted(MAIN, MIGRATIONS) - main_done)
+    instances: list[tuple[MigrationSet, str]] = []
+    if has_queues:
+        cur = await conn.execute(q["queues"])
+        instances += [(QUEUES, str(r[0])) for r in await cur.fetchall()]
+    instances += _DEFAULT_INSTANCES
+    done: dict[tuple[str, str], set[int]] = {}
+    if has_instances:
+        cur = await conn.execute(q["instance_versions"])
+        for set_name, instance, version in await cur.fetchall():
+            done.setdefault((set_name, instance), set()).add(int(version))
+    present = await exist([mset.table(instance) for mset, instance in instances])
+    for (mset, instance), table_exists in zip(instances, present, strict=True):
+        recorded = done.get((mset.name, instance), set())
+        # Unrecorded (adopted or new) or its table dropped: every migration runs.
+        skip = recorded if recorded and table_exists else set()
+        count += len(wanted(mset.name, mset.migrations) - skip)
+    return count
 
 
 async def migrate_main(
@@ -182,6 +243,7 @@ async def migrate_main(
     migrations: tuple[Migration, ...] = MIGRATIONS,
     *,
     upto: int | None = None,
+    report: Reporter | None = None,
 ) -> list[Applied]:
     """Apply the missing main-set ``migrations`` (up to version ``upto``), in one
     transaction; refuses first if the schema holds any version this library does not know
@@ -200,11 +262,18 @@ async def migrate_main(
             await conn.execute(sql.SQL(m.text).format(schema=sql.Identifier(schema)))  # type: ignore[arg-type,unused-ignore]
             await conn.execute(q["record_main"], {"version": m.version, "name": m.name})
             applied.append(Applied(MAIN, "", m.version))
+            if report is not None:
+                await report.advance(1, f"{m.version:04d}_{m.name}")
     return applied
 
 
 async def migrate_queue(
-    conn: AsyncConnection[Any], schema: str, name: str, *, upto: int | None = None
+    conn: AsyncConnection[Any],
+    schema: str,
+    name: str,
+    *,
+    upto: int | None = None,
+    report: Reporter | None = None,
 ) -> list[Applied]:
     """Upgrade the table of registered queue ``name`` under the queue's lock, in its own
     transaction (a queue dropped meanwhile is left alone)."""
@@ -215,7 +284,7 @@ async def migrate_queue(
         row = await cur.fetchone()
         if row is None or not row[0]:
             return []
-        return await migrate_instance(conn, QUEUES, schema, name, upto=upto)
+        return await migrate_instance(conn, QUEUES, schema, name, upto=upto, report=report)
 
 
 async def migrate_instance(
@@ -225,6 +294,7 @@ async def migrate_instance(
     instance: str,
     *,
     upto: int | None = None,
+    report: Reporter | None = None,
 ) -> list[Applied]:
     """Install or upgrade one instance of ``mset`` in ``schema`` (up to version ``upto``),
     in one transaction (a savepoint inside the caller's); the caller validated
@@ -249,6 +319,8 @@ async def migrate_instance(
             await conn.execute(sql.SQL(m.text).format(**names))  # type: ignore[arg-type,unused-ignore]
             await conn.execute(q["record_instance"], {**key, "version": m.version, "name": m.name})
             applied.append(Applied(mset.name, instance, m.version))
+            if report is not None:
+                await report.advance(1, f"{mset.name} {instance}: {m.version:04d}_{m.name}")
     return applied
 
 

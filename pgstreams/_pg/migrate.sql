@@ -64,3 +64,14 @@ SELECT name FROM {schema}.queues ORDER BY name
 
 -- name: queue_registered
 SELECT EXISTS (SELECT FROM {schema}.queues WHERE name = %(name)s)
+
+-- name: tables_exist
+-- Planning (what migrate() would apply, for its progress reports) only reads.
+SELECT to_regclass(t) IS NOT NULL FROM unnest(%(tables)s::text[]) WITH ORDINALITY AS x(t, n)
+ORDER BY n
+
+-- name: main_versions
+SELECT version FROM {schema}.schema_version
+
+-- name: instance_versions
+SELECT migration_set, instance, version FROM {schema}.instance_version

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .._core import telemetry
 from .._core.errors import DatabaseError, InvalidArgumentError
 from .._core.validate import check_positive_int, check_seconds, to_json
 from .storage import TERMINAL, RunRecord, RunStatus, Wakeup, WorkflowStorage
@@ -377,23 +378,28 @@ class WorkflowEngine:
             run.workflow,
             run.executions,
         )
-        async with anyio.create_task_group() as tg:
-            cancelled = anyio.Event()
-            tg.start_soon(self._keep, run.workflow_id, owner, tg.cancel_scope, cancelled)
-            try:
-                output = await workflow.fn(WorkflowContext(self.storage, run), run.input)
-                to_json("workflow output", output)
-                outcome = ("completed", output, None)
-            except DatabaseError as exc:
-                if not exc.transient:
+        with telemetry.workflow_run(run.workflow, run.workflow_id, run.executions) as ended:
+            async with anyio.create_task_group() as tg:
+                cancelled = anyio.Event()
+                tg.start_soon(self._keep, run.workflow_id, owner, tg.cancel_scope, cancelled)
+                try:
+                    output = await workflow.fn(WorkflowContext(self.storage, run), run.input)
+                    to_json("workflow output", output)
+                    outcome = ("completed", output, None)
+                except DatabaseError as exc:
+                    if not exc.transient:
+                        outcome = ("failed", None, describe(exc))
+                    else:  # the storage went away, not the run: leave it to be resumed
+                        logger.warning(
+                            "workflow %s: %s; leaving it to resume", run.workflow_id, exc
+                        )
+                except Exception as exc:
                     outcome = ("failed", None, describe(exc))
-                else:  # the storage went away, not the run: leave it to be resumed
-                    logger.warning("workflow %s: %s; leaving it to resume", run.workflow_id, exc)
-            except Exception as exc:
-                outcome = ("failed", None, describe(exc))
-            tg.cancel_scope.cancel()
-        if outcome is None and cancelled.is_set():
-            outcome = ("cancelled", None, None)  # a run that ended first keeps its outcome
+                tg.cancel_scope.cancel()
+            if outcome is None and cancelled.is_set():
+                outcome = ("cancelled", None, None)  # a run that ended first keeps its outcome
+            if outcome is not None:
+                ended(outcome[0], outcome[2])
         if outcome is None:
             return  # the lease was lost, or the storage failed: another worker resumes it
         status, output, error = outcome

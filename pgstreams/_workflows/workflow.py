@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar, overload
 import anyio
 import anyio.to_thread
 
+from .._core import telemetry
 from .._core.errors import InvalidArgumentError, PgStreamsError
 from .._core.validate import to_json
 from .storage import RunRecord, WorkflowStorage
@@ -168,16 +169,20 @@ class WorkflowContext:
                 raise StepFailedError(name, stored.attempts, stored.error or {})
         while True:
             attempt = await self._storage.create_attempt(self.workflow_id, name)
+            last = attempt - before > retries
             try:
-                with anyio.fail_after(timeout) if timeout is not None else nullcontext():
-                    result = await _call(fn, args)
-                text = to_json(f"the result of step {name!r}", result)
+                with telemetry.workflow_step(
+                    self.workflow, self.workflow_id, name, attempt, last=last
+                ):
+                    with anyio.fail_after(timeout) if timeout is not None else nullcontext():
+                        result = await _call(fn, args)
+                    text = to_json(f"the result of step {name!r}", result)
             except Exception as exc:
                 error = describe(exc)
                 await self._storage.mark_step(
                     self.workflow_id, name, "failed", attempt=attempt, error=error
                 )
-                if attempt - before > retries:
+                if last:
                     raise StepFailedError(name, attempt, error) from exc
                 await anyio.sleep(backoff * 2 ** (attempt - before - 1))
                 continue

@@ -12,6 +12,7 @@ from psycopg import sql
 
 from .._pg.database import Database
 from .._sources.changes.capture import OPERATIONS
+from .._sources.changes.change import change_document
 from .._sources.changes.stream import Change, PgChangeStream
 from .inspect import consumer_rows, installed
 from .output import UsageError, emit, table
@@ -22,8 +23,9 @@ _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_since(text: str, now: datetime) -> datetime:
-    """An ISO 8601 time (UTC if it names no zone), or ``30s``/``5m``/``2h``/``1d`` ago."""
+def parse_since(text: str, now: datetime, option: str = "--since") -> datetime:
+    """An ISO 8601 time (UTC if it names no zone), or ``30s``/``5m``/``2h``/``1d`` ago
+    (``option`` names the argument in the error)."""
     relative = _RELATIVE.fullmatch(text.strip())
     if relative:
         return now - timedelta(seconds=float(relative[1]) * _UNITS[relative[2]])
@@ -31,7 +33,7 @@ def parse_since(text: str, now: datetime) -> datetime:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(
-            f"--since {text!r} is not a time: use ISO 8601 (2026-12-06T10:00:00+00:00)"
+            f"{option} {text!r} is not a time: use ISO 8601 (2026-12-06T10:00:00+00:00)"
             " or an age such as 30s, 5m, 2h, 1d"
         ) from None
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
@@ -99,19 +101,7 @@ async def _require_trigger(db: Database, name: str) -> None:
 
 def _line(change: Change[Any], as_json: bool) -> str:
     if as_json:
-        return json.dumps(
-            {
-                "id": change.id,
-                "op": change.op,
-                "table": change.table,
-                "new": change.new,
-                "old": change.old,
-                "at": change.at.isoformat(),
-                "txid": change.txid,
-                "lsn": change.lsn,
-            },
-            default=str,
-        )
+        return json.dumps(change_document(change), default=str)
     body = change.new if change.new is not None else change.old
     where = change.lsn or f"#{change.id}"
     row = json.dumps(body, default=str)

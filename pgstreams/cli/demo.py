@@ -1,10 +1,14 @@
 """``pgstreams demo``: every part of the library in about 20 seconds, on an embedded
 PostgreSQL (no server needed). ``--keep`` leaves the server running afterwards and prints
-its DSN for the other commands."""
+its DSN for the other commands.
+
+On a terminal it pauses ``--pace`` seconds (2.5) between parts, so there is time to read;
+into a pipe or a file it runs straight through (about 3 s)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import anyio
@@ -19,6 +23,7 @@ from .._sources.scheduler.scheduler import Scheduler
 from .._workflows.engine import WorkflowEngine
 from .._workflows.trigger import trigger
 from .._workflows.workflow import Workflow, WorkflowContext
+from .output import UsageError
 
 __all__ = ["demo"]
 
@@ -28,14 +33,15 @@ def say(title: str, line: str = "") -> None:
 
 
 async def demo(args: argparse.Namespace) -> int:
+    if args.pace is not None and not args.pace >= 0:
+        raise UsageError(f"--pace must be 0 or more seconds, got {args.pace}")
     async with embedded() as db:
         say("PostgreSQL 17, embedded, wal_level=logical")
         await db.migrate()
-        await _queue(db)
-        await _pgmq(db)
-        await _changes(db)
-        await _schedule(db)
-        await _workflow(db)
+        pace = args.pace if args.pace is not None else (2.5 if sys.stdout.isatty() else 0.0)
+        for part in (_queue, _pgmq, _changes, _schedule, _workflow):
+            await anyio.sleep(pace)
+            await part(db)
         say("done")
         if args.keep:
             print(f"\nthe server keeps running: export PGSTREAMS_DSN='{db.dsn}'", flush=True)

@@ -18,6 +18,7 @@ from .._sources.changes.log import Log
 from .._sources.pgmq.queue import PgmqQueue
 from .._sources.queue.queue import PgQueue
 from .output import UsageError, age, emit, table
+from .progress import progress_line
 
 __all__ = [
     "consumer_rows",
@@ -106,7 +107,8 @@ async def require_workflow_tables(db: Database, prefix: str) -> None:
 
 async def migrate(db: Database, args: argparse.Namespace) -> int:
     before = set(await installed(db))
-    await db.migrate()
+    with progress_line(args) as line:
+        await db.migrate(progress=line)
     after = await installed(db)
     applied = [v for v in after if v not in before]
     names = {m.version: m.name for m in MIGRATIONS}

@@ -44,6 +44,11 @@ def parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="every part, on an embedded PostgreSQL (~20 s)")
     demo.add_argument("--keep", action="store_true", help="leave the server running after")
+    demo.add_argument(
+        "--pace",
+        type=float,
+        help="seconds between parts (2.5 on a terminal, else 0)",
+    )
     commands.add_parser("migrate", help="install or upgrade the library's tables")
     commands.add_parser("status", help="schema version and one table per source")
 
@@ -81,11 +86,17 @@ def parser() -> argparse.ArgumentParser:
         ("resume", "fire again"),
         ("trigger", "fire once now"),
         ("next", "the next fire times"),
+        ("backfill", "ticks for the past fire times between --start and --end"),
     ):
         action = sched.add_parser(name, help=text)
         action.add_argument("id")
         if name == "next":
             action.add_argument("-n", type=int, default=5, help="how many (5)")
+        if name == "backfill":
+            action.add_argument(
+                "--start", required=True, help="ISO 8601, or 30s/5m/2h/1d ago (inclusive)"
+            )
+            action.add_argument("--end", help="the same; inclusive (default: now)")
 
     flows = commands.add_parser("workflows", help="durable workflow runs")
     flows.add_argument("--prefix", default="wf_", help="the storage's table prefix (wf_)")

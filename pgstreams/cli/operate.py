@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import sql
@@ -11,10 +12,12 @@ from psycopg import sql
 from .._core.errors import ScheduleNotFoundError
 from .._pg.database import Database
 from .._sources.scheduler.scheduler import Scheduler
-from .._workflows.pg import PgWorkflowStorage
 from .._workflows.engine import WorkflowEngine
+from .._workflows.pg import PgWorkflowStorage
+from .changes import parse_since
 from .inspect import require_current, require_workflow_tables
 from .output import UsageError, emit, table
+from .progress import progress_line
 
 __all__ = ["schedules", "workflows"]
 
@@ -53,6 +56,14 @@ async def schedules(db: Database, args: argparse.Namespace) -> int:
             tick = await sched.trigger_now(args.id)
             text = f"triggered {args.id}: tick at {tick.scheduled_at}"
             emit(args, dataclasses.asdict(tick), text)
+        elif args.action == "backfill":
+            now = datetime.now(UTC)
+            start = parse_since(args.start, now, "--start")
+            end = now if args.end is None else parse_since(args.end, now, "--end")
+            with progress_line(args) as line:
+                ticks = await sched.backfill(args.id, start=start, end=end, progress=line)
+            made = {"schedule": args.id, "ticks": [dataclasses.asdict(t) for t in ticks]}
+            emit(args, made, f"backfilled {args.id}: {len(ticks)} new tick(s), {start} .. {end}")
     except ScheduleNotFoundError as exc:
         raise UsageError(str(exc)) from exc
     return 0

@@ -14,6 +14,7 @@ from .._sources.pgmq.queue import PgmqQueue
 from .._sources.queue.queue import PgQueue
 from .inspect import pgqueue_names
 from .output import UsageError, emit, table
+from .progress import progress_line
 
 __all__ = ["run"]
 
@@ -45,9 +46,9 @@ async def run(db: Database, args: argparse.Namespace) -> int:
         headers = ["id", "attempts", "visible_at", "payload"]
         emit(args, [dict(zip(headers, r, strict=True)) for r in rows], table(headers, rows))
     elif args.action == "requeue-dead":
-        if kind != "pgqueue":
-            raise UsageError("requeue-dead is for PgQueue queues (pgmq keeps no dead set here)")
-        count = await PgQueue(db, name).requeue_dead()
+        queue = PgQueue[object](db, name) if kind == "pgqueue" else PgmqQueue[object](db, name)
+        with progress_line(args) as line:
+            count = await queue.requeue_dead(progress=line)
         emit(args, {"requeued": count}, f"requeued {count} dead message(s) of {name}")
     elif args.action == "purge":
         if not args.yes and not _confirm(f"delete every message of {kind} queue {name!r}?"):

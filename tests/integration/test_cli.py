@@ -79,6 +79,21 @@ async def test_queue_commands(db: ps.Database, dsn: str) -> None:
     assert code == 0 and "deleted 3" in out
     await queue.drop()
 
+    orders: ps.PgmqQueue[dict[str, Any]] = await ps.PgmqQueue.create(
+        db, f"orders_{uuid.uuid4().hex[:6]}", max_attempts=1
+    )
+    await orders.publish({"order": 1})
+    first = await orders.subscribe_ack().first()
+    await first.nack(error="boom")
+    with anyio.move_on_after(0.5):  # the next read moves it to the dead-letter queue
+        await orders.subscribe_ack(poll_interval=0.05).first()
+    assert (await orders.metrics()).dead == 1
+    code, out, _ = await cli(dsn, "queue", "requeue-dead", orders.name)
+    assert code == 0 and "requeued 1" in out
+    assert (await orders.metrics()).dead == 0
+    assert (await orders.subscribe_ack().first()).value == {"order": 1}
+    await orders.drop()
+
 
 async def test_errors_are_one_line_with_their_exit_code(dsn: str) -> None:
     code, out, err = await cli(dsn, "queue", "stats", "no_such_queue")
@@ -346,6 +361,8 @@ async def _effects(db: ps.Database) -> list[tuple[str]]:
 
 
 async def test_demo_runs_every_part_and_keeps_its_server_on_request() -> None:
+    code, _, err = await cli("", "demo", "--pace", "-1")
+    assert code == 2 and "--pace must be 0 or more" in err
     code, out, err = await cli("", "demo")
     assert code == 0, err
     for part in (

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Change", "ChangeLag", "change_from_row", "new_change"]
+__all__ = ["Change", "ChangeLag", "change_document", "change_from_row", "new_change"]
 
 T = TypeVar("T")
 
@@ -65,6 +65,23 @@ def change_from_row(key: str, row: Sequence[Any]) -> Change[Any]:
         txid=int(txid),
         pk=None if pk is None else json.loads(pk),
     )
+
+
+def change_document(change: Change[Any]) -> dict[str, Any]:
+    """A change as a JSON document (``at`` in ISO 8601): what ``pgstreams tail --json``
+    prints and the NATS sink sends."""
+    return {
+        "id": change.id,
+        "op": change.op,
+        "table": change.table,
+        "new": change.new,
+        "old": change.old,
+        "at": change.at.isoformat(),
+        "txid": change.txid,
+        "pk": None if change.pk is None else dict(change.pk),
+        "lsn": change.lsn,
+        "unchanged": list(change.unchanged),
+    }
 
 
 _FIELDS = ("id", "op", "table", "new", "old", "at", "txid", "pk", "lsn", "unchanged")

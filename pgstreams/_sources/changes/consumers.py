@@ -10,6 +10,7 @@ finished. Items an operator read ahead and gave back are rewound to.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -40,16 +41,35 @@ Position = tuple[str, str, int, int]
 
 
 class Progress:
-    """What a durable consumer's stream shares with its give-back hook: the position just
-    before each recently delivered change, and whether a rewind was stored."""
+    """What a durable consumer's stream shares with its give-back hook and its checkpoint:
+    the position just before each recently delivered change, whether a rewind was stored,
+    and -- once commits are deferred -- the position after each change handed out and not
+    committed yet."""
 
-    __slots__ = ("_before", "rewound")
+    __slots__ = ("_after", "_before", "deferred", "rewound")
 
     _KEEP = 4096
 
     def __init__(self) -> None:
         self._before: dict[int, Position] = {}
+        self._after: dict[int, Position] = {}
         self.rewound = False
+        self.deferred = False
+
+    def handed(self, change_id: int, position: Position) -> None:
+        """Deferred commits: ``change_id`` was handed out; ``position`` is just after it."""
+        self._after[change_id] = position
+
+    def committed(self, change_id: int) -> Position | None:
+        """Deferred commits: the position after the last change up to ``change_id`` that
+        was handed out and not committed yet (None: nothing new to store)."""
+        found = None
+        while self._after:
+            first = next(iter(self._after))
+            if first > change_id:
+                break
+            found = self._after.pop(first)
+        return found
 
     def remember(self, change_id: int, position: Position) -> None:
         prev, cur, _, top = position
@@ -79,9 +99,33 @@ async def open_position(log: Log, key: str, consumer: str) -> Any:
     )
 
 
+class Deferred:
+    """The ``Checkpoint`` of a durable consumer's stream (see ``_core.checkpoint``)."""
+
+    def __init__(
+        self, log: Log, key: Callable[[], Awaitable[str]], consumer: str, progress: Progress
+    ) -> None:
+        self._log = log
+        self._key = key
+        self._consumer = consumer
+        self._progress = progress
+
+    def defer(self) -> None:
+        self._progress.deferred = True
+
+    async def commit(self, item: Any) -> None:
+        if not isinstance(item, Change):
+            raise TypeError(f"a change stream's checkpoint commits changes, not {item!r}")
+        position = self._progress.committed(item.id)
+        if position is not None:
+            await save(self._log, await self._key(), self._consumer, position)
+
+
 async def rewind(log: Log, key: str, consumer: str, progress: Progress, items: list[Any]) -> None:
     """Items an operator read but never handed on: store the position just before the
     earliest of them, so that they come again."""
+    if progress.deferred:
+        return  # only its checkpoint stores positions: they come again anyway
     # Given-back items come in delivery order: the first is the earliest.
     ids = [c.id for c in items if isinstance(c, Change)]
     position = progress.before(ids[0]) if ids else None

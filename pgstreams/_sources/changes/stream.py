@@ -14,6 +14,7 @@ consumer is a replication slot.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -21,6 +22,7 @@ from typing import Any, Generic, TypeVar
 from psycopg import AsyncConnection
 
 from ..._core.errors import InvalidArgumentError
+from ..._core.progress import ProgressCallback, check_progress
 from ..._core.stream import Stream
 from ..._core.validate import check_positive_int, check_seconds, to_json
 from ..._pg import calls
@@ -42,6 +44,8 @@ from .wal.capture import DEFAULT_CHUNK, OnSlotLost, WalCapture
 from .wal.slots import ConsumerInfo
 
 __all__ = ["Change", "ChangeLag", "ConsumerInfo", "PgChangeStream"]
+
+logger = logging.getLogger("pgstreams.changes")
 
 T = TypeVar("T")
 
@@ -143,11 +147,13 @@ class PgChangeStream(Generic[T]):
             capture=self.capture_mode,
             retention=self.retention,
         )
+        logger.info("changes of %s: capture trigger installed", self._key)
 
     async def remove_trigger(self) -> None:
         """Stop capturing; the log stays readable (and prunable)."""
         self._trigger_only("remove_trigger()")
         await capture.remove(self._log, self._table_arg)
+        logger.info("changes of %s: capture trigger removed", self._table_arg)
 
     async def notify(self, payload: T, *, conn: AsyncConnection[Any] | None = None) -> int:
         """Append a producer event (``op="notify"``, ``new=payload``) to this stream.
@@ -177,6 +183,7 @@ class PgChangeStream(Generic[T]):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         page_size: int = DEFAULT_PAGE,
         chunk_size: int = DEFAULT_CHUNK,
+        progress: ProgressCallback | None = None,
     ) -> Stream[Change[T]]:
         """Every change from now on, in order, once each while the stream runs.
 
@@ -188,13 +195,19 @@ class PgChangeStream(Generic[T]):
         ``op="snapshot"`` changes, read in ``chunk_size`` primary-key chunks between
         watermarks while live changes keep flowing (when the consumer's slot is created, or
         to finish an interrupted snapshot); ``on_slot_lost="resnapshot"`` recreates a lost
-        slot and re-reads current rows instead of raising ``SlotLostError``.
+        slot and re-reads current rows instead of raising ``SlotLostError``. ``progress``
+        gets a ``Progress`` (rows read of the tables' estimated total) when such a snapshot
+        starts and after each chunk's rows were handled; snapshot progress is also logged
+        on the ``pgstreams.changes.wal`` logger.
         ``poll_interval`` and ``page_size`` apply to trigger capture only.
         """
+        check_progress(progress)
         if self._wal is not None:
-            return self._wal.subscribe(consumer, snapshot, on_slot_lost, chunk_size)
+            return self._wal.subscribe(consumer, snapshot, on_slot_lost, chunk_size, progress)
         if snapshot or on_slot_lost != "raise":
             raise InvalidArgumentError("snapshot and on_slot_lost need capture='wal'")
+        if progress is not None:
+            raise InvalidArgumentError("progress reports WAL snapshots: it needs capture='wal'")
         poll = check_seconds("poll_interval", poll_interval, allow_zero=False)
         check_positive_int("page_size", page_size)
         if consumer is None:
@@ -204,16 +217,17 @@ class PgChangeStream(Generic[T]):
                 )
             )
         durable.check_consumer(consumer)
-        progress = durable.Progress()
+        position = durable.Progress()
 
         async def rewind(items: list[Any]) -> None:
-            await durable.rewind(self._log, await self.key(), consumer, progress, items)
+            await durable.rewind(self._log, await self.key(), consumer, position, items)
 
         return Stream(
             lambda: subscription.run(
-                self._log, self.key, consumer, None, poll, page_size, progress
+                self._log, self.key, consumer, None, poll, page_size, position
             ),
             putback=rewind,
+            checkpoint=durable.Deferred(self._log, self.key, consumer, position),
             sequential=(
                 f"durable consumer {consumer!r} commits a change when the next one is asked"
                 " for; use batch/buffer/concurrency on a stream without a consumer, or"

@@ -29,7 +29,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from ..._core import telemetry
 from ..._core.errors import DatabaseError
+from ..._core.lag import LagWatch
 from ..._core.source import Retry, Waiting
 from ..._core.stream import closing_cleanly
 from ..._pg import calls
@@ -105,22 +107,40 @@ async def run(
     }
     cursor = await _open(log, key, consumer, since is not None, filters)
     retry = Retry(logger, f"changes of {key}")
+    name = f"changes of {key}" + (f" (consumer {consumer})" if consumer else "")
+    lag = None if since is not None else LagWatch(logger, name)  # a replay lags by design
+    lifecycle = logging.INFO if consumer else logging.DEBUG  # durable consumers at INFO
+    logger.log(lifecycle, "%s: subscribed", name)
     unsaved: consumers.Position | None = None  # the last item handed out
     try:
         async with log.db.wakeups(log.channel(key)) as wake:
             while True:
                 rows = await _next_rows(log, cursor, filters, Waiting(wake, poll, retry))
-                for row in rows:
-                    cursor.after = max(cursor.after, row[0])
-                    unsaved = (cursor.prev.text, cursor.cur.text, row[0], cursor.top)
-                    if consumer is not None:
-                        progress.remember(row[0], unsaved)
-                    yield change_from_row(key, row)
-                    # Asked for the next item: the downstream is done with this one.
-                    if consumer is not None:
-                        await consumers.save(log, key, consumer, unsaved)
-                    unsaved = None
+                if rows and lag is not None:
+                    lag.check(rows[0][-1])
+                if (tel := telemetry.otel) is not None:
+                    read_at = tel.now()
+                handed = 0
+                try:
+                    for row in rows:
+                        cursor.after = max(cursor.after, row[0])
+                        unsaved = (cursor.prev.text, cursor.cur.text, row[0], cursor.top)
+                        if consumer is not None:
+                            progress.remember(row[0], unsaved)
+                        handed += 1
+                        if progress.deferred:  # its checkpoint commits, not the next ask
+                            progress.handed(row[0], unsaved)
+                            unsaved = None
+                        yield change_from_row(key, row)
+                        # Asked for the next item: the downstream is done with this one.
+                        if consumer is not None and unsaved is not None:
+                            await consumers.save(log, key, consumer, unsaved)
+                        unsaved = None
+                finally:
+                    if tel is not None:  # rows end with the change's time (Change.at)
+                        tel.changes("trigger", key, [r[-1] for r in rows[:handed]], read_at)
     finally:
+        logger.log(lifecycle, "%s: unsubscribed", name)
         # A clean close finishes the last item -- unless an operator gave items back.
         if (
             consumer is not None

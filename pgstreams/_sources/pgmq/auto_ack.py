@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Generic, TypeVar
 
+from ..._core import telemetry
 from ..._core.source import Handed, Retry, Waiting
 from ..._core.stream import Stream
 from ..._core.validate import check_positive_int, check_seconds
@@ -60,11 +61,16 @@ class AutoAck(QueueCore, Generic[T]):
                 values: list[Any] = [None if r[1] is None else json.loads(r[1]) for r in rows]
                 slots = handed.add(values, rows)
                 delivered = 0
+                if (tel := telemetry.otel) is not None:
+                    read_at = tel.now()
                 try:
                     for value in values:
                         delivered += 1
                         yield value
                 finally:
+                    if tel is not None:
+                        enqueued = [r[3] for r in rows[:delivered]]
+                        tel.delivered(self._kind, self.name, enqueued, read_at)
                     if delivered < len(rows):
                         for i in range(delivered, len(rows)):
                             slots[i] = None

@@ -10,8 +10,10 @@ from typing import Any
 
 import anyio
 
+from ..._core import telemetry
 from ..._core.envelope import DeadMessage
 from ..._core.errors import DatabaseError
+from ..._core.progress import ProgressCallback, Reporter, check_progress
 from ..._core.validate import check_positive_int
 from ..._pg import calls
 from .core import QueueCore, logger
@@ -52,6 +54,8 @@ class DeadLetters(QueueCore):
                         self._sql["delete_many"],
                         {"queue": self.name, "ids": [r[0] for r in locked]},
                     )
+                if (tel := telemetry.otel) is not None:
+                    tel.settled(self._kind, self.name, dead=len(locked))
             except DatabaseError as exc:
                 logger.error(
                     "pgmq %s: could not move %d messages to %s: %s",
@@ -88,18 +92,26 @@ class DeadLetters(QueueCore):
             )
         return out
 
-    async def requeue_dead(self) -> int:
+    async def requeue_dead(self, *, progress: ProgressCallback | None = None) -> int:
         """Move every dead-lettered message back to the queue; returns how many.
 
         Each chunk is popped from the DLQ and sent back in one transaction, so a failure
         loses nothing. Their headers lose the dead-letter record; read counts start over.
+        ``progress`` gets a ``Progress`` at the start and after each chunk; progress is
+        also logged on the ``pgstreams.pgmq`` logger.
         """
-        moved = 0
+        check_progress(progress)
+        report = Reporter("requeue_dead", progress, logger, f"requeue_dead {self.name}", "messages")
         async with self._db.connection() as conn:
             cur = await conn.execute(self._sql["exists"], {"table": self._dlq_table()})
             row = await cur.fetchone()
             if not (row and row[0]):
+                await report.start(0, self.name)
+                await report.finish()
                 return 0
+            cur = await conn.execute(self._sql["dead_count"])
+            row = await cur.fetchone()
+            await report.start(int(row[0]) if row else None, self.name)
             while True:
                 async with conn.transaction():
                     cur = await conn.execute(
@@ -108,7 +120,7 @@ class DeadLetters(QueueCore):
                     )
                     rows = await cur.fetchall()
                     if not rows:
-                        return moved
+                        break
                     await conn.execute(
                         self._sql["requeue_send"],
                         {
@@ -117,7 +129,9 @@ class DeadLetters(QueueCore):
                             "headers": [r[4] for r in rows],
                         },
                     )
-                moved += len(rows)
+                await report.advance(len(rows))
+        await report.finish()
+        return report.done
 
 
 def _timestamp(text: object) -> datetime | None:

@@ -13,6 +13,7 @@ import anyio.lowlevel
 import psycopg
 from psycopg import AsyncConnection
 
+from ..._core import telemetry
 from ..._core.envelope import Envelope
 from ..._core.errors import DatabaseError, InvalidArgumentError, LeaseLostError
 from ..._core.source import HandOut, Retry, Waiting, parse_headers
@@ -81,13 +82,18 @@ class _Settler:
         query = q._sql["ack_archive" if self.ack_mode == "archive" else "ack_delete"]
         params = {"id": env.id, "read_ct": env._lease}
         row = await q._fetchone(query, params, allow_none=True)
-        return row is not None and bool(row[0])
+        held = row is not None and bool(row[0])
+        if held and (tel := telemetry.otel) is not None:
+            tel.settled(q._kind, q.name, acked=1)
+        return held
 
     async def _nack(self, env: Envelope[Any], delay: float, error: str | None) -> bool:
+        q = self.queue
         params = {"id": env.id, "read_ct": env._lease, "delay": delay, "error": error}
-        return (
-            await self.queue._fetchone(self.queue._sql["nack"], params, allow_none=True) is not None
-        )
+        held = await q._fetchone(q._sql["nack"], params, allow_none=True) is not None
+        if held and (tel := telemetry.otel) is not None:
+            tel.settled(q._kind, q.name, nacked=1)
+        return held
 
     async def _extend(self, env: Envelope[Any], seconds: float) -> None:
         q = self.queue
@@ -158,6 +164,8 @@ class ManualAck(DeadLetters, Generic[T]):
             for env in group:
                 env._settled = True
             held += int(row[0])
+        if held and (tel := telemetry.otel) is not None:
+            tel.settled(self._kind, self.name, acked=held)
         return held
 
     async def _lease_loop(
@@ -184,10 +192,15 @@ class ManualAck(DeadLetters, Generic[T]):
                     await self._dead_letter([r for r in rows if r[2] > limit])
                     rows = [r for r in rows if r[2] <= limit]
                 batch = HandOut([self._envelope(sub, r) for r in rows])
+                if (tel := telemetry.otel) is not None:
+                    read_at = tel.now()
                 try:
                     for env in batch:
                         yield env
                 finally:
+                    if tel is not None:
+                        enqueued = [e.enqueued_at for e in batch.given]
+                        tel.delivered(self._kind, self.name, enqueued, read_at)
                     await sub.release(batch.rest)
 
     def _envelope(self, sub: _Settler, row: Sequence[Any]) -> Envelope[T]:

@@ -241,6 +241,9 @@ SELECT count(*) FROM pgmq.send_batch(%(dlq)s, %(msgs)s::jsonb[], %(headers)s::js
 -- name: delete_many
 SELECT count(*) FROM pgmq.delete(%(queue)s, %(ids)s::bigint[])
 
+-- name: dead_count
+SELECT count(*) FROM {dtable}
+
 -- name: requeue_take
 SELECT {_columns} FROM pgmq.pop(%(dlq)s, %(qty)s::integer) ORDER BY msg_id
 

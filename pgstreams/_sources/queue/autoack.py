@@ -45,6 +45,7 @@ import anyio
 import psycopg
 from psycopg import AsyncConnection
 
+from ..._core import telemetry
 from ..._core.errors import DatabaseError
 from ..._core.source import Handed, Retry
 from ..._core.stream import Stream
@@ -84,6 +85,8 @@ class AutoAck(Generic[T]):
         """How many of ``_rows`` were handed out."""
         self._expires = 0.0
         """When the open read must be settled (``anyio.current_time()``, early side)."""
+        self._read_at = 0.0
+        """When the open read returned (wall clock), with telemetry on."""
         self._kept: set[int] = set()
         """Ids of delivered rows of the open read an operator gave back."""
         self._closed = False
@@ -94,6 +97,7 @@ class AutoAck(Generic[T]):
     async def _loop(self) -> AsyncIterator[T]:
         q = self._queue
         retry = Retry(logger, f"queue {q.name}")
+        logger.info("queue %s: consumer started (auto-ack)", q.name)
         try:
             async with q._db.wakeups(q._channel) as wakeup:
                 while True:
@@ -144,6 +148,8 @@ class AutoAck(Generic[T]):
                 if rows:
                     rows.sort(key=_by_id)
                     self._rows, self._expires = rows, started + self._visibility
+                    if (tel := telemetry.otel) is not None:
+                        self._read_at = tel.now()
                     retry.reset()
                     return rows
                 await wakeup.wait(await calls.idle_wait(q._db, q._sql["next_visible"], self._poll))
@@ -192,6 +198,11 @@ class AutoAck(Generic[T]):
         return parts, params
 
     def _forget(self) -> None:
+        if self._delivered and (tel := telemetry.otel) is not None:
+            # Counted as the read ends: what it handed out is known then.
+            done = [r for r in self._rows[: self._delivered] if r[_ID] not in self._kept]
+            enqueued = [telemetry.parse_time(r[_ENQUEUED]) for r in done]
+            tel.delivered(self._queue._kind, self._queue.name, enqueued, self._read_at)
         self._rows, self._slots, self._delivered = [], [], 0
         self._kept.clear()
 

@@ -212,7 +212,7 @@ SET lease = NULL,
     last_error = coalesce(%(error)s, last_error),
     dead_at = CASE WHEN attempts >= %(max)s THEN now() END
 WHERE id = %(id)s AND lease = %(lease)s AND dead_at IS NULL
-RETURNING pg_notify(%(channel)s, '')
+RETURNING dead_at IS NOT NULL, pg_notify(%(channel)s, '')
 
 -- name: extend
 UPDATE {table} SET visible_at = now() + %(seconds)s * interval '1 second'
@@ -246,13 +246,30 @@ SELECT
     (SELECT coalesce(sum(completed), 0)::bigint FROM {stats} WHERE queue = %(queue)s)
 FROM m
 
+-- name: requeue_dead_start
+-- How many messages are dead, and the time that bounds requeue_dead(): a message that dies
+-- after it (one requeued and dead again, say) is left for the next call.
+SELECT count(*), clock_timestamp() FROM {table} WHERE dead_at IS NOT NULL
+
 -- name: requeue_dead
-WITH r AS (
-    UPDATE {table} SET dead_at = NULL, lease = NULL, attempts = 0, visible_at = now()
-    WHERE dead_at IS NOT NULL
-    RETURNING 1
+-- One batch in one transaction, in dead-index order after the previous batch's last
+-- (dead_at, id): each batch costs what it moves, however many come before. Rows another
+-- requeue or a purge holds are skipped: that statement deals with them.
+WITH picked AS (
+    SELECT id, dead_at FROM {table}
+    WHERE dead_at IS NOT NULL AND dead_at <= %(cutoff)s
+      AND (dead_at, id) > (%(after_at)s, %(after_id)s)
+    ORDER BY dead_at, id
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE {table} AS q SET dead_at = NULL, lease = NULL, attempts = 0, visible_at = now()
+    FROM picked WHERE q.id = picked.id
+    RETURNING q.id
 )
-SELECT count(*), pg_notify(%(channel)s, '') FROM r
+SELECT count(*), max(dead_at), (array_agg(id ORDER BY dead_at DESC, id DESC))[1],
+       (SELECT count(*) FROM moved), (SELECT pg_notify(%(channel)s, '') FROM moved LIMIT 1)
+FROM picked
 
 -- name: dead
 SELECT id, payload::text, headers::text, attempts, enqueued_at, dead_at, last_error

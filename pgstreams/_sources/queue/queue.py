@@ -24,14 +24,17 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
 from psycopg import sql
 
+from ..._core import telemetry
 from ..._core.envelope import DeadMessage, Envelope
 from ..._core.errors import DatabaseError, LeaseLostError
+from ..._core.progress import ProgressCallback, Reporter, check_progress
 from ..._core.publisher import Publisher, Sending
 from ..._core.source import UNSET, HandOut, Retry, Unset, Waiting, channel_for, parse_headers
 from ..._core.stream import Stream
@@ -52,6 +55,8 @@ SHARDS = 16
 """Completion counter rows per queue: concurrent consumers rarely update the same one."""
 LIMIT_TTL = 5.0
 """Seconds a handle trusts its cached copy of the queue's stored max_attempts."""
+REQUEUE_BATCH = 1000
+"""Dead messages ``requeue_dead()`` moves per statement (and transaction)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +202,10 @@ class PgQueue(calls.SourceCalls, Publisher[T]):
             row = await self._fetchone(self._sql["ack_pairs"], params)
         for env in envs:
             env._settled = True
-        return int(row[0]) if row else 0
+        held = int(row[0]) if row else 0
+        if (tel := telemetry.otel) is not None:
+            tel.settled(self._kind, self.name, acked=held)
+        return held
 
     async def _max_attempts(self) -> int:
         """The stored max_attempts (2**31-1 = unlimited), re-read every LIMIT_TTL seconds.
@@ -218,16 +226,26 @@ class PgQueue(calls.SourceCalls, Publisher[T]):
     ) -> AsyncIterator[Envelope[T]]:
         params: dict[str, Any] = {"n": prefetch, "vis": visibility, "max": 0}
         retry = Retry(logger, f"queue {self.name}")
+        logger.info("queue %s: consumer started (manual ack, %g s leases)", self.name, visibility)
         async with self._db.wakeups(self._channel) as wakeup:
             waiting = Waiting(wakeup, poll, retry)
             while True:
                 rows = await self._read(self._sql["claim"], params, waiting)
                 rows.sort(key=lambda r: r[0])
-                batch = HandOut([self._envelope(row) for row in rows if not row[5]])
+                envelopes = [self._envelope(row) for row in rows if not row[5]]
+                if len(envelopes) < len(rows):
+                    dead_letter_warning(self.name, len(rows) - len(envelopes))
+                batch = HandOut(envelopes)
+                if (tel := telemetry.otel) is not None:
+                    read_at = tel.now()
+                    tel.settled(self._kind, self.name, dead=len(rows) - len(envelopes))
                 try:
                     for env in batch:
                         yield env
                 finally:
+                    if tel is not None:
+                        enqueued = [e.enqueued_at for e in batch.given]
+                        tel.delivered(self._kind, self.name, enqueued, read_at)
                     await self._release(batch.rest)
 
     async def _read(self, query: bytes, params: dict[str, Any], waiting: Waiting) -> list[Any]:
@@ -281,7 +299,10 @@ class PgQueue(calls.SourceCalls, Publisher[T]):
 
     async def _ack(self, env: Envelope[Any]) -> bool:
         params = {"id": env.id, "lease": env._lease, "queue": self.name}
-        return await self._fetchone(self._sql["ack"], params, allow_none=True) is not None
+        held = await self._fetchone(self._sql["ack"], params, allow_none=True) is not None
+        if held and (tel := telemetry.otel) is not None:
+            tel.settled(self._kind, self.name, acked=1)
+        return held
 
     async def _nack(self, env: Envelope[Any], delay: float, error: str | None) -> bool:
         params = {
@@ -292,7 +313,12 @@ class PgQueue(calls.SourceCalls, Publisher[T]):
             "max": await self._max_attempts(),
             "channel": self._channel,
         }
-        return await self._fetchone(self._sql["nack"], params, allow_none=True) is not None
+        row = await self._fetchone(self._sql["nack"], params, allow_none=True)
+        if row is not None and row[0]:
+            dead_letter_warning(self.name, 1)
+        if row is not None and (tel := telemetry.otel) is not None:
+            tel.settled(self._kind, self.name, nacked=1, dead=int(row[0]))
+        return row is not None
 
     async def _extend(self, env: Envelope[Any], seconds: float) -> None:
         params = {"id": env.id, "lease": env._lease, "seconds": seconds}
@@ -319,14 +345,41 @@ class PgQueue(calls.SourceCalls, Publisher[T]):
             for r in rows
         ]
 
-    async def requeue_dead(self) -> int:
-        """Make every dead message deliverable again with attempts reset; returns the count."""
-        row = await self._fetchone(self._sql["requeue_dead"], {"channel": self._channel})
-        return int(row[0])
+    async def requeue_dead(self, *, progress: ProgressCallback | None = None) -> int:
+        """Make every dead message deliverable again with attempts reset; returns the count.
+
+        Works in batches of ``REQUEUE_BATCH`` messages, each its own transaction (consumers
+        may take a batch's messages while the next is moved), and covers the messages dead
+        when the call began. ``progress`` gets a ``Progress`` at the start and after each
+        batch; progress is also logged on the ``pgstreams.queue`` logger.
+        """
+        check_progress(progress)
+        report = Reporter("requeue_dead", progress, logger, f"requeue_dead {self.name}", "messages")
+        row = await self._fetchone(self._sql["requeue_dead_start"], None)
+        await report.start(int(row[0]), self.name)
+        params: dict[str, Any] = {
+            "cutoff": row[1],
+            "after_at": datetime.min.replace(tzinfo=UTC),
+            "after_id": 0,
+            "n": REQUEUE_BATCH,
+            "channel": self._channel,
+        }
+        while True:
+            picked, last_at, last_id, moved, _ = await self._fetchone(
+                self._sql["requeue_dead"], params
+            )
+            if moved:
+                await report.advance(int(moved))
+            if picked < REQUEUE_BATCH:
+                break
+            params["after_at"], params["after_id"] = last_at, last_id
+        await report.finish()
+        return report.done
 
     async def purge(self) -> int:
         """Delete every message (pending, leased and dead); returns how many."""
         row = await self._fetchone(self._sql["purge"], None)
+        logger.info("queue %s: purged %d message(s)", self.name, int(row[0]))
         return int(row[0])
 
     async def drop(self) -> None:
@@ -336,6 +389,7 @@ class PgQueue(calls.SourceCalls, Publisher[T]):
             await conn.execute(self._sql["lock"], {"key": key})
             await conn.execute(self._sql["drop_table"])
             await conn.execute(self._sql["unregister"], {"queue": self.name})
+        logger.info("queue %s: dropped", self.name)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -344,3 +398,14 @@ class PgQueue(calls.SourceCalls, Publisher[T]):
 
     def __repr__(self) -> str:
         return f"PgQueue({self.name!r}, schema={self._db.schema!r})"
+
+
+def dead_letter_warning(queue: str, count: int) -> None:
+    """Messages that used up ``max_attempts`` went to the dead set (a WARNING per batch)."""
+    logger.warning(
+        "queue %s: %d message(s) used up max_attempts and went to the dead set"
+        " (`pgstreams queue requeue-dead %s` makes them deliverable again)",
+        queue,
+        count,
+        queue,
+    )

@@ -63,6 +63,8 @@ class Leader:
                     # timeout), a scheduler must not stop ticking: log and start over.
                     logger.warning("scheduler %s: %s; reconnecting", me, database_error(exc))
                 finally:
+                    if self.is_leader:
+                        logger.info("scheduler %s: no longer leading", me)
                     self.is_leader = False
                     with anyio.CancelScope(shield=True):
                         await conn.close()

@@ -8,11 +8,13 @@ a leader or a running Scheduler.
 from __future__ import annotations
 
 import builtins
+import logging
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from ..._core.errors import InvalidArgumentError, ScheduleNotFoundError
+from ..._core.progress import ProgressCallback, Reporter, check_progress
 from ..._core.validate import check_positive_int, check_seconds, to_json
 from ..._pg import calls
 from .model import (
@@ -28,9 +30,13 @@ from .model import (
 from .setup import Setup
 from .timing import Timing, check_cron, check_interval, check_zone
 
-__all__ = ["BACKFILL_LIMIT", "ScheduleRegistry"]
+__all__ = ["BACKFILL_CHUNK", "BACKFILL_LIMIT", "ScheduleRegistry"]
+
+logger = logging.getLogger("pgstreams.scheduler")
 
 BACKFILL_LIMIT = 10_000
+BACKFILL_CHUNK = 1000
+"""Fire times ``backfill()`` writes per statement (one progress report each)."""
 
 
 class ScheduleRegistry:
@@ -194,26 +200,45 @@ class ScheduleRegistry:
         return tick_of(row)
 
     async def backfill(
-        self, id: str, *, start: datetime, end: datetime
+        self,
+        id: str,
+        *,
+        start: datetime,
+        end: datetime,
+        progress: ProgressCallback | None = None,
     ) -> builtins.list[ScheduleTick]:
         """Ticks for the fire times in ``[start, end]`` (``catch_up`` and ``manual``), due
-        now; fire times that already have a tick are left alone. Returns the new ticks."""
+        now; fire times that already have a tick are left alone. Returns the new ticks.
+
+        One transaction, written ``BACKFILL_CHUNK`` fire times per statement: ``progress``
+        gets a ``Progress`` (fire times done of those in the range) at the start and after
+        each statement, and the ticks commit after the last report. Progress is also
+        logged on the ``pgstreams.scheduler`` logger."""
         for what, value in (("start", start), ("end", end)):
             if not isinstance(value, datetime) or value.tzinfo is None:
                 raise InvalidArgumentError(f"{what} must be a timezone-aware datetime")
         if start > end:
             raise InvalidArgumentError(f"start ({start}) is after end ({end})")
+        check_progress(progress)
         now = self._setup.clock.now()
         if end > now:
             raise InvalidArgumentError(f"end ({end}) is in the future; backfill is for the past")
         schedule = await self._require(id)
         fires = timing_of(schedule).between(start, end, BACKFILL_LIMIT)
-        if not fires:
-            return []
-        async with self._db.connection() as conn, conn.transaction():
-            cur = await conn.execute(self._sql["backfill"], {"id": id, "now": now, "fires": fires})
-            rows = await cur.fetchall()
-            await conn.execute(self._sql["notify"], {"channel": self._setup.ticked})
+        report = Reporter("backfill", progress, logger, f"backfill {id}", "fire times")
+        await report.start(len(fires), id)
+        rows: builtins.list[Any] = []
+        if fires:
+            async with self._db.connection() as conn, conn.transaction():
+                for at in range(0, len(fires), BACKFILL_CHUNK):
+                    chunk = fires[at : at + BACKFILL_CHUNK]
+                    cur = await conn.execute(
+                        self._sql["backfill"], {"id": id, "now": now, "fires": chunk}
+                    )
+                    rows += await cur.fetchall()
+                    await report.advance(len(chunk))
+                await conn.execute(self._sql["notify"], {"channel": self._setup.ticked})
+        await report.finish()
         return [tick_of(r) for r in rows]
 
     async def history(self, id: str, *, limit: int = 100) -> builtins.list[ScheduleTick]:

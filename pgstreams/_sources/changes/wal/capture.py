@@ -13,13 +13,14 @@ from typing import Any, Literal
 from psycopg import AsyncConnection, sql
 
 from ...._core.errors import InvalidArgumentError
+from ...._core.progress import ProgressCallback
 from ...._core.stream import Stream
 from ...._core.validate import check_positive_int, check_seconds, to_json
 from ...._pg.database import Database
 from ..capture import Operation
 from ..change import Change
 from . import setup, slots, snapshot
-from .reader import NOTIFY_PREFIX, Reader, Settings, Shared
+from .reader import NOTIFY_PREFIX, Deferred, Reader, Settings, Shared
 from .setup import WalTarget
 
 __all__ = ["OnSlotLost", "WalCapture"]
@@ -68,6 +69,7 @@ class WalCapture:
         snapshot_rows: bool,
         on_slot_lost: OnSlotLost,
         chunk_size: int,
+        progress: ProgressCallback | None = None,
     ) -> Stream[Change[Any]]:
         if consumer is not None:
             setup.check_consumer_name(consumer)
@@ -81,6 +83,11 @@ class WalCapture:
             raise InvalidArgumentError(
                 "snapshot=True needs a durable consumer: its progress is kept with the slot"
             )
+        if progress is not None and consumer is None:
+            raise InvalidArgumentError(
+                "progress reports snapshots, which need a durable consumer (snapshot=True,"
+                " on_slot_lost='resnapshot', or an interrupted snapshot resuming)"
+            )
         check_positive_int("chunk_size", chunk_size)
         settings = Settings(
             consumer,
@@ -89,6 +96,7 @@ class WalCapture:
             self._heartbeat,
             self._retained_warning,
             chunk_size,
+            progress,
         )
         shared = Shared()
         if consumer is None:
@@ -97,9 +105,12 @@ class WalCapture:
         async def rewind(items: list[Any]) -> None:
             shared.rewound = True  # nothing handed out after them is confirmed
 
+        # Deferred commits, unless a snapshot may run (its progress goes by handled rows).
+        resnapshot = snapshot_rows or on_slot_lost == "resnapshot"
         return Stream(
             lambda: self._run(settings, shared),
             putback=rewind,
+            checkpoint=None if resnapshot else Deferred(shared),
             sequential=(
                 f"WAL consumer {consumer!r} confirms a transaction when the change after it"
                 " is asked for; use batch/buffer/concurrency on a stream without a consumer,"

@@ -23,6 +23,7 @@ import json
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,10 @@ from typing import Any
 import anyio
 import psycopg
 
+from ...._core import telemetry
 from ...._core.errors import DatabaseError
+from ...._core.lag import LagWatch
+from ...._core.progress import ProgressCallback, Reporter
 from ...._core.source import Retry
 from ...._core.stream import closing_cleanly
 from ...._pg.database import Database, database_error
@@ -54,7 +58,7 @@ from .replication import Session
 from .setup import WalTable, WalTarget
 from .values import Convert, Types
 
-__all__ = ["NOTIFY_PREFIX", "Reader", "Settings", "Shared"]
+__all__ = ["NOTIFY_PREFIX", "Deferred", "Reader", "Settings", "Shared"]
 
 logger = logging.getLogger("pgstreams.changes.wal")
 
@@ -76,15 +80,42 @@ class Settings:
     heartbeat: float
     warn_retained_bytes: int | None
     chunk_size: int
+    progress: ProgressCallback | None = None
 
 
 class Shared:
-    """What a subscription shares with its give-back hook."""
+    """What a subscription shares with its give-back hook and its checkpoint: whether a
+    rewind was asked for, and -- once commits are deferred -- each change handed out and
+    not committed yet, with the position that was safe to confirm before its transaction."""
 
-    __slots__ = ("rewound",)
+    __slots__ = ("deferred", "handed", "rewound")
 
     def __init__(self) -> None:
         self.rewound = False
+        self.deferred = False
+        self.handed: deque[tuple[int, int]] = deque()
+
+    def commit(self, change_id: int) -> None:
+        """Every change handed out up to ``change_id`` is finished."""
+        handed = self.handed
+        while handed and handed[0][0] <= change_id:
+            handed.popleft()
+
+
+class Deferred:
+    """The ``Checkpoint`` of a durable WAL consumer's stream (see ``_core.checkpoint``):
+    its slot is confirmed up to the last transaction whose changes were all committed."""
+
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
+
+    def defer(self) -> None:
+        self._shared.deferred = True
+
+    async def commit(self, item: Any) -> None:
+        if not isinstance(item, Change):
+            raise TypeError(f"a change stream's checkpoint commits changes, not {item!r}")
+        self._shared.commit(item.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +228,8 @@ class Reader:
         self.names: dict[tuple[str, str], str] = {}
         self.tx: Begin | None = None
         self.seq = 0
+        self.read_at = 0.0
+        """When the transaction in hand began to arrive (wall clock), with telemetry on."""
         self.id_base = 0
         """The transaction's commit LSN shifted left 32 bits: a change's id adds its place."""
         self.lsn_text = ""
@@ -206,8 +239,13 @@ class Reader:
         self.last_message = time.monotonic()
         self.last_slot_check = 0.0
         self.retry = Retry(logger, "WAL changes")
+        self.lag = LagWatch(logger, "WAL changes")
+        self.tx_safe = 0
+        """Deferred commits: the confirmable position when the open transaction began."""
         self.progress: snapshot.Progress | None = None
         self.chunk: snapshot.Chunk | None = None
+        self.report: Reporter | None = None
+        """The running snapshot's progress reports."""
         self.notify_prefix = ""
         self.wm_prefix = ""
         self.by_oid: dict[int, WalTable] = {}
@@ -217,6 +255,7 @@ class Reader:
     # -- the stream --------------------------------------------------------------------
 
     async def changes(self) -> AsyncGenerator[Change[Any], None]:
+        deferred, handed = self.shared.deferred, self.shared.handed
         try:
             await self._start(await self.prepare())
             while True:
@@ -226,9 +265,13 @@ class Reader:
                 if kind == 73 and self.chunk is None:  # 'I', the hot path
                     change = self._insert(payload)
                     if change is not None:
+                        if deferred:
+                            handed.append((change.id, self.tx_safe))
                         yield change
                     continue
                 if kind == 67:  # 'C': every change of the transaction was handled
+                    if self.seq and (tel := telemetry.otel) is not None:
+                        self._count(tel)
                     self.tx = None
                     self.confirmable = max(self.confirmable, pgoutput.commit_end(payload))
                     if not self.live or time.monotonic() - self.last_status >= _STATUS_EVERY:
@@ -238,8 +281,16 @@ class Reader:
                 if isinstance(msg, Insert | Update | Delete):
                     change = self._change(msg)
                     if change is not None:
+                        if deferred:
+                            handed.append((change.id, self.tx_safe))
                         yield change
                 elif isinstance(msg, Begin):
+                    self.lag.check(msg.commit_time)
+                    self.tx_safe = self.confirmable  # where a restart would resend it from
+                    if (tel := telemetry.otel) is not None:
+                        if self.seq:  # changes of a transaction a lost session cut short
+                            self._count(tel)
+                        self.read_at = tel.now()
                     self.tx, self.seq = msg, 0
                     self.id_base = msg.final_lsn << 32
                     self.lsn_text = pgoutput.format_lsn(msg.final_lsn)
@@ -247,14 +298,29 @@ class Reader:
                     await self._relation(msg)
                 elif isinstance(msg, Truncate):
                     for change in self._truncates(msg):
+                        if deferred:
+                            handed.append((change.id, self.tx_safe))
                         yield change
                 elif isinstance(msg, LogicalMessage):
                     for change in self._message(xlog, msg):
+                        if deferred:
+                            safe = self.tx_safe if self.tx is not None else self.confirmable
+                            handed.append((change.id, safe))
                         yield change
                     if self.chunk is not None and self.chunk.delivered:
                         await self._chunk_done(self.chunk)  # its rows were all handled
         finally:
+            if self.seq and (tel := telemetry.otel) is not None:
+                self._count(tel)
             await self._close(closing_cleanly())
+
+    def _count(self, tel: telemetry.Telemetry) -> None:
+        """Telemetry for the changes handed out since the last count (``seq`` of them, all
+        of one transaction): counted at its Commit, or when the stream closes or a new
+        transaction begins before that."""
+        committed = None if self.tx is None else self.tx.commit_time
+        tel.transaction("wal", self.stream_key, self.seq, committed, self.read_at)
+        self.seq = 0
 
     def _insert(self, payload: bytes) -> Change[Any] | None:
         """An insert decoded straight into its row (no intermediate tuple)."""
@@ -447,7 +513,6 @@ class Reader:
                 await snapshot.save(conn, self.db.schema, self.slot, progress)
             await snapshot.finish(conn, self.db.schema, self.slot)
         self.progress = None
-        logger.info("snapshot for %s finished", self.slot)
 
     async def _chunk_done(self, chunk: snapshot.Chunk) -> None:
         """Every row of ``chunk`` was handled: save where the next chunk starts."""
@@ -459,6 +524,24 @@ class Reader:
             progress.index, progress.after = progress.index + 1, None
         await self._retrying(lambda: self._save(progress))
         self.chunk = None
+        if self.report is not None:
+            await self.report.advance(chunk.read, chunk.table.key)
+
+    async def _start_report(self, progress: snapshot.Progress) -> None:
+        """Begin reporting a snapshot (or its remainder, when it resumes): the tables
+        still to read, and their estimated rows."""
+        self.report = Reporter(
+            "snapshot", self.settings.progress, logger, f"snapshot {self.slot}", "rows"
+        )
+        by_key = {t.key: t for t in self.target.tables}
+        tables = [by_key[k] for k in progress.tables[progress.index :] if k in by_key]
+        try:
+            async with self.db.connection() as conn:
+                total = await snapshot.estimate(conn, tables)
+        except DatabaseError as exc:  # only an estimate: the snapshot goes on without it
+            logger.debug("estimating the snapshot of %s: %s", self.slot, exc)
+            total = None
+        await self.report.start(total, tables[0].key if tables else "")
 
     async def _save(self, progress: snapshot.Progress) -> None:
         async with self.db.connection() as conn:
@@ -517,6 +600,7 @@ class Reader:
         self.names = {(t.schema, t.name): t.key for t in target.tables}
         self.by_oid = {t.oid: t for t in target.tables}
         self.retry = Retry(logger, f"WAL changes of {self.stream_key}")
+        self.lag = LagWatch(logger, f"WAL changes of {self.stream_key}")
         self.notify_prefix = NOTIFY_PREFIX + target.publication
         await self._open()
 
@@ -544,6 +628,7 @@ class Reader:
                 else:
                     self.progress = await snapshot.load(conn, self.db.schema, self.slot)
         self.wm_prefix = snapshot.WATERMARK_PREFIX + self.slot
+        logger.info("WAL changes of %s: reading slot %s", self.stream_key, self.slot)
 
     async def _next(self) -> XLogData:
         """The next pgoutput message, answering keepalives, reporting status, writing
@@ -555,12 +640,17 @@ class Reader:
                 continue
             if self.progress is not None and self.chunk is None:
                 # A snapshot is due: start its next chunk.
+                if self.report is None:
+                    await self._start_report(self.progress)
                 await self._retrying(self._next_chunk)
+                if self.progress is None and self.report is not None:
+                    await self.report.finish()
+                    self.report = None
                 continue
             try:
                 raw = session.poll()
                 if raw is None:
-                    if self.confirmable > self.reported:
+                    if self._reportable() > self.reported:
                         await self._status()
                     raw = await session.read(_READ_SLICE)
             except (psycopg.Error, OSError) as exc:
@@ -581,7 +671,7 @@ class Reader:
 
     async def _idle(self) -> None:
         now = time.monotonic()
-        if self.confirmable > self.reported or now - self.last_status >= _STATUS_AT_LEAST:
+        if self._reportable() > self.reported or now - self.last_status >= _STATUS_AT_LEAST:
             await self._status()
         if self.tx is None and now - self.last_message >= self.settings.heartbeat:
             self.last_message = now
@@ -622,13 +712,21 @@ class Reader:
                 row[1],
             )
 
+    def _reportable(self) -> int:
+        """The position to confirm: ``confirmable``, held back -- with deferred commits --
+        to before the transaction of the oldest change handed out and not committed."""
+        handed = self.shared.handed
+        if handed:
+            return min(self.confirmable, handed[0][1])
+        return self.confirmable
+
     async def _status(self) -> None:
         """Report the confirmable position; a failure to send is a lost session (the next
         read reconnects from the last position the server has)."""
         session = self.session
         if session is None:
             return
-        position = self.confirmable
+        position = self._reportable()
         try:
             await session.send_status(position, position)
         except (psycopg.Error, OSError) as exc:
@@ -699,6 +797,7 @@ class Reader:
         )
         await self._retrying(self._recreate)
         self.chunk = None
+        self.report = None  # a new snapshot: reported afresh
 
     async def _recreate(self) -> None:
         """Drop the lost slot (once its last session let go), then make it anew with a
@@ -714,10 +813,11 @@ class Reader:
             session, self.session = self.session, None
             if session is not None:
                 try:
-                    if clean and not self.shared.rewound:
+                    if clean and not self.shared.rewound and not self.shared.deferred:
                         self._finish_buffered(session)
-                    if self.confirmable > self.reported:
-                        await session.send_status(self.confirmable, self.confirmable)
+                    position = self._reportable()
+                    if position > self.reported:
+                        await session.send_status(position, position)
                 except Exception as exc:  # the session is going anyway: close it regardless
                     logger.debug("closing WAL session of %s: %s", self.slot, exc)
                 await session.close()

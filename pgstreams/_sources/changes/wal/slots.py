@@ -74,6 +74,7 @@ async def create(conn: AsyncConnection[Any], slot: str) -> int:
     )
     row = await cur.fetchone()
     assert row is not None
+    logger.info("created replication slot %s", slot)
     return int(row[0])
 
 
@@ -88,7 +89,10 @@ async def drop(conn: AsyncConnection[Any], slot: str) -> bool:
     cur = await conn.execute(
         "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = %s", [slot]
     )
-    return await cur.fetchone() is None
+    gone = await cur.fetchone() is None
+    if gone:
+        logger.info("dropped replication slot %s", slot)
+    return gone
 
 
 async def drop_stale_live(conn: AsyncConnection[Any], target: WalTarget) -> None:

@@ -18,6 +18,7 @@ the chunk it was in (re-sending that chunk's rows).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "begin",
     "check_keys",
     "emit",
+    "estimate",
     "finish",
     "load",
     "new_token",
@@ -71,6 +73,8 @@ class Chunk:
     """The stream is between the chunk's watermarks."""
     delivered: bool = False
     """The chunk's rows were handed out (at its high watermark)."""
+    read: int = 0
+    """Rows the select returned (what snapshot progress counts)."""
 
 
 def check_keys(target: WalTarget) -> None:
@@ -213,4 +217,19 @@ async def read_chunk(
         }
         rows[tuple(row[width:])] = values
     last = None if not fetched else [str(v) for v in fetched[-1][width:]]
-    return Chunk(table, token, rows, last, full=len(fetched) >= size, unseen=unseen)
+    return Chunk(
+        table, token, rows, last, full=len(fetched) >= size, unseen=unseen, read=len(fetched)
+    )
+
+
+async def estimate(conn: AsyncConnection[Any], tables: Sequence[WalTable]) -> int | None:
+    """The tables' rows as the planner's statistics count them (``pg_class.reltuples``);
+    None if one of them was never vacuumed or analysed."""
+    cur = await conn.execute(
+        "SELECT reltuples::int8 FROM pg_catalog.pg_class WHERE oid = ANY(%s::oid[])",
+        [[t.oid for t in tables]],
+    )
+    found = [int(r[0]) for r in await cur.fetchall()]
+    if len(found) != len(tables) or any(n < 0 for n in found):
+        return None
+    return sum(found)

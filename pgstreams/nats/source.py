@@ -1,0 +1,214 @@
+"""``subscribe``: a JetStream durable pull consumer as a ``Stream`` of ``Envelope``\\ s.
+
+The library's envelope semantics on JetStream's: a fetched message is leased for
+``ack_wait`` seconds; ``ack()`` acks it, ``nack(delay)`` naks it (redelivered after
+``delay``), ``extend()`` sends "in progress" (the lease restarts at ``ack_wait``); a message
+not settled in time is redelivered with ``attempts`` (JetStream's delivery count) grown.
+
+``max_deliver`` is enforced here rather than by the server, so that an exhausted message is
+never just dropped: a nack of its last attempt, or a delivery past the limit (its consumer
+died during the last one), publishes it to the dead-letter subject and terminates it.
+The dead letter keeps the body and headers, with ``Pgstreams-Dead-Subject``,
+``-Dead-Sequence``, ``-Dead-Deliveries`` and ``-Dead-Error`` added, and ``Nats-Msg-Id``
+``<stream>:<sequence>`` so that dead-lettering twice stores it once. The default subject is
+``pgstreams.dlq.<stream>.<durable>``, in a stream ``<stream>_DLQ`` made on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from .._core.envelope import Envelope
+from .._core.errors import InvalidArgumentError
+from .._core.source import HandOut
+from .._core.stream import Stream
+from .._core.validate import check_positive_int, check_seconds
+from . import codec
+from .connection import ensure_stream
+from .errors import NatsPublishError
+from .subjects import check_filter, check_stream_name, check_subject
+
+__all__ = ["subscribe"]
+
+logger = logging.getLogger("pgstreams.nats")
+
+_FETCH_WAIT = 5.0
+"""Seconds a fetch waits for messages before it asks again."""
+
+
+def subscribe(
+    js: JetStreamContext,
+    stream: str,
+    *,
+    durable: str,
+    filter_subject: str | None = None,
+    ack_wait: float = 30.0,
+    max_deliver: int = 5,
+    dead_letter_subject: str | None = None,
+    batch: int = 64,
+    deserializer: Callable[[bytes], Any] | None = None,
+) -> Stream[Envelope[Any]]:
+    """Envelopes from the durable consumer ``durable`` of ``stream`` (see module docstring);
+    it is created if missing, with ``filter_subject`` and ``ack_wait``. ``batch`` messages
+    are fetched per request. The value is the body decoded as JSON, or by ``deserializer``.
+    """
+    check_stream_name(stream)
+    check_stream_name(durable)
+    if filter_subject is not None:
+        check_filter(filter_subject)
+    wait = check_seconds("ack_wait", ack_wait, allow_zero=False)
+    check_positive_int("max_deliver", max_deliver)
+    check_positive_int("batch", batch)
+    dead = check_subject(dead_letter_subject or f"pgstreams.dlq.{stream}.{durable}")
+    source = _Source(js, stream, durable, max_deliver, dead, deserializer or codec.decode)
+    config = ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=wait,
+        max_deliver=-1,  # enforced here, so an exhausted message is dead-lettered
+        filter_subject=filter_subject,
+    )
+    return Stream(
+        lambda: source.envelopes(config, batch, dead_letter_subject is None),
+        putback=source.release,
+    )
+
+
+class _Source:
+    """The lease holder of one subscription's envelopes (their nats-py messages)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        durable: str,
+        max_deliver: int,
+        dead_subject: str,
+        decode: Callable[[bytes], Any],
+    ) -> None:
+        self.js = js
+        self.stream = stream
+        self.durable = durable
+        self.max_deliver = max_deliver
+        self.dead_subject = dead_subject
+        self.decode = decode
+        self.msgs: dict[int, Msg] = {}
+
+    async def envelopes(
+        self, config: ConsumerConfig, batch: int, own_dead_stream: bool
+    ) -> AsyncIterator[Envelope[Any]]:
+        if own_dead_stream:
+            await ensure_stream(
+                self.js, f"{self.stream}_DLQ", subjects=[f"pgstreams.dlq.{self.stream}.>"]
+            )
+        sub = await self.js.pull_subscribe(
+            config.filter_subject or "", durable=self.durable, stream=self.stream, config=config
+        )
+        logger.info("NATS consumer %s of %s: started", self.durable, self.stream)
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(batch, timeout=_FETCH_WAIT)
+                except nats.errors.TimeoutError:
+                    continue
+                envelopes = []
+                for msg in msgs:
+                    envelope = await self._envelope(msg)
+                    if envelope is not None:
+                        envelopes.append(envelope)
+                handing = HandOut(envelopes)
+                try:
+                    for envelope in handing:
+                        yield envelope
+                finally:
+                    await self.release(handing.rest)
+        finally:
+            await sub.unsubscribe()
+
+    async def _envelope(self, msg: Msg) -> Envelope[Any] | None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        if meta.num_delivered > self.max_deliver:  # its consumer died on the last attempt
+            try:
+                await self._dead(msg, None)
+            except NatsPublishError as exc:  # it comes again after ack_wait: try then
+                logger.warning("%s", exc)
+            return None
+        self.msgs[seq] = msg
+        return Envelope(
+            self,
+            id=seq,
+            value=self.decode(msg.data),
+            headers=codec.envelope_headers(msg.headers),
+            attempts=meta.num_delivered,
+            enqueued_at=meta.timestamp or datetime.now(UTC),
+        )
+
+    async def release(self, envelopes: Sequence[Envelope[Any]]) -> None:
+        """Envelopes read but not handed out: back at once (a nak without delay)."""
+        for envelope in envelopes:
+            msg = self.msgs.pop(envelope.id, None)
+            if msg is not None:
+                await msg.nak()
+
+    # -- LeaseHolder -------------------------------------------------------------------
+
+    async def _ack(self, env: Envelope[Any]) -> bool:
+        await self.msgs[env.id].ack()
+        del self.msgs[env.id]  # after: a failed ack may be tried again
+        return True
+
+    async def _nack(self, env: Envelope[Any], delay: float, error: str | None) -> bool:
+        msg = self.msgs[env.id]
+        if env.attempts >= self.max_deliver:
+            await self._dead(msg, error)
+        else:
+            await msg.nak(delay=delay or None)
+        del self.msgs[env.id]
+        return True
+
+    async def _extend(self, env: Envelope[Any], seconds: float) -> None:
+        msg = self.msgs.get(env.id)
+        if msg is None:
+            raise InvalidArgumentError(f"message {env.id} was already settled")
+        await msg.in_progress()
+
+    async def _dead(self, msg: Msg, error: str | None) -> None:
+        """To the dead-letter subject, then terminated; if the publish fails the message
+        is left to be redelivered (and dead-lettered then)."""
+        meta = msg.metadata
+        headers = dict(msg.headers or {})
+        headers.update(
+            {
+                "Nats-Msg-Id": f"{self.stream}:{meta.sequence.stream}",
+                "Pgstreams-Dead-Subject": msg.subject,
+                "Pgstreams-Dead-Sequence": str(meta.sequence.stream),
+                "Pgstreams-Dead-Deliveries": str(meta.num_delivered),
+            }
+        )
+        if error is not None:
+            headers["Pgstreams-Dead-Error"] = error
+        try:
+            await self.js.publish(self.dead_subject, msg.data, headers=headers)
+        except Exception as exc:
+            raise NatsPublishError(
+                f"could not dead-letter message {meta.sequence.stream} of {self.stream} to"
+                f" {self.dead_subject!r} (is the subject in a stream?): {exc}"
+            ) from exc
+        await msg.term()
+        logger.warning(
+            "NATS consumer %s of %s: message %d used up max_deliver (%d) and went to %s",
+            self.durable,
+            self.stream,
+            meta.sequence.stream,
+            self.max_deliver,
+            self.dead_subject,
+        )
