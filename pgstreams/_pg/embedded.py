@@ -159,7 +159,8 @@ def _check_initdb(done: subprocess.CompletedProcess[bytes]) -> None:
         raise EmbeddedPostgresError(f"initdb exited with code {done.returncode}:\n{output}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on (now)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -270,7 +271,7 @@ class EmbeddedPostgres:
         return _ChildOptions(cwd=self._tmpdir, env=env, user=uid, group=gid, extra_groups=groups)
 
     def _spawn(self, port: int | None = None) -> None:
-        self._port = port or _free_port()
+        self._port = port or free_port()
         postgres = os.path.join(str(self._bindir), "postgres")
         args = [postgres, "-D", self._path("data"), "-p", str(self._port)]
         for name, value in self._settings.items():

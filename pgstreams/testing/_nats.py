@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .._pg.embedded import free_port
+
 __all__ = ["NATS_SERVER_ENV", "NatsServer", "find_nats_server", "nats_server"]
 
 NATS_SERVER_ENV = "PGSTREAMS_NATS_SERVER"
@@ -39,19 +41,13 @@ def find_nats_server() -> str | None:
     return str(beside) if beside.is_file() else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class NatsServer:
     """One nats-server process with JetStream; ``url`` is where it listens."""
 
     def __init__(self, binary: str, store_dir: str, port: int | None = None) -> None:
         self.binary = binary
         self.store_dir = store_dir
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
 

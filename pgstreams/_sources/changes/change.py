@@ -8,7 +8,14 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Change", "ChangeLag", "change_document", "change_from_row", "new_change"]
+__all__ = [
+    "Change",
+    "ChangeLag",
+    "change_document",
+    "change_from_row",
+    "committed_id",
+    "new_change",
+]
 
 T = TypeVar("T")
 
@@ -65,6 +72,14 @@ def change_from_row(key: str, row: Sequence[Any]) -> Change[Any]:
         txid=int(txid),
         pk=None if pk is None else json.loads(pk),
     )
+
+
+def committed_id(item: object) -> int:
+    """The id of a change a checkpoint is told to commit (a change stream's checkpoint
+    commits its own changes only)."""
+    if not isinstance(item, Change):
+        raise TypeError(f"a change stream's checkpoint commits changes, not {item!r}")
+    return item.id
 
 
 def change_document(change: Change[Any]) -> dict[str, Any]:

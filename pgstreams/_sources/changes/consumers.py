@@ -18,7 +18,7 @@ import anyio
 from ..._core.errors import DatabaseError, InvalidArgumentError
 from ..._core.source import Retry
 from ..._pg import calls
-from .change import Change, ChangeLag
+from .change import Change, ChangeLag, committed_id
 from .log import Log
 
 __all__ = [
@@ -114,9 +114,7 @@ class Deferred:
         self._progress.deferred = True
 
     async def commit(self, item: Any) -> None:
-        if not isinstance(item, Change):
-            raise TypeError(f"a change stream's checkpoint commits changes, not {item!r}")
-        position = self._progress.committed(item.id)
+        position = self._progress.committed(committed_id(item))
         if position is not None:
             await save(self._log, await self._key(), self._consumer, position)
 

@@ -38,7 +38,7 @@ from ...._core.progress import ProgressCallback, Reporter
 from ...._core.source import Retry
 from ...._core.stream import closing_cleanly
 from ...._pg.database import Database, database_error
-from ..change import Change, new_change
+from ..change import Change, committed_id, new_change
 from . import pgoutput, replication, slots, snapshot
 from .pgoutput import (
     UNCHANGED,
@@ -113,9 +113,7 @@ class Deferred:
         self._shared.deferred = True
 
     async def commit(self, item: Any) -> None:
-        if not isinstance(item, Change):
-            raise TypeError(f"a change stream's checkpoint commits changes, not {item!r}")
-        self._shared.commit(item.id)
+        self._shared.commit(committed_id(item))
 
 
 @dataclass(frozen=True, slots=True)
