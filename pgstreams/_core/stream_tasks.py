@@ -72,21 +72,20 @@ class Handoff:
     def __init__(self, capacity: int) -> None:
         self._items: deque[tuple[int, Any]] = deque()
         self._capacity = capacity
-        self._changed = anyio.Event()
-        self._waiting = 0
+        self._changed: anyio.Event | None = None
+        """Made by the first waiter, set and dropped by the next change: a burst of changes
+        before a woken waiter runs makes no events."""
         self._closed = False
 
     def _notify(self) -> None:
-        if self._waiting:  # nobody waits: nothing to wake (and no event to make)
+        if self._changed is not None:
             self._changed.set()
-            self._changed = anyio.Event()
+            self._changed = None
 
     async def _wait(self) -> None:
-        self._waiting += 1
-        try:
-            await self._changed.wait()
-        finally:
-            self._waiting -= 1
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
 
     async def put(self, origin: int, item: Any) -> None:
         try:

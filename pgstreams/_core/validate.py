@@ -10,7 +10,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import InvalidArgumentError, PayloadError
 
@@ -19,6 +19,23 @@ NAME_MAX_LENGTH = 48
 
 _NAME_RE = re.compile(r"[a-z0-9_]+")
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+"""One encoder for every call (``json.dumps`` with options builds a new one each time)."""
+
+
+def _not_json(value: object) -> NoReturn:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODE = (
+    None
+    if _make_encoder is None
+    # _ENCODER's settings, made once; no circular check (a cycle ends in RecursionError).
+    else _make_encoder(
+        None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+)
 
 
 def check_name(kind: str, name: object) -> str:
@@ -66,9 +83,16 @@ def check_positive_int(what: str, value: object) -> int:
 def to_json(what: str, value: object) -> str:
     """Serialise ``value`` to the JSON text PostgreSQL's jsonb accepts, or raise PayloadError."""
     try:
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        if isinstance(value, str):
+            text = json.encoder.encode_basestring(value)
+        elif _C_ENCODE is None:
+            text = _ENCODER.encode(value)
+        else:
+            text = "".join(_C_ENCODE(value, 0))
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+    except RecursionError:
+        raise PayloadError(f"{what} is not JSON-serialisable: it contains itself") from None
     # json.dumps writes a NUL as \u0000; an escaped backslash before "u0000" is plain text.
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise PayloadError(f"{what} contains a NUL character, which jsonb cannot store")

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -66,6 +68,8 @@ _TRANSIENT = (
 )
 """What a server outage looks like from here: worth sending again."""
 _BACKOFF = (0.05, 2.0)
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name (an HTTP token), as NATS takes it."""
 _KNOWN_SUBJECTS = 10_000
 """Subjects whose stream was looked up, remembered (then forgotten, and looked up again)."""
 
@@ -195,17 +199,21 @@ class _Sink:
     def _subject_of(self, item: Any) -> str:
         assert not isinstance(self.subject, str)
         try:
-            return check_subject(self.subject(item))
-        except InvalidArgumentError:
-            raise
+            subject = self.subject(item)
         except Exception as exc:
             raise InvalidArgumentError(f"subject= failed on {item!r}: {exc}") from exc
+        if type(subject) is str and subject in self.bound:
+            return subject  # checked when it was bound
+        return check_subject(subject)
 
     def _extra_headers(self, item: Any) -> dict[str, str]:
         assert self.headers is not None
         extra = dict(self.headers(item))
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
             raise PayloadError(f"headers= must give str names and values, got {extra!r}")
+        for name in extra:
+            if not _HEADER_NAME.fullmatch(name):
+                raise PayloadError(f"headers=: {name!r} is not a valid header name")
         return extra
 
     async def _check_bound(self, out: _Out) -> None:
@@ -288,11 +296,11 @@ class _Sink:
     ) -> AsyncIterator[Any]:
         """Hand on stored items in order; commit or ack them upstream in batches."""
         done: list[Any] = []  # handed on, not yet told upstream
-        told_at = anyio.current_time()
+        told_at = time.monotonic()
         try:
             async for item in items:
                 done.append(item)
-                now = anyio.current_time()
+                now = time.monotonic()
                 if now - told_at >= self.commit_every:
                     told_at = now
                     await _tell(done, checkpoint)

@@ -134,9 +134,8 @@ class _Source:
             await sub.unsubscribe()
 
     async def _envelope(self, msg: Msg) -> Envelope[Any] | None:
-        meta = msg.metadata
-        seq = meta.sequence.stream
-        if meta.num_delivered > self.max_deliver:  # its consumer died on the last attempt
+        seq, delivered, stored_at = _delivery(msg)
+        if delivered > self.max_deliver:  # its consumer died on the last attempt
             try:
                 await self._dead(msg, None)
             except NatsPublishError as exc:  # it comes again after ack_wait: try then
@@ -148,8 +147,8 @@ class _Source:
             id=seq,
             value=self.decode(msg.data),
             headers=codec.envelope_headers(msg.headers),
-            attempts=meta.num_delivered,
-            enqueued_at=meta.timestamp or datetime.now(UTC),
+            attempts=delivered,
+            enqueued_at=stored_at,
         )
 
     async def release(self, envelopes: Sequence[Envelope[Any]]) -> None:
@@ -212,3 +211,22 @@ class _Source:
             self.max_deliver,
             self.dead_subject,
         )
+
+
+def _delivery(msg: Msg) -> tuple[int, int, datetime]:
+    """A JetStream message's stream sequence, delivery count and time stored, read from
+    its ack subject -- ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
+    seq>.<ns>.<pending>``, or with ``<domain>.<account hash>`` before the stream and a
+    token after -- without nats-py's ``metadata`` objects (a third of the source's cost
+    over a bare pull and ack). Any other shape is left to ``metadata``."""
+    tokens = (msg.reply or "").split(".")
+    base = 2 if len(tokens) == 9 else 4 if len(tokens) in (11, 12) else 0
+    if base and tokens[0] == "$JS" and tokens[1] == "ACK":
+        nanos = int(tokens[base + 5])
+        return (
+            int(tokens[base + 3]),
+            int(tokens[base + 2]),
+            datetime.fromtimestamp(nanos / 1e9, UTC) if nanos else datetime.now(UTC),
+        )
+    meta = msg.metadata
+    return meta.sequence.stream, meta.num_delivered, meta.timestamp or datetime.now(UTC)

@@ -15,6 +15,7 @@ from psycopg import sql
 
 import pgstreams as ps
 from pgstreams._pg.migrate import migrate
+from pgstreams._sources.changes.log import Log
 
 from ..streams import forward, until_idle
 
@@ -451,6 +452,42 @@ async def test_late_commit_of_an_earlier_transaction_is_not_skipped(
     assert first.id > second.id
 
 
+async def test_deferred_commit_stops_at_its_change_when_a_late_commit_follows(
+    db: ps.Database, dsn: str
+) -> None:
+    """Deferred commits (the NATS sink's) count in delivery order: B's two changes come
+    first, then A's, whose id is smaller (A committed late). Committing B's second change
+    must not commit A's, which was handed out after it and may not be stored yet."""
+    table = await make_table(db)
+    cs: ps.PgChangeStream[Row] = ps.PgChangeStream(db, table)
+    await cs.install_trigger()
+    await cs.add_consumer("ahead")
+    insert = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(table))
+    deferring = cs.subscribe(consumer="ahead", poll_interval=0.05)._deferring()
+    assert deferring is not None
+    free, checkpoint = deferring
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as a,
+        await psycopg.AsyncConnection.connect(dsn) as b,
+        free,
+    ):
+        await a.execute(insert, [1])  # A: the smallest change id, still open
+        await b.execute(insert, [2])
+        await b.execute(insert, [3])
+        await b.commit()
+        with anyio.fail_after(10):
+            read = [await anext(free), await anext(free)]
+        await a.commit()
+        with anyio.fail_after(10):
+            read.append(await anext(free))
+        assert [(c.new or {})["id"] for c in read] == [2, 3, 1]
+        assert read[2].id < read[1].id
+        await checkpoint.commit(read[1])
+    with anyio.fail_after(10):
+        again = await cs.subscribe(consumer="ahead", poll_interval=0.05).take(1).collect()
+    assert [(c.new or {})["id"] for c in again] == [1]
+
+
 async def test_row_order_holds_across_interleaved_transactions(db: ps.Database, dsn: str) -> None:
     # T2 gets a transaction id before R, and R before T1. T1 updates the row and commits;
     # T2 then updates the same row and commits while R is still open. A reader that
@@ -818,3 +855,46 @@ async def test_partitioned_tables_and_refusals(db: ps.Database) -> None:
     )
     with pytest.raises(ps.InvalidArgumentError, match="inheritance"):
         await ps.PgChangeStream(db, base, capture="row").install_trigger()
+
+
+async def test_a_page_reads_its_own_rows_without_statistics(dsn: str) -> None:
+    """A change log autovacuum has not analysed yet (just after a bulk load, say): a page
+    of a round is still an ordered scan that stops after its rows. Planned from no
+    statistics, the plain query was a bitmap scan of the whole rest of the round plus a
+    sort -- each page reading the round again."""
+    schema = f"s_{uuid.uuid4().hex[:8]}"
+    async with ps.connect(dsn, schema=schema) as db:
+        await db.migrate()
+        changes = sql.Identifier(schema, "changes")
+        await execute(db, sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off)").format(changes))
+        table = await make_table(db)
+        await ps.PgChangeStream(db, table).install_trigger()
+        await execute(
+            db,
+            sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, 5000) g").format(
+                sql.Identifier(table)
+            ),
+        )
+        page = Log.of(db).sql["page"]
+        params = {
+            "stream": f"public.{table}",
+            "after": 0,
+            "top": 2**62,
+            "since_at": datetime(1, 1, 1, tzinfo=UTC),
+            "since_id": 0,
+            "n": 100,
+        }
+        async with db.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
+                [f"{schema}.changes"],
+            )
+            assert (await cur.fetchone() or [0])[0] < 0  # never analysed: no statistics
+            cur = await conn.execute(page, params)
+            ids = [int(r[0]) for r in await cur.fetchall()]
+            cur = await conn.execute(
+                "SELECT pg_stat_get_xact_tuples_fetched(%s::regclass)", [f"{schema}.changes"]
+            )
+            fetched = int((await cur.fetchone() or [0])[0])
+        assert len(ids) == 100 and ids == sorted(ids)
+        assert fetched <= 2 * len(ids), f"{fetched} rows read for a page of {len(ids)}"

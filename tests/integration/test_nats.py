@@ -22,6 +22,7 @@ from psycopg import sql
 
 import pgstreams as ps
 from pgstreams import nats as psn
+from pgstreams.nats import pubacks
 from pgstreams.testing import NatsServer
 
 from .test_changes import execute, make_table
@@ -66,6 +67,19 @@ async def durable(
         await cs.install_trigger()
     await cs.add_consumer(consumer)
     return cs
+
+
+async def logged_for_sink(
+    db: ps.Database, js: JetStreamContext, consumer: str, rows: int
+) -> tuple[str, str, ps.PgChangeStream[Any]]:
+    """A JetStream stream taking ``<prefix>.>``, and a trigger-captured table with ``rows``
+    changes waiting for ``consumer``: (stream name, subject prefix, change stream)."""
+    name, prefix = unique("S"), unique("sub")
+    await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"])
+    table = await make_table(db)
+    cs = await durable(db, table, "trigger", consumer)
+    await insert_rows(db, table, range(0, rows))
+    return name, prefix, cs
 
 
 async def insert_rows(db: ps.Database, table: str, ids: range) -> None:
@@ -379,13 +393,7 @@ async def test_a_subject_no_stream_takes_acks_nothing_upstream(
 async def test_a_payload_the_serializer_refuses_acks_nothing_upstream(
     db: ps.Database, js: JetStreamContext
 ) -> None:
-    name, prefix = unique("P"), unique("pay")
-    await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"])
-    table = await make_table(db)
-    cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, table)
-    await cs.install_trigger()
-    await cs.add_consumer("picky")
-    await insert_rows(db, table, range(0, 5))
+    name, prefix, cs = await logged_for_sink(db, js, "picky", 5)
 
     def refuse(change: ps.Change[Any]) -> bytes:
         raise ValueError("not this one")
@@ -405,6 +413,53 @@ async def test_a_payload_the_serializer_refuses_acks_nothing_upstream(
         )
     # Not acked: nacked with the reason (a message that can never be sent ends dead).
     assert (await queue.metrics()).pending == 1
+
+
+async def test_a_message_is_written_as_nats_py_publish_writes_it(js: JetStreamContext) -> None:
+    """The sink writes messages itself (nats-py's header loop was its largest cost): what
+    arrives is what ``Client.publish`` sends -- header values stripped, line breaks made
+    spaces, non-ASCII kept -- and a client without the internals this takes gets the plain
+    ``publish``."""
+    client = js._nc
+    subject = unique("direct.")
+    sub = await client.subscribe(subject)
+    headers = {"Pgstreams-Table": " public.t ", "X-Odd": "a\r\nb", "X-Text": "ünï 𝄞"}
+    body = '{"ünï":1}'.encode()
+    writer = pubacks.Publisher(client)
+    assert writer._direct
+    await writer._write(subject, "reply.direct", body, dict(headers))
+    await client.publish(subject, body, reply="reply.publish", headers=dict(headers))
+    direct, published = await sub.next_msg(timeout=5), await sub.next_msg(timeout=5)
+    await sub.unsubscribe()
+    assert (direct.reply, published.reply) == ("reply.direct", "reply.publish")
+    assert direct.data == published.data == body
+    assert direct.headers == published.headers
+    assert direct.headers == {"Pgstreams-Table": "public.t", "X-Odd": "a  b", "X-Text": "ünï 𝄞"}
+    assert not pubacks.writes_directly(object())  # type: ignore[arg-type]
+
+
+async def test_the_sink_without_direct_writes_stores_everything(
+    db: ps.Database, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pubacks, "writes_directly", lambda client: False)
+    name, prefix, cs = await logged_for_sink(db, js, "plain", 300)
+    sink = psn.publish(js, subject=f"{prefix}.x", window=32)
+    await cs.subscribe(consumer="plain").take(300).through(sink).drain()
+    assert (await pubacks.publisher(js))._direct is False  # the one the sink used
+    stored = [json.loads(m.data)["new"]["id"] for m in await stream_messages(js, name)]
+    assert stored == list(range(300))
+    assert (await cs.lag("plain")).changes == 0
+
+
+async def test_a_bad_extra_header_name_is_refused_before_sending(
+    db: ps.Database, js: JetStreamContext
+) -> None:
+    name, prefix, cs = await logged_for_sink(db, js, "headers", 3)
+    sink = psn.publish(js, subject=f"{prefix}.x", headers=lambda c: {"Bad Name": "x"})
+    with pytest.raises(ps.PayloadError, match="not a valid header name"):
+        await cs.subscribe(consumer="headers").through(sink).drain()
+    assert await stream_count(js, name) == 0
+    assert (await cs.lag("headers")).changes == 3
 
 
 async def test_wal_durable_consumer_through_the_sink(

@@ -59,18 +59,24 @@ class ChangeLag:
     """Age of the oldest of them (0 when there are none)."""
 
 
+_load = json.JSONDecoder().raw_decode
+"""jsonb's text output, parsed without ``json.loads``'s checks for surrounding space."""
+
+
 def change_from_row(key: str, row: Sequence[Any]) -> Change[Any]:
     """A ``Change`` from a log row as the ``_columns`` fragment of queries.sql selects it."""
     _id, txid, op, pk, new, old, at = row
-    return Change(
-        id=int(_id),
-        op=str(op),
-        table=key,
-        new=None if new is None else json.loads(new),
-        old=None if old is None else json.loads(old),
-        at=at,
-        txid=int(txid),
-        pk=None if pk is None else json.loads(pk),
+    return new_change(
+        int(_id),
+        str(op),
+        key,
+        None if new is None else _load(new)[0],
+        None if old is None else _load(old)[0],
+        at,
+        int(txid),
+        None if pk is None else _load(pk)[0],
+        None,
+        (),
     )
 
 

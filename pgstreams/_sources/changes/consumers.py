@@ -10,6 +10,7 @@ finished. Items an operator read ahead and gave back are rewound to.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,30 +47,35 @@ class Progress:
     and -- once commits are deferred -- the position after each change handed out and not
     committed yet."""
 
-    __slots__ = ("_after", "_before", "deferred", "rewound")
+    __slots__ = ("_after", "_before", "_handed", "deferred", "rewound")
 
     _KEEP = 4096
 
     def __init__(self) -> None:
         self._before: dict[int, Position] = {}
-        self._after: dict[int, Position] = {}
+        self._after: deque[tuple[int, Position]] = deque()
+        self._handed: set[int] = set()
         self.rewound = False
         self.deferred = False
 
     def handed(self, change_id: int, position: Position) -> None:
         """Deferred commits: ``change_id`` was handed out; ``position`` is just after it."""
-        self._after[change_id] = position
+        self._after.append((change_id, position))
+        self._handed.add(change_id)
 
     def committed(self, change_id: int) -> Position | None:
-        """Deferred commits: the position after the last change up to ``change_id`` that
-        was handed out and not committed yet (None: nothing new to store)."""
-        found = None
-        while self._after:
-            first = next(iter(self._after))
-            if first > change_id:
-                break
-            found = self._after.pop(first)
-        return found
+        """Deferred commits: the position just after ``change_id``, if it was handed out
+        and not committed yet (None: nothing new to store); it and every change handed
+        out before it are committed. Delivery order, not id order: a later round may
+        deliver smaller ids (a transaction that committed late), and committing a change
+        must not commit those handed out after it."""
+        if change_id not in self._handed:
+            return None
+        while True:
+            handed_id, position = self._after.popleft()
+            self._handed.discard(handed_id)
+            if handed_id == change_id:
+                return position
 
     def remember(self, change_id: int, position: Position) -> None:
         prev, cur, _, top = position

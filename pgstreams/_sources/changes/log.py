@@ -31,6 +31,7 @@ class Log:
             "changes": sql.Identifier(db.schema, "changes"),
             "captures": sql.Identifier(db.schema, "change_captures"),
             "consumers": sql.Identifier(db.schema, "change_consumers"),
+            "change_page": sql.Identifier(db.schema, "change_page"),
         }
         statements = {k: v for k, v in blocks.items() if not k.startswith("ddl_")}
         ddl = {k: v for k, v in blocks.items() if k.startswith("ddl_")}

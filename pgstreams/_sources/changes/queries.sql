@@ -94,13 +94,11 @@ FROM f;
 -- name: page
 -- The rest of a round, by primary key: ids in (after, top]. The page may also hold changes
 -- of other rounds (ids interleave); the reader skips those, which keeps this a plain
--- key-range scan whatever the planner thinks of transaction ids.
-SELECT {_columns}
-FROM {changes} c
-WHERE c.stream = %(stream)s AND c.id > %(after)s AND c.id <= %(top)s
-  AND c.at >= %(since_at)s AND c.id >= %(since_id)s
-ORDER BY c.id
-LIMIT %(n)s;
+-- key-range scan whatever the planner thinks of transaction ids. The function (migration
+-- 0013) selects what _columns does and keeps the scan ordered, stopping after n rows.
+SELECT * FROM {change_page}(
+    %(stream)s, %(after)s, %(top)s, %(since_at)s, %(since_id)s, %(n)s
+);
 
 -- name: advance
 -- A new round in one snapshot: its snapshot, its highest id and its first page. Changes not

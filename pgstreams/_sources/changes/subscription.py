@@ -125,12 +125,12 @@ async def run(
                     for row in rows:
                         cursor.after = max(cursor.after, row[0])
                         unsaved = (cursor.prev.text, cursor.cur.text, row[0], cursor.top)
-                        if consumer is not None:
-                            progress.remember(row[0], unsaved)
                         handed += 1
                         if progress.deferred:  # its checkpoint commits, not the next ask
                             progress.handed(row[0], unsaved)
                             unsaved = None
+                        elif consumer is not None:  # for a rewind (none when deferred)
+                            progress.remember(row[0], unsaved)
                         yield change_from_row(key, row)
                         # Asked for the next item: the downstream is done with this one.
                         if consumer is not None and unsaved is not None:
