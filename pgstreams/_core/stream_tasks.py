@@ -57,6 +57,8 @@ DONE = _Marker("DONE")
 """An upstream ended."""
 _CLOSED = _Marker("CLOSED")
 """The hand-off was closed: the operator is closing."""
+NOT_READY = _Marker("NOT_READY")
+"""``Handoff.take_ready`` found nothing that may go now."""
 
 
 class Handoff:
@@ -101,6 +103,20 @@ class Handoff:
             return
         while self._capacity - len(self._items) < free and not self._closed:
             await self._wait()
+
+    def full(self) -> bool:
+        return len(self._items) >= self._capacity
+
+    def take_ready(self, ready: Callable[[Any], bool]) -> Any:
+        """The oldest item if ``ready(item)`` says it may go now, else ``NOT_READY`` (and
+        nothing taken): a consumer's fast path that needs no waiting."""
+        if self._items and not self._closed:
+            item = self._items[0][1]
+            if ready(item):
+                self._items.popleft()
+                self._notify()
+                return item
+        return NOT_READY
 
     def put_nowait(self, origin: int, item: Any) -> None:
         self._items.append((origin, item))

@@ -43,7 +43,7 @@ from .._core.checkpoint import Checkpoint
 from .._core.envelope import Envelope
 from .._core.errors import InvalidArgumentError, PayloadError, PgStreamsError
 from .._core.stream import Stream
-from .._core.stream_tasks import DONE, Failure, Stage
+from .._core.stream_tasks import DONE, NOT_READY, Failure, Stage
 from .._core.validate import check_positive_int, check_seconds
 from . import codec
 from .errors import NatsPublishError
@@ -189,8 +189,10 @@ class _Sink:
         out = _Out(item, subject, body, headers)
         if subject not in self.bound:
             await self._retrying(out, self._check_bound)
+        if self.publisher is None:
+            self.publisher = await publisher(self.js)
         try:
-            await self._send(out)
+            out.token, out.ack = await self.publisher.send(subject, body, headers)
         except _TRANSIENT as exc:
             await self._after_failure(out, exc)
             await self._retrying(out, self._send)
@@ -325,7 +327,8 @@ class _Publishing(Stage[Any]):
         try:
             async with self._src:
                 async for item in self._src:
-                    await self._handoff.room(batch)
+                    if self._handoff.full():
+                        await self._handoff.room(batch)
                     self._handoff.put_nowait(0, await self._sink.send(item))
         except Exception as exc:
             self._handoff.put_nowait(0, Failure(exc))
@@ -333,6 +336,9 @@ class _Publishing(Stage[Any]):
         self._handoff.put_nowait(0, DONE)
 
     async def __anext__(self) -> Any:
+        out = self._handoff.take_ready(_ready)  # the common case: its PubAck is in
+        if out is not NOT_READY:
+            return out.item
         _, msg = await self._next_message()
         if msg is DONE:
             await self._end()
@@ -341,6 +347,11 @@ class _Publishing(Stage[Any]):
         except Exception:
             await self.aclose()
             raise
+
+
+def _ready(entry: Any) -> bool:
+    """Whether a hand-off entry is a message JetStream stored."""
+    return type(entry) is _Out and _stored(entry.ack)
 
 
 def _stored(ack: Any) -> bool:
