@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 from .errors import InvalidArgumentError, PayloadError
@@ -27,15 +27,26 @@ def _not_json(value: object) -> NoReturn:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-_make_encoder = getattr(json.encoder, "c_make_encoder", None)
-_C_ENCODE = (
-    None
-    if _make_encoder is None
-    # _ENCODER's settings, made once; no circular check (a cycle ends in RecursionError).
-    else _make_encoder(
-        None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False
-    )
-)
+def _c_encoder() -> Callable[[object, int], Iterable[str]] | None:
+    """CPython's C encoder with ``_ENCODER``'s settings, made once rather than per call (no
+    circular check: a cycle ends in RecursionError); None where there is none, or where it
+    does not write what ``_ENCODER`` writes."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        encode: Callable[[object, int], Iterable[str]] = make(
+            None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False
+        )
+        probe = {"a": [1.5, None, True, "é\n", 10**20], "b": {}}
+        if "".join(encode(probe, 0)) != _ENCODER.encode(probe):
+            return None
+    except Exception:
+        return None
+    return encode
+
+
+_C_ENCODE = _c_encoder()
 
 
 def check_name(kind: str, name: object) -> str:
@@ -92,7 +103,9 @@ def to_json(what: str, value: object) -> str:
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
     except RecursionError:
-        raise PayloadError(f"{what} is not JSON-serialisable: it contains itself") from None
+        raise PayloadError(
+            f"{what} is not JSON-serialisable: it contains itself, or is nested too deeply"
+        ) from None
     # json.dumps writes a NUL as \u0000; an escaped backslash before "u0000" is plain text.
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise PayloadError(f"{what} contains a NUL character, which jsonb cannot store")

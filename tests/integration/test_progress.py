@@ -255,6 +255,28 @@ async def test_pgmq_requeue_dead_reports_each_chunk(db: ps.Database) -> None:
     await q.drop()  # and its dead-letter queue
 
 
+async def test_pgmq_requeue_dead_ends_while_messages_keep_dying(db: ps.Database) -> None:
+    """Messages that die again while requeue_dead runs wait for the next call: it moves as
+    many as the DLQ held when it began (before, it popped until the DLQ was empty -- here,
+    for ever)."""
+    q: ps.PgmqQueue[dict[str, int]] = await ps.PgmqQueue.create(
+        db, f"k_{uuid.uuid4().hex[:8]}", max_attempts=1
+    )
+    dlq: ps.PgmqQueue[dict[str, int]] = ps.PgmqQueue(db, q.dead_letter_queue)
+    await dlq.publish_batch([{"n": i} for i in range(2500)])
+
+    async def more_die(progress: ps.Progress) -> None:
+        if progress.done:  # after each chunk, as many die again
+            await dlq.publish_batch([{"n": -1}] * (progress.done % 1000 or 1000))
+
+    with anyio.fail_after(30):
+        assert await q.requeue_dead(progress=more_die) == 2500
+    values = [v["n"] for v in await q.subscribe().take(2500).collect()]
+    assert sorted(values) == list(range(2500))  # the ones dead at the start, each once
+    assert (await dlq.metrics()).queue_length == 2500  # the late ones wait
+    await q.drop()
+
+
 # -- backfill ----------------------------------------------------------------------------
 
 

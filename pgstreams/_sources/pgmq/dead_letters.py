@@ -97,6 +97,9 @@ class DeadLetters(QueueCore):
 
         Each chunk is popped from the DLQ and sent back in one transaction, so a failure
         loses nothing. Their headers lose the dead-letter record; read counts start over.
+        It moves as many messages as the DLQ held when it began, oldest first -- those,
+        unless another reader takes some meanwhile -- so messages that die again while it
+        runs wait for the next call instead of keeping it going.
         ``progress`` gets a ``Progress`` at the start and after each chunk; progress is
         also logged on the ``pgstreams.pgmq`` logger.
         """
@@ -111,12 +114,13 @@ class DeadLetters(QueueCore):
                 return 0
             cur = await conn.execute(self._sql["dead_count"])
             row = await cur.fetchone()
-            await report.start(int(row[0]) if row else None, self.name)
-            while True:
+            left = int(row[0]) if row else 0
+            await report.start(left, self.name)
+            while left > 0:
                 async with conn.transaction():
                     cur = await conn.execute(
                         self._sql["requeue_take"],
-                        {"dlq": self.dead_letter_queue, "qty": _REQUEUE_CHUNK},
+                        {"dlq": self.dead_letter_queue, "qty": min(_REQUEUE_CHUNK, left)},
                     )
                     rows = await cur.fetchall()
                     if not rows:
@@ -129,6 +133,7 @@ class DeadLetters(QueueCore):
                             "headers": [r[4] for r in rows],
                         },
                     )
+                left -= len(rows)
                 await report.advance(len(rows))
         await report.finish()
         return report.done
