@@ -2,7 +2,8 @@
 
 The library's envelope semantics on JetStream's: a fetched message is leased for
 ``ack_wait`` seconds; ``ack()`` acks it, ``nack(delay)`` naks it (redelivered after
-``delay``), ``extend()`` sends "in progress" (the lease restarts at ``ack_wait``); a message
+``delay``), ``extend(seconds)`` sends "in progress" (the lease restarts at ``ack_wait``, so
+``seconds`` may not exceed it); a message
 not settled in time is redelivered with ``attempts`` (JetStream's delivery count) grown.
 
 ``max_deliver`` is enforced here rather than by the server, so that an exhausted message is
@@ -68,7 +69,7 @@ def subscribe(
     check_positive_int("max_deliver", max_deliver)
     check_positive_int("batch", batch)
     dead = check_subject(dead_letter_subject or f"pgstreams.dlq.{stream}.{durable}")
-    source = _Source(js, stream, durable, max_deliver, dead, deserializer or codec.decode)
+    source = _Source(js, stream, durable, max_deliver, dead, deserializer or codec.decode, wait)
     config = ConsumerConfig(
         durable_name=durable,
         ack_policy=AckPolicy.EXPLICIT,
@@ -93,8 +94,10 @@ class _Source:
         max_deliver: int,
         dead_subject: str,
         decode: Callable[[bytes], Any],
+        ack_wait: float,
     ) -> None:
         self.js = js
+        self.ack_wait = ack_wait
         self.stream = stream
         self.durable = durable
         self.max_deliver = max_deliver
@@ -175,6 +178,13 @@ class _Source:
         return True
 
     async def _extend(self, env: Envelope[Any], seconds: float) -> None:
+        """JetStream restarts the lease at ``ack_wait``: a longer extension is refused
+        rather than silently cut short (the message would come again while held)."""
+        if seconds > self.ack_wait:
+            raise InvalidArgumentError(
+                f"extend({seconds:g}): JetStream restarts a lease at ack_wait"
+                f" ({self.ack_wait:g} s); extend by at most that, and again before it ends"
+            )
         msg = self.msgs.get(env.id)
         if msg is None:
             raise InvalidArgumentError(f"message {env.id} was already settled")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats.errors
 import pytest
 from nats.js import JetStreamContext
 from psycopg import sql
@@ -332,6 +333,27 @@ async def test_source_nack_with_delay_redelivers_later(js: JetStreamContext) -> 
         assert anyio.current_time() - nacked_at >= 0.5
         assert (second.value, second.attempts) == ("once", 2)
         await second.ack()
+
+
+async def test_source_extend_keeps_a_message_held_past_ack_wait(js: JetStreamContext) -> None:
+    name, prefix = unique("E"), unique("slow")
+    await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"])
+    await js.publish(f"{prefix}.x", b'"long job"')
+    source = psn.subscribe(js, name, durable="slow", ack_wait=1.0, max_deliver=5, batch=1)
+    async with source as envelopes:
+        env = await anext(envelopes)
+        with pytest.raises(ps.InvalidArgumentError, match="at most that"):
+            await env.extend(5)  # refused before anything is sent
+        other = await js.pull_subscribe_bind("slow", name)  # another consumer of it
+        for _ in range(4):  # 2.4 s of work and more, the lease never running out
+            await anyio.sleep(0.6)
+            await env.extend(1.0)
+            with pytest.raises(nats.errors.TimeoutError):
+                await other.fetch(1, timeout=0.3)
+        await env.ack()
+        await other.unsubscribe()
+    info = await js.consumer_info(name, "slow")
+    assert (info.num_redelivered, info.num_ack_pending, info.num_pending) == (0, 0, 0)
 
 
 # -- the outbox relay ------------------------------------------------------------------
