@@ -130,7 +130,8 @@ async def test_changes_from_four_writers_are_stored_once_in_delivery_order(
         assert stored == delivered
         rows = [d["new"]["id"] for d in documents]
         assert sorted(rows) == list(range(total))
-        if capture == "wal":  # whole transactions, one after the other
+        if capture == "wal":  # whole transactions, one after the other, in commit order
+            assert stored == sorted(stored)  # a WAL change id leads with its commit LSN
             ended: set[int] = set()
             for before, after in itertools.pairwise(documents):
                 if after["txid"] != before["txid"]:
