@@ -104,6 +104,11 @@ class Handoff:
         while self._capacity - len(self._items) < free and not self._closed:
             await self._wait()
 
+    async def arrival(self) -> None:
+        """Wait until the hand-off holds something (or is closed); takes nothing."""
+        while not self._items and not self._closed:
+            await self._wait()
+
     def full(self) -> bool:
         return len(self._items) >= self._capacity
 

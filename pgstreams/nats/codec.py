@@ -10,13 +10,16 @@ JSON by default, with the library's encoder (``to_json``: what jsonb would accep
 * anything else as its JSON.
 
 The default ``Nats-Msg-Id`` is ``<table>:<change id>`` for a change (WAL capture's ids
-carry the commit LSN), ``<queue>:<message id>`` for an envelope; other items need a
-``msg_id=`` function. A ``serializer=`` replaces the body's encoding (headers stay).
+carry the commit LSN); for an envelope, ``<queue>:<message id>`` (a PgQueue),
+``pgmq.<queue>:<message id>`` (a PgmqQueue), ``nats.<stream>:<sequence>`` (the NATS
+source); other items need a ``msg_id=`` function. A ``serializer=`` replaces the body's
+encoding (headers stay).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +32,8 @@ __all__ = ["Serializer", "change_document", "default_headers", "default_msg_id",
 
 Serializer = Callable[[Any], bytes]
 HEADER_PREFIX = "Pgstreams-Header-"
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name (an HTTP token), as NATS takes it."""
 
 
 def encode(item: Any) -> bytes:
@@ -53,6 +58,11 @@ def default_headers(item: Any) -> dict[str, str]:
     if isinstance(item, Envelope):
         headers = {"Pgstreams-Queue-Id": str(item.id)}
         for name, value in item.headers.items():
+            if not HEADER_NAME.fullmatch(name):
+                raise PayloadError(
+                    f"message header {name!r} cannot be a NATS header name (letters, digits"
+                    " and !#$%&'*+-.^_`|~ only)"
+                )
             headers[HEADER_PREFIX + name] = to_json(f"header {name!r}", value)
         return headers
     return {}
@@ -62,8 +72,13 @@ def default_msg_id(item: Any) -> str:
     if isinstance(item, Change):
         return f"{item.table}:{item.id}"
     if isinstance(item, Envelope):
-        queue = getattr(item._queue, "name", "")
-        return f"{queue}:{item.id}"
+        source = getattr(item._queue, "msg_id_source", None)
+        if isinstance(source, str) and source:
+            return f"{source}:{item.id}"
+        raise InvalidArgumentError(
+            f"no default Nats-Msg-Id for an envelope of {type(item._queue).__name__}: pass"
+            " msg_id= (a function of the envelope giving a string unique to the message)"
+        )
     raise InvalidArgumentError(
         f"no default Nats-Msg-Id for a {type(item).__name__}: pass msg_id= (a function of"
         " the item giving a string unique to it and the same on a resend)"

@@ -64,8 +64,14 @@ async def connect(
 
 
 async def close(js: JetStreamContext) -> None:
-    """Close the client ``connect()`` made (flushing what it buffered)."""
-    await js._nc.close()
+    """Close the client ``connect()`` made, flushing what it buffered -- unless the server
+    is away: then that is dropped (nothing was acked upstream for it), where nats-py would
+    fail trying to write it and leave its tasks running."""
+    client = js._nc
+    if not client.is_connected and isinstance(getattr(client, "_pending", None), list):
+        client._pending = []
+        client._pending_data_size = 0
+    await client.close()
 
 
 async def ensure_stream(

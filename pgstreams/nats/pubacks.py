@@ -59,6 +59,17 @@ def header_block(headers: dict[str, str]) -> bytes:
     return "".join(lines).encode()
 
 
+def _refusal(error: dict[str, Any]) -> Exception:
+    """The error JetStream answered, as nats-py's class for it (``from_error`` raises it)."""
+    try:
+        APIError.from_error(error)
+    except APIError as exc:
+        return exc
+    except (KeyError, TypeError) as exc:  # not the shape of an error
+        return exc
+    return APIError(**error)
+
+
 def writes_directly(client: Client) -> bool:
     """Whether ``client`` has what writing a message directly takes."""
     return all(hasattr(client, name) for name in _INTERNALS)
@@ -136,11 +147,15 @@ class Publisher:
             return
         if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
             future.set_exception(NoStreamResponseError())
-        elif b'"error"' in msg.data:
+        elif b'"error"' in msg.data:  # maybe: a stream may be named "error" too
             try:
                 answer: dict[str, Any] = json.loads(msg.data)
-                future.set_exception(APIError.from_error(answer["error"]))
-            except (ValueError, KeyError, TypeError) as exc:
+            except ValueError as exc:
                 future.set_exception(exc)
+                return
+            if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+                future.set_exception(_refusal(answer["error"]))
+            else:
+                future.set_result(None)
         else:
             future.set_result(None)

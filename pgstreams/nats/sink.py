@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,8 +40,9 @@ from nats.js import JetStreamContext
 
 from .._core.checkpoint import Checkpoint
 from .._core.envelope import Envelope
-from .._core.errors import InvalidArgumentError, PayloadError, PgStreamsError
+from .._core.errors import InvalidArgumentError, PayloadError
 from .._core.stream import Stream
+from .._core.stream_ops import give_back
 from .._core.stream_tasks import DONE, NOT_READY, Failure, Stage
 from .._core.validate import check_positive_int, check_seconds
 from . import codec
@@ -68,8 +68,6 @@ _TRANSIENT = (
 )
 """What a server outage looks like from here: worth sending again."""
 _BACKOFF = (0.05, 2.0)
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-"""A header name (an HTTP token), as NATS takes it."""
 _KNOWN_SUBJECTS = 10_000
 """Subjects whose stream was looked up, remembered (then forgotten, and looked up again)."""
 
@@ -128,13 +126,14 @@ def publish(
         elif upstream._sequential is not None:
             # Asking for the next item commits the last: one at a time, each stored first.
             serial: Stream[Any] = upstream.map(sink.send).map(sink.stored)
-            return serial._pipe(lambda items: sink.settle(items, None))
+            return serial._pipe(lambda items: sink.settle(items, _Teller(None, 0)))
         else:
             source, checkpoint = upstream, None
+        teller = _Teller(checkpoint, sink.commit_every)
         stored: Stream[Any] = source._staged(
-            "psn.publish", lambda tg: _Publishing(tg, source, sink, window)
+            "psn.publish", lambda tg: _Publishing(tg, source, sink, window, teller)
         )
-        return stored._pipe(lambda items: sink.settle(items, checkpoint))
+        return stored._pipe(lambda items: sink.settle(items, teller))
 
     return operator
 
@@ -166,11 +165,13 @@ class _Sink:
 
     async def send(self, item: Any) -> _Out:
         """Encode ``item`` and send it (in stream order: this runs for one item at a time).
-        A queue envelope that cannot be sent is nacked with the reason (so a message that
-        never can be ends in the dead set rather than blocking the relay)."""
+        A queue envelope that cannot be sent -- its payload, subject or id refused -- is
+        nacked with the reason (so a message that never can be ends in the dead set rather
+        than blocking the relay); one that NATS did not take is left alone (an outage must
+        not use up a healthy message's attempts)."""
         try:
             return await self._send_item(item)
-        except (PgStreamsError, ValueError, TypeError) as exc:
+        except (PayloadError, InvalidArgumentError, ValueError, TypeError) as exc:
             if isinstance(item, Envelope) and not item.settled:
                 with anyio.CancelScope(shield=True):
                     await item.nack(error=f"not published to NATS: {exc}")
@@ -214,7 +215,7 @@ class _Sink:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
             raise PayloadError(f"headers= must give str names and values, got {extra!r}")
         for name in extra:
-            if not _HEADER_NAME.fullmatch(name):
+            if not codec.HEADER_NAME.fullmatch(name):
                 raise PayloadError(f"headers=: {name!r} is not a valid header name")
         return extra
 
@@ -293,33 +294,50 @@ class _Sink:
 
     # -- telling upstream --------------------------------------------------------------
 
-    async def settle(
-        self, items: AsyncIterator[Any], checkpoint: Checkpoint | None
-    ) -> AsyncIterator[Any]:
+    async def settle(self, items: AsyncIterator[Any], teller: _Teller) -> AsyncIterator[Any]:
         """Hand on stored items in order; commit or ack them upstream in batches."""
-        done: list[Any] = []  # handed on, not yet told upstream
-        told_at = time.monotonic()
         try:
             async for item in items:
-                done.append(item)
-                now = time.monotonic()
-                if now - told_at >= self.commit_every:
-                    told_at = now
-                    await _tell(done, checkpoint)
+                await teller.handed(item)
                 yield item
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await _tell(done, checkpoint)
+                await teller.tell()
+
+
+class _Teller:
+    """What was handed on and not yet told upstream: told every ``every`` seconds while
+    items come, when none has come for ``every`` seconds (the publishing stage asks), and
+    at the end -- so a burst's tail is not left waiting for the next item (a durable
+    consumer's lag, a queue message's lease running out)."""
+
+    def __init__(self, checkpoint: Checkpoint | None, every: float) -> None:
+        self.checkpoint = checkpoint
+        self.every = every
+        self.done: list[Any] = []
+        self._told_at = time.monotonic()
+
+    async def handed(self, item: Any) -> None:
+        self.done.append(item)
+        if time.monotonic() - self._told_at >= self.every:
+            await self.tell()
+
+    async def tell(self) -> None:
+        self._told_at = time.monotonic()
+        await _tell(self.done, self.checkpoint)
 
 
 class _Publishing(Stage[Any]):
     """The pipeline: a producer task reads upstream and sends, up to ``window`` messages
     ahead; the consumer takes them in order, each once JetStream stored it."""
 
-    def __init__(self, tg: TaskGroup, src: Stream[Any], sink: _Sink, window: int) -> None:
+    def __init__(
+        self, tg: TaskGroup, src: Stream[Any], sink: _Sink, window: int, teller: _Teller
+    ) -> None:
         self._src = src
         self._sink = sink
         self._window = window
+        self._teller = teller
         super().__init__(tg, window)
 
     async def _produce(self) -> None:
@@ -329,7 +347,12 @@ class _Publishing(Stage[Any]):
                 async for item in self._src:
                     if self._handoff.full():
                         await self._handoff.room(batch)
-                    self._handoff.put_nowait(0, await self._sink.send(item))
+                    try:
+                        out = await self._sink.send(item)
+                    except BaseException:
+                        await self._put_back(item)
+                        raise
+                    self._handoff.put_nowait(0, out)
         except Exception as exc:
             self._handoff.put_nowait(0, Failure(exc))
             return
@@ -339,13 +362,40 @@ class _Publishing(Stage[Any]):
         out = self._handoff.take_ready(_ready)  # the common case: its PubAck is in
         if out is not NOT_READY:
             return out.item
+        if self._teller.done:  # items handed on wait to be told: not for long
+            with anyio.move_on_after(self._teller.every) as idle:
+                await self._handoff.arrival()  # takes nothing: safe to cut short
+            if idle.cancelled_caught:
+                await self._teller.tell()
         _, msg = await self._next_message()
+        return await self._stored(msg)
+
+    async def _give_back(self, leftovers: dict[int, list[Any]]) -> None:
+        """Items sent or not, never handed on: back to their source (a queue's leases
+        released -- JetStream drops a resend of one it stored -- and a change consumer's
+        commits are deferred, so they come again anyway)."""
+        items = [out.item for out in leftovers.get(0, []) if isinstance(out, _Out)]
+        await give_back(self._src._putback, items)
+
+    async def _put_back(self, item: Any) -> None:
+        """An item that will not be handed on, unless settled already: to its source."""
+        if not (isinstance(item, Envelope) and item.settled):
+            await give_back(self._src._putback, [item])
+
+    async def _stored(self, msg: Any) -> Any:
         if msg is DONE:
             await self._end()
         try:
             return await self._sink.stored(msg, self._handoff.pending)
-        except Exception:
+        except Exception as exc:
             await self.aclose()
+            if isinstance(exc.__cause__, nats.js.errors.APIError) and isinstance(
+                msg.item, Envelope
+            ):  # JetStream refused the message itself: it never will take it
+                with anyio.CancelScope(shield=True):
+                    await msg.item.nack(error=f"not published to NATS: {exc}")
+            else:
+                await self._put_back(msg.item)
             raise
 
 

@@ -11,7 +11,8 @@ never just dropped: a nack of its last attempt, or a delivery past the limit (it
 died during the last one), publishes it to the dead-letter subject and terminates it.
 The dead letter keeps the body and headers, with ``Pgstreams-Dead-Subject``,
 ``-Dead-Sequence``, ``-Dead-Deliveries`` and ``-Dead-Error`` added, and ``Nats-Msg-Id``
-``<stream>:<sequence>`` so that dead-lettering twice stores it once. The default subject is
+``<stream>:<durable>:<sequence>``, so that a consumer dead-lettering it twice stores it
+once (and each consumer of the stream its own). The default subject is
 ``pgstreams.dlq.<stream>.<durable>``, in a stream ``<stream>_DLQ`` made on first use.
 """
 
@@ -103,7 +104,14 @@ class _Source:
         self.max_deliver = max_deliver
         self.dead_subject = dead_subject
         self.decode = decode
-        self.msgs: dict[int, Msg] = {}
+        self.msgs: dict[tuple[int, int], Msg] = {}
+        """The messages of envelopes not settled, by (sequence, delivery): a redelivery
+        while an earlier delivery is still held is a different envelope."""
+
+    @property
+    def msg_id_source(self) -> str:
+        """What names this stream in an id unique to a message (the NATS sink's)."""
+        return f"nats.{self.stream}"
 
     async def envelopes(
         self, config: ConsumerConfig, batch: int, own_dead_stream: bool
@@ -144,7 +152,7 @@ class _Source:
             except NatsPublishError as exc:  # it comes again after ack_wait: try then
                 logger.warning("%s", exc)
             return None
-        self.msgs[seq] = msg
+        self.msgs[seq, delivered] = msg
         return Envelope(
             self,
             id=seq,
@@ -157,24 +165,26 @@ class _Source:
     async def release(self, envelopes: Sequence[Envelope[Any]]) -> None:
         """Envelopes read but not handed out: back at once (a nak without delay)."""
         for envelope in envelopes:
-            msg = self.msgs.pop(envelope.id, None)
+            msg = self.msgs.pop((envelope.id, envelope.attempts), None)
             if msg is not None:
                 await msg.nak()
 
     # -- LeaseHolder -------------------------------------------------------------------
 
     async def _ack(self, env: Envelope[Any]) -> bool:
-        await self.msgs[env.id].ack()
-        del self.msgs[env.id]  # after: a failed ack may be tried again
+        key = (env.id, env.attempts)
+        await self.msgs[key].ack()
+        del self.msgs[key]  # after: a failed ack may be tried again
         return True
 
     async def _nack(self, env: Envelope[Any], delay: float, error: str | None) -> bool:
-        msg = self.msgs[env.id]
+        key = (env.id, env.attempts)
+        msg = self.msgs[key]
         if env.attempts >= self.max_deliver:
             await self._dead(msg, error)
         else:
             await msg.nak(delay=delay or None)
-        del self.msgs[env.id]
+        del self.msgs[key]
         return True
 
     async def _extend(self, env: Envelope[Any], seconds: float) -> None:
@@ -185,7 +195,7 @@ class _Source:
                 f"extend({seconds:g}): JetStream restarts a lease at ack_wait"
                 f" ({self.ack_wait:g} s); extend by at most that, and again before it ends"
             )
-        msg = self.msgs.get(env.id)
+        msg = self.msgs.get((env.id, env.attempts))
         if msg is None:
             raise InvalidArgumentError(f"message {env.id} was already settled")
         await msg.in_progress()
@@ -197,7 +207,8 @@ class _Source:
         headers = dict(msg.headers or {})
         headers.update(
             {
-                "Nats-Msg-Id": f"{self.stream}:{meta.sequence.stream}",
+                # per durable: each consumer of the stream may dead-letter the message
+                "Nats-Msg-Id": f"{self.stream}:{self.durable}:{meta.sequence.stream}",
                 "Pgstreams-Dead-Subject": msg.subject,
                 "Pgstreams-Dead-Sequence": str(meta.sequence.stream),
                 "Pgstreams-Dead-Deliveries": str(meta.num_delivered),

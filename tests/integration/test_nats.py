@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -340,21 +341,93 @@ async def test_source_extend_keeps_a_message_held_past_ack_wait(js: JetStreamCon
     name, prefix = unique("E"), unique("slow")
     await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"])
     await js.publish(f"{prefix}.x", b'"long job"')
-    source = psn.subscribe(js, name, durable="slow", ack_wait=1.0, max_deliver=5, batch=1)
+    source = psn.subscribe(js, name, durable="slow", ack_wait=2.0, max_deliver=5, batch=1)
     async with source as envelopes:
         env = await anext(envelopes)
         with pytest.raises(ps.InvalidArgumentError, match="at most that"):
             await env.extend(5)  # refused before anything is sent
         other = await js.pull_subscribe_bind("slow", name)  # another consumer of it
-        for _ in range(4):  # 2.4 s of work and more, the lease never running out
-            await anyio.sleep(0.6)
-            await env.extend(1.0)
+        for _ in range(5):  # 4 s of work, twice ack_wait, the lease never running out
+            await anyio.sleep(0.5)
+            await env.extend(2.0)
             with pytest.raises(nats.errors.TimeoutError):
                 await other.fetch(1, timeout=0.3)
         await env.ack()
         await other.unsubscribe()
     info = await js.consumer_info(name, "slow")
     assert (info.num_redelivered, info.num_ack_pending, info.num_pending) == (0, 0, 0)
+
+
+async def test_source_redelivery_while_an_earlier_delivery_is_held(js: JetStreamContext) -> None:
+    """Each delivery is its own envelope: acking the first does not settle the second."""
+    name, prefix = unique("R"), unique("held")
+    await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"])
+    await js.publish(f"{prefix}.x", b'"job"')
+    async with psn.subscribe(js, name, durable="d", ack_wait=0.5, batch=1) as envelopes:
+        first = await anext(envelopes)
+        second = await anext(envelopes)  # redelivered after ack_wait, the first still held
+        assert (second.id, second.attempts) == (first.id, 2)
+        assert await first.ack()
+        assert await second.ack()
+
+
+async def test_dead_letters_of_two_consumers_of_one_message_are_both_kept(
+    js: JetStreamContext,
+) -> None:
+    name, prefix = unique("D"), unique("dl")
+    await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"])
+    await js.publish(f"{prefix}.x", b'"poison"')
+    for durable in ("one", "two"):
+        async with psn.subscribe(js, name, durable=durable, max_deliver=1) as envelopes:
+            await (await anext(envelopes)).nack(error=f"failed in {durable}")
+    dead = await stream_messages(js, f"{name}_DLQ")
+    assert sorted(m.subject for m in dead) == [
+        f"pgstreams.dlq.{name}.one",
+        f"pgstreams.dlq.{name}.two",
+    ]
+
+
+async def test_envelopes_of_two_sources_get_distinct_default_ids(js: JetStreamContext) -> None:
+    """The default Nats-Msg-Id names the envelope's source: two NATS streams relayed into
+    one keep both messages (the same id would drop one as a duplicate, acked upstream)."""
+    a, b, out = unique("A"), unique("B"), unique("C")
+    pa, pb, pc = unique("a"), unique("b"), unique("c")
+    for stream, subject in ((a, pa), (b, pb), (out, pc)):
+        await psn.ensure_stream(js, stream, subjects=[f"{subject}.>"])
+    await js.publish(f"{pa}.x", b'"from A"')
+    await js.publish(f"{pb}.x", b'"from B"')
+    for stream in (a, b):
+        sink = psn.publish(js, subject=f"{pc}.x")
+        await psn.subscribe(js, stream, durable="r").through(sink).take(1).drain()
+    stored = [json.loads(m.data) for m in await stream_messages(js, out)]
+    assert sorted(stored) == ["from A", "from B"]
+    with pytest.raises(ps.InvalidArgumentError, match="no default Nats-Msg-Id"):
+        psn.codec.default_msg_id(
+            ps.Envelope(
+                object(),  # type: ignore[arg-type]  # a holder naming no source
+                id=1,
+                value=1,
+                headers={},
+                attempts=1,
+                enqueued_at=datetime.now(UTC),
+            )
+        )
+
+
+async def _numbers() -> AsyncIterator[int]:
+    for n in (1, 2, 3):
+        yield n
+
+
+async def test_a_stream_named_error_is_published_to(js: JetStreamContext) -> None:
+    """A PubAck from a stream named "error" holds the text '"error"': it is still a PubAck."""
+    prefix = unique("e")
+    await psn.ensure_stream(js, "error", subjects=[f"{prefix}.>"])
+    try:
+        sink = psn.publish(js, subject=f"{prefix}.x", msg_id=str)
+        assert await ps.Stream(_numbers).through(sink).collect() == [1, 2, 3]
+    finally:
+        await js.delete_stream("error")
 
 
 # -- the outbox relay ------------------------------------------------------------------
@@ -438,6 +511,31 @@ async def test_a_payload_the_serializer_refuses_acks_nothing_upstream(
     assert (await queue.metrics()).pending == 1
 
 
+async def test_an_unfinished_wal_snapshot_is_not_read_ahead(
+    wal_dsn: str, js: JetStreamContext
+) -> None:
+    """A WAL consumer's snapshot progress is saved as its rows are handed out, so the sink
+    must not read one ahead: a consumer whose snapshot was interrupted is refused before
+    anything is read, and with snapshot=True it goes one change at a time, losing none."""
+    async with ps.connect(wal_dsn) as db:
+        await db.migrate()
+        table = await make_table(db)
+        await insert_rows(db, table, range(1, 51))
+        cs: ps.PgChangeStream[Any] = ps.PgChangeStream(db, table, capture="wal")
+        first = await cs.subscribe(consumer="c", snapshot=True, chunk_size=10).take(3).collect()
+        assert [(c.new or {})["id"] for c in first] == [1, 2, 3]
+        name, prefix = unique("W"), unique("snap")
+        await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"])
+        with pytest.raises(ps.InvalidArgumentError, match="unfinished snapshot"):
+            await cs.subscribe(consumer="c").through(psn.publish(js, subject=f"{prefix}.x")).drain()
+        assert await stream_count(js, name) == 0
+        sink = psn.publish(js, subject=f"{prefix}.x", msg_id=lambda c: str(c.new["id"]))
+        await cs.subscribe(consumer="c", snapshot=True).take(50).through(sink).drain()
+        stored = sorted(json.loads(m.data)["new"]["id"] for m in await stream_messages(js, name))
+        assert stored == list(range(1, 51))  # the chunk cut short comes again, whole
+        await cs.drop_consumer("c")
+
+
 async def test_a_message_is_written_as_nats_py_publish_writes_it(js: JetStreamContext) -> None:
     """The sink writes messages itself (nats-py's header loop was its largest cost): what
     arrives is what ``Client.publish`` sends -- header values stripped, line breaks made
@@ -483,6 +581,86 @@ async def test_a_bad_extra_header_name_is_refused_before_sending(
         await cs.subscribe(consumer="headers").through(sink).drain()
     assert await stream_count(js, name) == 0
     assert (await cs.lag("headers")).changes == 3
+
+
+async def test_a_queue_header_name_nats_cannot_take_is_refused(
+    db: ps.Database, js: JetStreamContext
+) -> None:
+    """A queue header name becomes a NATS header name: one with a line break would write
+    a header of its own (here a Nats-Msg-Id, making the next message a duplicate). It is
+    refused: the message is nacked with the reason, nothing is stored."""
+    name, prefix = unique("I"), unique("inject")
+    await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"])
+    queue: ps.PgQueue[Any] = await ps.PgQueue.create(db, unique("q_"))
+    await queue.publish({"n": 0}, headers={"x\r\nNats-Msg-Id": "same"})
+    with pytest.raises(ps.PayloadError, match="cannot be a NATS header name"):
+        await psn.relay(queue, js, subject=f"{prefix}.x").take(1).drain()
+    assert await stream_count(js, name) == 0
+    assert (await queue.metrics()).pending == 1  # nacked, not acked
+
+
+async def test_the_tail_of_a_burst_is_committed_while_the_stream_is_idle(
+    db: ps.Database, js: JetStreamContext
+) -> None:
+    """Upstream is told within about commit_every of the last item, not only when the
+    next one comes: a durable consumer's lag reaches 0 while nothing new arrives."""
+    name, prefix, cs = await logged_for_sink(db, js, "idle", 50)
+    sink = psn.publish(js, subject=f"{prefix}.x", commit_every=0.1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cs.subscribe(consumer="idle").through(sink).drain)
+        await _wait_for(lambda: _stored_all(js, name, 50), "the burst stored")
+        await _wait_for(lambda: _caught_up(cs, "idle"), "the tail committed", seconds=5)
+        tg.cancel_scope.cancel()
+
+
+async def _stored_all(js: JetStreamContext, name: str, n: int) -> bool:
+    return await stream_count(js, name) >= n
+
+
+async def _caught_up(cs: ps.PgChangeStream[Any], consumer: str) -> bool:
+    return (await cs.lag(consumer)).changes == 0
+
+
+async def test_a_message_jetstream_refuses_raises_at_once(
+    db: ps.Database, js: JetStreamContext
+) -> None:
+    """JetStream's answer for a message it will not store raises at once, naming it --
+    not after retrying it as if lost -- and the envelopes read ahead go back."""
+    name, prefix = unique("Z"), unique("big")
+    await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"], max_msg_size=100)
+    queue: ps.PgQueue[Any] = await ps.PgQueue.create(db, unique("q_"))
+    await queue.publish_batch([{"n": i} for i in range(20)])
+
+    def body(env: ps.Envelope[Any]) -> bytes:  # message 10 is too large for the stream
+        return b"x" * (500 if env.value["n"] == 10 else 10)
+
+    sink = psn.publish(js, subject=f"{prefix}.x", serializer=body, timeout=5, retry_for=30)
+    with anyio.fail_after(4), pytest.raises(psn.NatsPublishError, match="refused"):
+        await queue.subscribe_ack().through(sink).drain()
+    m = await queue.metrics()
+    assert (m.pending, m.processing) == (10, 0)  # 0-9 stored and acked, 10-19 back
+    assert await stream_count(js, name) >= 10
+
+
+async def test_an_outage_past_retry_for_spends_no_attempt(db: ps.Database, tmp_path: Path) -> None:
+    """NATS away past retry_for: NatsPublishError, and the queue message is not nacked --
+    with max_attempts=1 a nack would have sent a healthy message to the dead set."""
+    server = NatsServer(_binary(), str(tmp_path))
+    server.start()
+    js = await psn.connect(server.url)
+    try:
+        name, prefix = unique("O"), unique("out")
+        await psn.ensure_stream(js, name, subjects=[f"{prefix}.>"])
+        queue: ps.PgQueue[Any] = await ps.PgQueue.create(db, unique("q_"), max_attempts=1)
+        await queue.publish({"fine": True})
+        server.stop(signal.SIGKILL)
+        with anyio.fail_after(30), pytest.raises(psn.NatsPublishError):
+            await psn.relay(queue, js, subject=f"{prefix}.x", retry_for=1.0).drain()
+        m = await queue.metrics()
+        assert (m.pending, m.dead) == (1, 0)
+    finally:
+        await psn.close(js)
+        server.stop()
 
 
 async def test_wal_durable_consumer_through_the_sink(

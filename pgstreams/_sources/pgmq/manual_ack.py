@@ -77,6 +77,11 @@ class _Settler:
         self.queue = queue
         self.ack_mode = ack_mode
 
+    @property
+    def msg_id_source(self) -> str:
+        """What names this queue in an id unique to a message (the NATS sink's)."""
+        return f"pgmq.{self.queue.name}"
+
     async def _ack(self, env: Envelope[Any]) -> bool:
         q = self.queue
         query = q._sql["ack_archive" if self.ack_mode == "archive" else "ack_delete"]

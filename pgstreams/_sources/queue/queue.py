@@ -97,6 +97,11 @@ class PgQueue(calls.SourceCalls, Publisher[T]):
         self._limit: tuple[float, int] | None = None  # (read at, max_attempts)
         self._sql = queries.render(queries.load(__package__), names)
 
+    @property
+    def msg_id_source(self) -> str:
+        """What names this queue in an id unique to a message (the NATS sink's)."""
+        return self.name
+
     @classmethod
     async def create(
         cls, db: Database, name: str, *, max_attempts: int | Unset | None = UNSET

@@ -32,7 +32,7 @@ import anyio
 import psycopg
 
 from ...._core import telemetry
-from ...._core.errors import DatabaseError
+from ...._core.errors import DatabaseError, InvalidArgumentError
 from ...._core.lag import LagWatch
 from ...._core.progress import ProgressCallback, Reporter
 from ...._core.source import Retry
@@ -625,6 +625,13 @@ class Reader:
                     self.confirmable = await slots.create(conn, self.slot)
                 else:
                     self.progress = await snapshot.load(conn, self.db.schema, self.slot)
+        if self.progress is not None and self.shared.deferred:
+            # Snapshot progress is saved as rows are handed out: read-ahead would lose rows.
+            raise InvalidArgumentError(
+                f"consumer {consumer!r} has an unfinished snapshot, which an operator that"
+                " reads ahead (psn.publish) would lose on a crash: subscribe with"
+                " snapshot=True to finish it (then it goes one change at a time)"
+            )
         self.wm_prefix = snapshot.WATERMARK_PREFIX + self.slot
         logger.info("WAL changes of %s: reading slot %s", self.stream_key, self.slot)
 
