@@ -3,7 +3,8 @@
 Items are published in stream order, up to ``window`` awaiting their PubAck at once, each
 with ``Nats-Msg-Id`` from the item, and handed on -- in order -- once JetStream acked it
 and every earlier one. Upstream is told only then, in batches (every ``commit_every``
-seconds, and when the stream closes):
+seconds while items come, ``commit_every`` seconds after the last one when none comes, and
+when the stream closes):
 
 * a durable change consumer's position moves to the last handed-on change (its commits are
   deferred to the sink, so it may read ahead: see ``_core.checkpoint``);
