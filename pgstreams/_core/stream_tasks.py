@@ -129,8 +129,7 @@ class Handoff:
 
     async def get(self) -> tuple[int, Any]:
         """The oldest entry; ``(-1, _CLOSED)`` once closed (what is left stays here)."""
-        while not self._items and not self._closed:
-            await self._wait()
+        await self.arrival()
         if self._closed:
             return -1, _CLOSED
         entry = self._items.popleft()

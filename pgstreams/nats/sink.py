@@ -191,10 +191,8 @@ class _Sink:
         out = _Out(item, subject, body, headers)
         if subject not in self.bound:
             await self._retrying(out, self._check_bound)
-        if self.publisher is None:
-            self.publisher = await publisher(self.js)
         try:
-            out.token, out.ack = await self.publisher.send(subject, body, headers)
+            await self._send(out)
         except _TRANSIENT as exc:
             await self._after_failure(out, exc)
             await self._retrying(out, self._send)
